@@ -78,7 +78,8 @@ def _configs(shapes):
 
 
 def _fit(block: int, channels: int) -> bool:
-    return block <= max(16, triton.next_power_of_2(channels))
+    """A channel tile no wider than the channels (rounded up to a power of 2), and 16-wide only for < 32."""
+    return block <= max(16, triton.next_power_of_2(channels)) and (block >= 32 or channels < 32)
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -92,9 +93,9 @@ def _prune_fwd(configs, named_args, **kwargs):
 _FWD_SHAPES = [
     (128, 32, 64, 4, 3),
     (128, 64, 128, 8, 3),
-    (128, 32, 128, 8, 3),
     (64, 64, 64, 4, 3),
     (128, 32, 32, 4, 3),
+    (64, 32, 32, 4, 4),
     (128, 16, 16, 4, 3),
 ]
 # wgrad: (BLOCK_N rows reduced per step, BLOCK_A = Cin tile, BLOCK_B = Cout tile, warps, stages)
@@ -103,6 +104,7 @@ _WGRAD_SHAPES = [
     (128, 64, 64, 8, 3),
     (64, 128, 128, 8, 3),
     (128, 32, 32, 4, 3),
+    (256, 32, 32, 8, 3),
     (64, 16, 16, 4, 3),
 ]
 
