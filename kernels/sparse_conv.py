@@ -37,11 +37,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def available(device: torch.device) -> bool:
+    """Whether Triton kernels run on ``device`` here (CUDA, or CPU under the interpreter)."""
+    return triton is not None and (device.type == "cuda" or (interpreting() and device.type == "cpu"))
+
+
 def usable(feats: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on ``feats`` here (CUDA device, or CPU under the interpreter)."""
-    if triton is None or feats.dtype not in DTYPES:
-        return False
-    return feats.is_cuda or (interpreting() and feats.device.type == "cpu")
+    """Whether the convolution kernels can take ``feats`` (a supported dtype on an available device)."""
+    return feats.dtype in DTYPES and available(feats.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +186,61 @@ if triton is not None:
             acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
         dw = dw_ptr + (k * CIN + ci[:, None]).to(tl.int64) * COUT + co[None, :]
         tl.atomic_add(dw, acc, mask=cimask[:, None] & comask[None, :])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _subm_table_kernel(keys_ptr, nbr_ptr, N, STEPS, KS: tl.constexpr, BLOCK: tl.constexpr):
+        """nbr[(cx·KS + cy)·KS + cz, p] = row of key p + (cx, cy, cz) - KS//2 (nbr pre-filled with -1)."""
+        R: tl.constexpr = KS // 2
+        MAXC: tl.constexpr = 65535
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        rmask = rows < N
+        key = tl.load(keys_ptr + rows, mask=rmask, other=0)
+        x = (key >> 32) & MAXC
+        y = (key >> 16) & MAXC
+        z = key & MAXC
+        batch = key - (x << 32) - (y << 16) - z
+        zlo = tl.maximum(z - R, 0)
+        for c in tl.static_range(KS * KS):
+            xn = x + (c // KS - R)
+            yn = y + (c % KS - R)
+            ok = rmask & (xn >= 0) & (xn <= MAXC) & (yn >= 0) & (yn <= MAXC)
+            col = batch + (xn << 32) + (yn << 16)
+            target = col + zlo
+            lo = tl.zeros([BLOCK], dtype=tl.int32)
+            hi = tl.where(ok, N, 0)
+            for _ in range(STEPS):  # lower bound of target in the sorted keys
+                active = lo < hi
+                mid = (lo + hi) // 2
+                v = tl.load(keys_ptr + mid, mask=active, other=0)
+                right = v < target
+                lo = tl.where(active & right, mid + 1, lo)
+                hi = tl.where(active & ~right, mid, hi)
+            for i in tl.static_range(KS):  # the column's z-neighbours are the next KS keys at most
+                pos = lo + i
+                hit = ok & (pos < N)
+                v = tl.load(keys_ptr + pos, mask=hit, other=-1)
+                dz = (v & MAXC) - z + R
+                hit = hit & ((v - (v & MAXC)) == col) & (dz >= 0) & (dz < KS)
+                k = c * KS + dz
+                tl.store(nbr_ptr + k * N + rows, pos, mask=hit)
+
+
+def subm_table(keys: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """[K³, N] int32 submanifold neighbour table from sorted packed keys (dilation 1), one Triton launch.
+
+    One lower-bound binary search per (x, y) column offset; the column's neighbours are among the next
+    ``kernel_size`` keys. Keys pack (batch, x, y, z) as ``batch << 48 | x << 32 | y << 16 | z``.
+    """
+    n = keys.shape[0]
+    nbr = torch.full((kernel_size**3, n), -1, dtype=torch.int32, device=keys.device)
+    if n == 0:
+        return nbr
+    block = 64 if interpreting() else 256
+    _subm_table_kernel[(triton.cdiv(n, block),)](keys.contiguous(), nbr, n, n.bit_length(), KS=kernel_size, BLOCK=block)
+    return nbr
 
 
 def _precision(dtype: torch.dtype) -> str:

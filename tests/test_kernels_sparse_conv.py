@@ -19,7 +19,7 @@ from d3ds2.sparse import SparseTensor, SubMConv3d  # noqa: E402
 from d3ds2.sparse import backend  # noqa: E402
 from d3ds2.sparse.gemm import sparse_conv  # noqa: E402
 from d3ds2.sparse.kernel_map import submanifold_map, submanifold_table  # noqa: E402
-from kernels.sparse_conv import gather_conv_reference, submconv, usable  # noqa: E402
+from kernels.sparse_conv import gather_conv_reference, subm_table, submconv, usable  # noqa: E402
 from sparse_helpers import random_sparse, shell  # noqa: E402
 
 # The interpreter converts 1-element arrays to loop bounds, which NumPy >= 1.25 flags as deprecated.
@@ -57,6 +57,20 @@ def test_submconv_matches_gather_gemm_scatter(gen, cin, cout):
     for a, b in zip(ours, ref):
         assert a.shape == b.shape and torch.isfinite(a).all()
         assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_table_kernel_matches_torch_builder(gen, kernel_size):
+    """The Triton neighbour-table search equals the torch builder, also at the coordinate range's edges."""
+    x = random_sparse([90, 0, 40], 5, 1, gen)
+    edge = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1], [0, 65535, 65534, 65535], [0, 65535, 65535, 65535],
+                         [1, 0, 65535, 0], [1, 1, 65535, 1], [1, 0, 0, 65535]], dtype=torch.int32)
+    y = SparseTensor.from_unsorted(torch.zeros(len(edge), 1), edge)
+    for t in (x, y):
+        ref = submanifold_table(t.coords, t.keys, kernel_size)
+        assert torch.equal(subm_table(t.keys, kernel_size), ref)
+        assert torch.equal(ref, submanifold_map(t.coords, t.keys, kernel_size).neighbor_table())
+    assert subm_table(x.keys[:0], kernel_size).shape == (kernel_size**3, 0)
 
 
 def test_isolated_voxels_and_reference(gen):

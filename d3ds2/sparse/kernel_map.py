@@ -95,10 +95,16 @@ def submanifold_table(coords: torch.Tensor, keys: torch.Tensor, kernel_size: int
     Same offsets and order as :func:`submanifold_map` (``table[k]`` holds its k-th pairs as
     ``table[k, out] = in``), built without host syncs. With dilation 1 it binary-searches once per
     (x, y) column offset (k² lookups instead of k³): sites of one column are consecutive in key order,
-    so the k z-neighbours lie within k entries of the lower bound of the lowest one.
+    so the k z-neighbours lie within k entries of the lower bound of the lowest one. On CUDA that
+    search runs as one Triton kernel (``kernels.sparse_conv.subm_table``); this is its reference.
     """
     if kernel_size % 2 != 1:
         raise ValueError(f"submanifold convolution needs an odd kernel size, got {kernel_size}")
+    if dilation == 1 and coords.is_cuda:
+        from kernels.sparse_conv import available, subm_table
+
+        if available(coords.device):
+            return subm_table(keys, kernel_size)
     n, dev, r = coords.shape[0], coords.device, kernel_size // 2
     offsets = kernel_offsets(kernel_size, dilation).to(dev)  # [K, 3]
     if n == 0:
