@@ -148,11 +148,14 @@ def resample_sparse_sdf(src: SparseSDF, resolution: int, band: float | None = No
 
     Target voxels whose 8 source neighbours are partly missing use the present ones (renormalised weights);
     voxels with none present take +-trunc with the sign of the nearest resolved voxel of their cell.
+    Only voxels within src.band of the surface are guaranteed stored, so the exact range becomes
+    (src.band - 1) * R1 / R0 target voxels: the returned band is min(band, that) (3 voxels for 512 -> 384,
+    1.5 for 512 -> 256), so `|sdf| < band` stays exact. Store the training resolutions for full bands.
     """
     from scipy import ndimage
 
-    band = src.band if band is None else band
     R0, R1 = src.resolution, resolution
+    band = min(src.band if band is None else band, (src.band - 1.0) * R1 / R0)
     coords0, values0 = src.voxels()
     keys0 = _linear_keys(coords0, R0)
     order = np.argsort(keys0)
