@@ -48,6 +48,8 @@ def sparse_marching_cubes(coords: np.ndarray, sdf: np.ndarray, resolution: int, 
             idx = ndimage.distance_transform_edt(~present, return_distances=False, return_indices=True)
             far = np.abs(fin).max() + abs(level) + 1.0
             vol = np.where(present, vol, np.where(vol[tuple(idx)] < level, level - far, level + far))
+        # keep values off the level: a vertex on a grid point would be shared by several MC edges
+        vol = np.where(np.abs(vol - level) < 1e-3, level + 1e-3, vol)
         try:
             v, f, _, _ = marching_cubes(vol, level=level, method="lewiner", allow_degenerate=False)
         except (ValueError, RuntimeError):
@@ -61,14 +63,14 @@ def sparse_marching_cubes(coords: np.ndarray, sdf: np.ndarray, resolution: int, 
         return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), np.int64), process=False)
     verts = np.concatenate(verts_all)
     faces = np.concatenate(faces_all)
-    # merge chunk-border duplicates: MC vertices lie on grid edges, so rounded positions identify them exactly
-    q = np.rint(verts * 1024).astype(np.int64)
+    # merge chunk-border duplicates: values are kept 1e-3 off the level, so distinct MC vertices are at least
+    # ~1e-3 voxel apart while the copies of one vertex in two chunks are bit-identical
+    q = np.rint(verts * 65536).astype(np.int64)
     _, inv = np.unique(q, axis=0, return_inverse=True)
     uniq = np.zeros((inv.max() + 1, 3))
     uniq[inv.reshape(-1)] = verts
     faces = inv.reshape(-1)[faces]
     mesh = trimesh.Trimesh(-1.0 + (uniq + 0.5) * (2.0 / R), faces, process=False)
-    mesh.update_faces(mesh.nondegenerate_faces())
     mesh.remove_unreferenced_vertices()
     if mesh.is_watertight and mesh.volume < 0:
         mesh.invert()
