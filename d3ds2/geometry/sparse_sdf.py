@@ -10,8 +10,11 @@ units of its grid (distance / h), negative inside, clamped to [-trunc, trunc] (e
 Algorithm (`compute_sparse_sdf`): Embree closest-point queries (open3d RaycastingScene) with
 coarse-to-fine culling: blocks of 2^k cells are kept only where the distance at the block centre is below
 the half diagonal of the block's voxel centres plus the band (the distance is 1-Lipschitz, so no occupied
-cell is lost); the surviving cells get one signed-distance query per voxel (sign by ray parity on the
-watertight surface, `nsamples` rays). No dense R^3 array is ever allocated.
+cell is lost); inside the surviving cells the same bound works on 4^3 and 2^3 sub-blocks (`_cells_sdf`):
+blocks whose centre is farther than their radius get one sign (ray parity on the watertight surface,
+`nsamples` rays) for all their voxels, blocks beyond trunc are clamped without further queries, and only
+voxels closer than trunc get their own distance query (and their own parity test only within about a
+voxel of the surface). No dense R^3 array is ever allocated.
 """
 from __future__ import annotations
 
