@@ -10,7 +10,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_mesh import bench_mesh  # noqa: E402
 
-from d3ds2.data.shard_format import encode_views  # noqa: E402
+from d3ds2.data.shard_format import encode_png  # noqa: E402
 from d3ds2.geometry.render import render_views  # noqa: E402
 
 if __name__ == "__main__":
@@ -23,7 +23,8 @@ if __name__ == "__main__":
     images, cams = render_views(mesh, a.views, a.size, seed=0)
     t_render = time.perf_counter() - t
     t = time.perf_counter()
-    encode_views(images)
+    for im in images:
+        encode_png(im)
     t_png = time.perf_counter() - t
     print(f"faces={len(mesh.faces)} views={a.views} size={a.size} render_s={t_render:.1f} png_s={t_png:.1f} "
           f"total_s={t_render + t_png:.1f}")
