@@ -1,0 +1,6 @@
+"""Sparse attention: full (per sample), windowed, and spatial sparse attention (SSA)."""
+from .full import sparse_cross_attention, sparse_self_attention
+from .varlen import varlen_attention
+from .window import window_attention
+
+__all__ = ["varlen_attention", "sparse_self_attention", "sparse_cross_attention", "window_attention"]

@@ -1,0 +1,83 @@
+"""Variable-length multi-head attention over packed sequences (cu_seqlens), with grouped KV heads.
+
+On CUDA with fp16/bf16 inputs it uses torch's FlashAttention varlen kernel (``torch.nn.attention.varlen``);
+elsewhere (CPU, float32/64, tests) a padded ``scaled_dot_product_attention`` that computes the same thing.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _flash_varlen
+
+    _FLASH_GQA = "enable_gqa" in inspect.signature(_flash_varlen).parameters
+except ImportError:  # torch < 2.10
+    _flash_varlen = None
+    _FLASH_GQA = False
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _segments(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment id and position inside the segment of each of ``total`` packed rows."""
+    lens = cu.diff().long()
+    seg = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens, output_size=total)
+    pos = torch.arange(total, device=cu.device) - cu.long()[seg]
+    return seg, pos
+
+
+def _padded_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    s = cu_q.numel() - 1
+    seg_q, pos_q = _segments(cu_q, q.shape[0])
+    seg_k, pos_k = _segments(cu_k, k.shape[0])
+    qp = q.new_zeros(s, max_q, *q.shape[1:])
+    kp = k.new_zeros(s, max_k, *k.shape[1:])
+    vp = v.new_zeros(s, max_k, *v.shape[1:])
+    qp[seg_q, pos_q] = q
+    kp[seg_k, pos_k] = k
+    vp[seg_k, pos_k] = v
+    valid = torch.arange(max_k, device=q.device) < cu_k.diff().view(-1, 1)  # [S, max_k]
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=valid[:, None, None, :], scale=scale
+    )
+    return out.transpose(1, 2)[seg_q, pos_q]
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of packed queries to the keys of the same segment (no mask across segments).
+
+    q: [Nq, Hq, D]; k, v: [Nk, Hkv, D] with Hq a multiple of Hkv (GQA); cu_seqlens_*: [S + 1] int
+    segment starts. Every segment with queries must have at least one key. Returns [Nq, Hq, D].
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of segments")
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if q.shape[0] == 0:
+        return q.new_zeros(q.shape[0], hq, v.shape[-1])
+    if _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        kw = {"enable_gqa": True} if _FLASH_GQA else {}
+        if not _FLASH_GQA:
+            k, v = _repeat_kv(k, hq // hkv), _repeat_kv(v, hq // hkv)
+        return _flash_varlen(
+            q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_seqlen_q, max_seqlen_k, scale=scale, **kw
+        )
+    k, v = _repeat_kv(k, hq // hkv), _repeat_kv(v, hq // hkv)
+    return _padded_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
