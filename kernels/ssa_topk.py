@@ -137,7 +137,7 @@ if triton is not None:
         out = (qb[:, None] * HKV + kvh) * TOPK + cols[None, :]
         omask = qbm[:, None] & (cols[None, :] < TOPK)
         tl.store(OUT_IDX + out, run_idx, mask=omask)
-        tl.store(OUT_VAL + out, run_val, mask=omask)
+        tl.store(OUT_VAL + out, tl.where(run_idx >= 0, run_val, -1.0), mask=omask)
 
     @triton.jit
     def _shared_score_topk_kernel(Q, KC, LSE, QOFF, SAMPLE_OF_QB, SBOFF, SLOTS, OUT_IDX, OUT_VAL,
@@ -183,7 +183,7 @@ if triton is not None:
         out = (qblk * HKV + kvh) * TOPK + cols[None, :]
         omask = cols[None, :] < TOPK
         tl.store(OUT_IDX + out, run_idx, mask=omask)
-        tl.store(OUT_VAL + out, run_val, mask=omask)
+        tl.store(OUT_VAL + out, tl.where(run_idx >= 0, run_val, -1.0), mask=omask)
 
 
 def _block_s(rs: int) -> int:
@@ -238,7 +238,7 @@ def shared_score_topk(q, k_cmp, lse, query_block_offsets, sample_of_query_block,
     if backend == "torch":
         sample_of_query = torch.repeat_interleave(sample_of_query_block.long(), qoff[1:] - qoff[:-1])
         sc = block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets, slots, scale)
-        csum = torch.zeros((nqb + 1,) + sc.shape[1:], dtype=sc.dtype, device=sc.device)
+        csum = torch.zeros((nq + 1,) + sc.shape[1:], dtype=sc.dtype, device=sc.device)
         csum[1:] = sc.cumsum(0)
         summed = csum[qoff[1:]] - csum[qoff[:-1]]
         own = sc[qoff[:-1]] >= 0  # blocks of the query block's sample

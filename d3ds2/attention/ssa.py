@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d3ds2.attention.window import WindowLayout, window_attention, window_layout
+from d3ds2.sparse.serialize import Partition, window_partition
 from kernels.span_attention import SpanPlan, default_block_m, plan_spans, span_attention
 from kernels.ssa_topk import score_topk, shared_score_topk
 
@@ -106,11 +106,14 @@ class SSALayout:
                                          default_block_m(group, 1), query_offsets=self.block_offsets)
         return self.cache[key]
 
-    def window(self, window: int, shift: int) -> WindowLayout:
-        """Window layout of the sorted coords (cached)."""
-        key = ("window", window, shift)
+    def window_plan(self, window: int, shift: int, group: int) -> tuple[Partition, SpanPlan]:
+        """Window partition of the sorted tokens and its span plan (cached)."""
+        key = ("window", window, shift, group)
         if key not in self.cache:
-            self.cache[key] = window_layout(self.coords, window, shift)
+            part = window_partition(self.coords, window, shift, self.sample_token_offsets.numel() - 1)
+            plan = plan_spans(part.segment_of_token.view(-1, 1, 1), part.offsets, default_block_m(group, 1),
+                              query_offsets=part.offsets)
+            self.cache[key] = (part, plan)
         return self.cache[key]
 
 
@@ -120,10 +123,11 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def build_ssa_layout(coords: torch.Tensor, m_cmp: int, m_slc: int) -> SSALayout:
+def build_ssa_layout(coords: torch.Tensor, m_cmp: int, m_slc: int, batch_size: int | None = None) -> SSALayout:
     """Sort voxels ``coords`` [N, 4] int (batch, x, y, z) for SSA; see :class:`SSALayout`.
 
     Order: batch, selection block (bx, by, bz), compression sub-block inside it, position inside that.
+    ``batch_size`` defaults to max(batch) + 1 (give it when trailing samples may be empty).
     """
     if coords.dim() != 2 or coords.shape[1] != 4:
         raise ValueError(f"build_ssa_layout: coords must be [N, 4] (batch, x, y, z), got {tuple(coords.shape)}")
@@ -151,7 +155,7 @@ def build_ssa_layout(coords: torch.Tensor, m_cmp: int, m_slc: int) -> SSALayout:
     _, block_of_token, block_counts = torch.unique_consecutive(kb, return_inverse=True, return_counts=True)
     _, cmp_of_token, cmp_counts = torch.unique_consecutive(kb * r ** 3 + sf, return_inverse=True,
                                                            return_counts=True)
-    n_batch = int(bs[-1].item()) + 1
+    n_batch = int(bs[-1].item()) + 1 if batch_size is None else batch_size
     block_offsets = _offsets(block_counts)
     cmp_offsets = _offsets(cmp_counts)
     first_of_block = block_offsets[:-1].long()
@@ -176,10 +180,11 @@ def build_ssa_layout(coords: torch.Tensor, m_cmp: int, m_slc: int) -> SSALayout:
 # Compression modules: [N, C] sorted token features -> [Nc, C], one token per m_cmp^3 block
 # ----------------------------------------------------------------------------------------------
 def block_mean(x: torch.Tensor, layout: SSALayout) -> torch.Tensor:
-    """Mean of x [N, C] (sorted order) over each compression block -> [Nc, C] (fp32 accumulation)."""
-    out = torch.zeros(layout.cmp_counts.numel(), x.shape[1], device=x.device, dtype=torch.float32)
-    out.index_add_(0, layout.cmp_of_token, x.float())
-    return (out / layout.cmp_counts[:, None].float()).to(x.dtype)
+    """Mean of x [N, C] (sorted order) over each compression block -> [Nc, C] (at least fp32 accumulation)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    out = torch.zeros(layout.cmp_counts.numel(), x.shape[1], device=x.device, dtype=acc)
+    out.index_add_(0, layout.cmp_of_token, x.to(acc))
+    return (out / layout.cmp_counts[:, None].to(acc)).to(x.dtype)
 
 
 class CompressionV1(nn.Module):
@@ -227,7 +232,9 @@ def ssa_window_attention(q, k, v, layout: SSALayout, window: int, shift: int, ba
     g = q.shape[1] // k.shape[1]
     if window == layout.m_slc and shift == 0:
         return span_attention(q, k, v, layout.block_window_plan(g), backend=backend)[0]
-    return window_attention(q, k, v, layout=layout.window(window, shift), backend=backend)
+    part, plan = layout.window_plan(window, shift, g)
+    perm = part.perm
+    return span_attention(q[perm], k[perm], v[perm], plan, backend=backend)[0][part.inverse]
 
 
 def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, layout: SSALayout, config: SSAConfig,
@@ -284,7 +291,7 @@ class SpatialSparseAttention(nn.Module):
         key = ("ssa_layout", self.config.m_cmp, self.config.m_slc)
         if cache is not None and key in cache:
             return cache[key]
-        layout = build_ssa_layout(x.coords, self.config.m_cmp, self.config.m_slc)
+        layout = build_ssa_layout(x.coords, self.config.m_cmp, self.config.m_slc, getattr(x, "batch_size", None))
         if cache is not None:
             cache[key] = layout
         return layout
