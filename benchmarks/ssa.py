@@ -30,8 +30,8 @@ CONFIGS = {
 
 
 def shell_coords(n_target: int, batch: int = 0, seed: int = 0) -> torch.Tensor:
-    """[N, 4] int32 voxels of a noisy sphere shell (thickness ~1.2 voxels) with about n_target voxels."""
-    radius = math.sqrt(n_target / (4 * math.pi * 1.2))
+    """[N, 4] int32 voxels of a noisy sphere shell (thickness ~1.6 voxels) with about n_target voxels."""
+    radius = math.sqrt(n_target / (4 * math.pi * 1.6))
     res = int(2 * radius * 1.15) + 4
     g = torch.arange(res, dtype=torch.float32) - res / 2 + 0.5
     x, y, z = torch.meshgrid(g, g, g, indexing="ij")
@@ -39,7 +39,7 @@ def shell_coords(n_target: int, batch: int = 0, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     a, b, c = (torch.rand(3, generator=gen) * 2 * math.pi).tolist()
     bump = 0.04 * radius * (torch.sin(3 * x / r + a) * torch.sin(2 * y / r + b) + torch.sin(4 * z / r + c))
-    xyz = torch.nonzero(((r + bump) - radius).abs() < 0.6).int()
+    xyz = torch.nonzero(((r + bump) - radius).abs() < 0.8).int()
     return torch.cat([torch.full_like(xyz[:, :1], batch), xyz], 1)
 
 
@@ -66,8 +66,22 @@ def peak_gib(fn) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def smooth_features(coords, channels, gen, wavelength=24.0):
+    """[N, channels] spatially smooth random features (random Fourier features of the coords), unit scale.
+
+    Trained q/k vary smoothly in space; pure noise would make every compressed key the same mean and
+    the block scores flat, which no real layer produces.
+    """
+    dev = coords.device
+    w = torch.randn(3, 64, device=dev, generator=gen) * (2 * math.pi / wavelength)
+    b = torch.rand(64, device=dev, generator=gen) * 2 * math.pi
+    f = torch.sin(coords[:, 1:].float() @ w + b) * math.sqrt(2.0)
+    return f @ (torch.randn(64, channels, device=dev, generator=gen) / 8.0)
+
+
 class Inputs:
-    """q/k/v/gates and v1 compression parameters on the GPU, in layout order."""
+    """q/k/v/gates and v1 compression parameters on the GPU, in layout order. q and k = smooth
+    spatial features + noise of equal variance; v = noise."""
 
     def __init__(self, coords, cfg: SSAConfig, dtype=None, seed=0):
         dtype = dtype or (torch.bfloat16 if DEV == "cuda" else torch.float32)
@@ -77,7 +91,10 @@ class Inputs:
         n = self.layout.num_tokens
         self.n = n
         mk = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=gen).requires_grad_()
-        self.q, self.k, self.v = mk(n, HQ, D), mk(n, HKV, D), mk(n, HKV, D)
+        c = self.layout.coords
+        smooth = lambda h: ((smooth_features(c, h * D, gen) + torch.randn(n, h * D, device=dev, generator=gen))
+                            / math.sqrt(2)).view(n, h, D).to(dtype).requires_grad_()
+        self.q, self.k, self.v = smooth(HQ), smooth(HKV), mk(n, HKV, D)
         self.gates = torch.rand(n, 3, device=dev, dtype=dtype, generator=gen).requires_grad_()
         c = HKV * D
         self.wk, self.wv = ((torch.randn(c, c, device=dev, dtype=dtype, generator=gen) / c**0.5).requires_grad_()
@@ -252,16 +269,17 @@ def tune(args, report):
     report.append("|---|---|---|---|---|---|")
     g = HQ // HKV
     cases = []
-    for bm in (2, 4, 8):
-        for bk in (32, 64):
-            cases.append(("selection (scored)", idx, lay.block_offsets, None, bm, bk, 4, inp.k, inp.v))
-            cases.append(("selection (nearest)", near, lay.block_offsets, None, bm, bk, 4, inp.k, inp.v))
-    for bm in (4, 8):
-        for bk in (64, 128):
-            cases.append(("compressed", lay.sample_of_token.view(-1, 1, 1), lay.sample_cmp_offsets,
-                          lay.sample_token_offsets, bm, bk, 4, kc, vc))
-            cases.append(("window", lay.block_of_token.view(-1, 1, 1), lay.block_offsets, lay.block_offsets, bm,
-                          bk, 4, inp.k, inp.v))
+    for bk in (32, 64):
+        for bq in (2, 4, 8):
+            cases.append(("selection (scored)", idx, lay.block_offsets, None, 4, bk, bq, inp.k, inp.v))
+            cases.append(("selection (nearest)", near, lay.block_offsets, None, 4, bk, bq, inp.k, inp.v))
+    for bk in (32, 64):
+        for bq in (4, 8):
+            cases.append(("window", lay.block_of_token.view(-1, 1, 1), lay.block_offsets, lay.block_offsets, 4,
+                          bk, bq, inp.k, inp.v))
+    for bq in (4, 8, 16):
+        cases.append(("compressed", lay.sample_of_token.view(-1, 1, 1), lay.sample_cmp_offsets,
+                      lay.sample_token_offsets, 4, 64, bq, kc, vc))
     for name, ix, soff, qoff, bm, bk, bq, k, v in cases:
         plan = plan_spans(ix, soff, bm, query_offsets=qoff)
         fn = lambda: span_attention(inp.q, k, v, plan, block_k=bk, block_q=bq)[0]

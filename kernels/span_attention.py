@@ -408,9 +408,8 @@ class _SpanAttention(torch.autograd.Function):
 
 
 def default_block_m(group: int, topk: int) -> int:
-    """Queries per forward tile: 64 rows (q heads x queries) for top-k spans, 128 for a single span."""
-    rows = 128 if topk == 1 else 64
-    return max(1, rows // group)
+    """Queries per forward tile: 64 rows (q heads x queries); fastest on an H200 for d 32 (docs/ssa.md)."""
+    return max(1, 64 // group)
 
 
 def span_attention(q, k, v, plan: SpanPlan, scale: float | None = None, *, backend: str = "auto",

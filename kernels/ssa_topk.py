@@ -13,7 +13,7 @@ slots[b] (RS = (m_slc / m_cmp)^3), each holding the index of a compressed token 
 Kernel: one program per (tile of BM queries x G heads, KV head); it loops over the selection blocks of
 the tile's samples BS at a time, computes the probabilities for BS*RS slots with one ``tl.dot``, sums
 them over heads and slots in registers, and merges them into a running top-k held in registers
-(TOPK rounds of max/argmin). Extra memory: the outputs, O(N * Hkv * topk).
+(insertion rounds that stop once no candidate beats the kept minimum). Extra memory: the outputs, O(N * Hkv * topk).
 
 The shared variant (one top-k per query block, e.g. per m_cmp^3 block) sums the scores of the queries
 of a block before the top-k: one program per (query block, KV head).
@@ -75,21 +75,27 @@ def topk_reference(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch
 if triton is not None:
 
     @triton.jit
-    def _merge_topk(cand, blk0, run_val, run_idx, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-                    BS: tl.constexpr):
-        """Merge candidates cand [R, BS] (ids blk0 + column; < 0 = invalid) into the running top-k."""
+    def _merge_topk(cand, blk0, run_val, run_idx, TOPK_P: tl.constexpr, BS: tl.constexpr):
+        """Merge candidates cand [R, BS] (ids blk0 + column; < 0 = invalid) into the running top-k.
+
+        Each round inserts, in every row, its best remaining candidate in place of the row's smallest
+        kept value; rounds stop as soon as no row has a candidate above its smallest kept value, so a
+        tile costs 1 + (most insertions in one row) rounds (few once the top-k has settled).
+        """
         cols = tl.arange(0, TOPK_P)
         ccols = tl.arange(0, BS)
-        for _ in tl.static_range(TOPK):
-            cmax = tl.max(cand, 1)
+        cmax = tl.max(cand, 1)
+        rmin = tl.min(run_val, 1)
+        while tl.max(tl.where((cmax > rmin) & (cmax >= 0), 1, 0), 0) > 0:
             carg = tl.argmax(cand, 1, tie_break_left=True)
-            rmin = tl.min(run_val, 1)
             rarg = tl.argmin(run_val, 1, tie_break_left=True)
             take = (cmax > rmin) & (cmax >= 0)
             hit = take[:, None] & (cols[None, :] == rarg[:, None])
             run_val = tl.where(hit, cmax[:, None], run_val)
             run_idx = tl.where(hit, (blk0 + carg)[:, None], run_idx)
-            cand = tl.where(ccols[None, :] == carg[:, None], -1.0, cand)
+            cand = tl.where(take[:, None] & (ccols[None, :] == carg[:, None]), -1.0, cand)
+            cmax = tl.max(cand, 1)
+            rmin = tl.min(run_val, 1)
         return run_val, run_idx
 
     @triton.jit
@@ -132,8 +138,7 @@ if triton is not None:
             blk = b0 + tl.arange(0, BS)
             own = (blk[None, :] >= b_lo[:, None]) & (blk[None, :] < b_hi[:, None])
             cand = tl.where(own, pb, -1.0)
-            if tl.max(tl.max(cand, 1) - tl.min(run_val, 1), 0) > 0:
-                run_val, run_idx = _merge_topk(cand, b0, run_val, run_idx, TOPK, TOPK_P, BS)
+            run_val, run_idx = _merge_topk(cand, b0, run_val, run_idx, TOPK_P, BS)
         out = (qb[:, None] * HKV + kvh) * TOPK + cols[None, :]
         omask = qbm[:, None] & (cols[None, :] < TOPK)
         tl.store(OUT_IDX + out, run_idx, mask=omask)
@@ -179,7 +184,7 @@ if triton is not None:
                 pb = acc
             blk = b0 + tl.arange(0, BS)
             cand = tl.where(blk < hi, pb, -1.0)[None, :]
-            run_val, run_idx = _merge_topk(cand, b0, run_val, run_idx, TOPK, TOPK_P, BS)
+            run_val, run_idx = _merge_topk(cand, b0, run_val, run_idx, TOPK_P, BS)
         out = (qblk * HKV + kvh) * TOPK + cols[None, :]
         omask = cols[None, :] < TOPK
         tl.store(OUT_IDX + out, run_idx, mask=omask)

@@ -224,7 +224,7 @@ def selection_attention(q, k, v, idx, layout: SSALayout, backend: str = "auto"):
     """Attention of each (query, KV head) to all tokens of its selected blocks -> o [N, Hq, D]."""
     g = q.shape[1] // k.shape[1]
     plan = plan_spans(idx, layout.block_offsets, default_block_m(g, idx.shape[-1]))
-    return span_attention(q, k, v, plan, backend=backend)[0]
+    return span_attention(q, k, v, plan, backend=backend, block_k=32)[0]
 
 
 def ssa_window_attention(q, k, v, layout: SSALayout, window: int, shift: int, backend: str = "auto"):
