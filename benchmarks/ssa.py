@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from d3ds2.attention.ssa import (SSAConfig, block_mean, build_ssa_layout, compressed_attention, select_blocks,
                                  selection_attention, spatial_sparse_attention, ssa_window_attention)
-from kernels.span_attention import default_block_m, plan_spans, span_attention
+from kernels.span_attention import plan_spans, span_attention
+from kernels.ssa_topk import score_topk
 
 HQ, HKV, D = 32, 2, 32
 CONFIGS = {
@@ -81,7 +82,7 @@ def smooth_features(coords, channels, gen, wavelength=24.0):
 
 class Inputs:
     """q/k/v/gates and v1 compression parameters on the GPU, in layout order. q and k = smooth
-    spatial features + noise of equal variance; v = noise."""
+    spatial features + 0.3 noise; v = noise."""
 
     def __init__(self, coords, cfg: SSAConfig, dtype=None, seed=0):
         dtype = dtype or (torch.bfloat16 if DEV == "cuda" else torch.float32)
@@ -92,8 +93,8 @@ class Inputs:
         self.n = n
         mk = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=gen).requires_grad_()
         c = self.layout.coords
-        smooth = lambda h: ((smooth_features(c, h * D, gen) + torch.randn(n, h * D, device=dev, generator=gen))
-                            / math.sqrt(2)).view(n, h, D).to(dtype).requires_grad_()
+        smooth = lambda h: (smooth_features(c, h * D, gen) + 0.3 * torch.randn(n, h * D, device=dev, generator=gen)
+                            ).view(n, h, D).to(dtype).requires_grad_()
         self.q, self.k, self.v = smooth(HQ), smooth(HKV), mk(n, HKV, D)
         self.gates = torch.rand(n, 3, device=dev, dtype=dtype, generator=gen).requires_grad_()
         c = HKV * D
@@ -277,7 +278,12 @@ def tune(args, report):
         for bq in (4, 8):
             cases.append(("window", lay.block_of_token.view(-1, 1, 1), lay.block_offsets, lay.block_offsets, 4,
                           bk, bq, inp.k, inp.v))
-    for bq in (4, 8, 16):
+    for bm in (4, 8):
+        fn = lambda: score_topk(inp.q, kc, lse, lay.sample_of_token, lay.sample_block_offsets,
+                                lay.sample_cmp_offsets, lay.block_of_cmp, 8, one_per_block=True, block_m=bm)
+        report.append(f"| score + top-k | {bm} ({bm * g} rows) | - | - | {bench(fn):.3f} | - |")
+        print(report[-1], flush=True)
+    for bq in (4, 8):
         cases.append(("compressed", lay.sample_of_token.view(-1, 1, 1), lay.sample_cmp_offsets,
                       lay.sample_token_offsets, 4, 64, bq, kc, vc))
     for name, ix, soff, qoff, bm, bk, bq, k, v in cases:

@@ -15,14 +15,14 @@ Kernel design (Triton, fp16/bf16/fp32, head dim 16..128):
   BM * G so ``tl.dot`` runs on tensor cores. The program loops over the *union* of the spans its queries
   selected (precomputed, sorted, deduplicated: O(N * TOPK) ints) in BK-key chunks; rows of queries that
   did not select a span are masked. Online softmax in base 2.
-- dK/dV: one program per (BK-key chunk of a span, KV head, split); it gathers the queries that selected
-  the span (a CSR list built by one argsort of ``idx``; the identity for spans = samples/windows) in
-  BQ-query groups, accumulates dK/dV in fp32 registers and adds them with atomics (splits > 1 keep
-  the grid full when few spans have many queries).
+- dK/dV: one program per work item = (BK-key chunk of a span, KV head, up to 1024 of the queries that
+  selected the span); the queries come from a CSR list built by one argsort of ``idx`` (the identity for
+  spans = samples/windows) and are gathered BQ at a time; dK/dV accumulate in fp32 registers and are
+  added with fp32 atomics (a span chosen by many queries is split over many items: balanced grid).
+  delta = rowsum(o * dO) is computed by the dQ kernel, which runs first.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -218,7 +218,7 @@ if triton is not None:
         tl.store(LSE + qi * HQ + hq, lse2, mask=rmask)
 
     @triton.jit
-    def _span_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, UNION, UCNT, SOFF, n_q, n_tiles,
+    def _span_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, UNION, UCNT, SOFF, n_q, n_tiles,
                             sm_scale, sm_scale_log2,
                             HQ: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, G: tl.constexpr,
                             D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, UMAX: tl.constexpr,
@@ -235,8 +235,10 @@ if triton is not None:
         rows = (qi[:, None] * HQ + hq[:, None]) * D + d[None, :]
         q = tl.load(Q + rows, mask=rmask[:, None], other=0.0)
         do = tl.load(DO + rows, mask=rmask[:, None], other=0.0)
+        o = tl.load(O + rows, mask=rmask[:, None], other=0.0)
         lse2 = tl.load(LSE + qi * HQ + hq, mask=rmask, other=0.0)
-        delta = tl.load(DELTA + qi * HQ + hq, mask=rmask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # rowsum(o * do), reused by dK/dV
+        tl.store(DELTA + qi * HQ + hq, delta, mask=rmask)
         t = tl.arange(0, TOPK_P)
         sel = tl.load(IDX + (qi[:, None] * HI + hi) * TOPK + t[None, :],
                       mask=rmask[:, None] & (t[None, :] < TOPK), other=-1)
@@ -261,14 +263,15 @@ if triton is not None:
         tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
-    def _span_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CH_SPAN, CH_START, SOFF, POFF, PQ,
-                              n_spans, n_splits, sm_scale, sm_scale_log2,
-                              HQ: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, G: tl.constexpr,
+    def _span_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CH_SPAN, CH_START, SOFF, PQ,
+                              IT_CHUNK, IT_HEAD, IT_LO, IT_HI, sm_scale, sm_scale_log2,
+                              HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                               D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
-        c = tl.program_id(0)
-        kvh = tl.program_id(1)
-        split = tl.program_id(2)
-        hi = kvh % HI
+        item = tl.program_id(0)
+        c = tl.load(IT_CHUNK + item)
+        kvh = tl.load(IT_HEAD + item)
+        j_lo = tl.load(IT_LO + item)
+        j_hi = tl.load(IT_HI + item)
         span = tl.load(CH_SPAN + c)
         k0 = tl.load(CH_START + c)
         k_hi = tl.load(SOFF + span + 1)
@@ -278,11 +281,6 @@ if triton is not None:
         kv_off = (kn[:, None] * HKV + kvh) * D + d[None, :]
         k = tl.load(K + kv_off, mask=kmask[:, None], other=0.0)
         v = tl.load(V + kv_off, mask=kmask[:, None], other=0.0)
-        p_lo = tl.load(POFF + hi * n_spans + span)
-        p_hi = tl.load(POFF + hi * n_spans + span + 1)
-        per = tl.cdiv(tl.cdiv(p_hi - p_lo, n_splits), BQ) * BQ
-        j_lo = p_lo + split * per
-        j_hi = tl.minimum(p_hi, j_lo + per)
         R: tl.constexpr = BQ * G
         r = tl.arange(0, R)
         hq = kvh * G + r % G
@@ -357,34 +355,55 @@ def _chunks(span_offsets: torch.Tensor, block_k: int) -> tuple[torch.Tensor, tor
     return span.to(torch.int32).contiguous(), start.to(torch.int32).contiguous()
 
 
+def _work_items(plan: SpanPlan, ch_span: torch.Tensor, hkv: int, per_item: int):
+    """dK/dV work items (chunk, kv head, first pair, end pair): every (chunk, head) gets ceil(pairs / per_item)
+    items, so spans chosen by many queries are split evenly (balanced grid, fp32 atomics combine them)."""
+    poff, _ = plan.pairs()
+    hi, s = plan.idx.shape[1], plan.n_spans
+    poff = poff.long()
+    heads = torch.arange(hkv, device=poff.device) % hi
+    base = (heads[:, None] * s + ch_span.long()[None, :])  # [Hkv, n_ch] index into poff
+    lo, hi_ = poff[base], poff[base + 1]
+    n_items = (hi_ - lo + per_item - 1) // per_item
+    flat = n_items.flatten()
+    owner = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), flat)
+    first = torch.zeros_like(flat)
+    first[1:] = flat.cumsum(0)[:-1]
+    part = torch.arange(owner.numel(), device=flat.device) - first[owner]
+    n_ch = ch_span.numel()
+    it_lo = lo.flatten()[owner] + part * per_item
+    it_hi = torch.minimum(it_lo + per_item, hi_.flatten()[owner])
+    return ((owner % n_ch).to(torch.int32), (owner // n_ch).to(torch.int32), it_lo.to(torch.int32),
+            it_hi.to(torch.int32))
+
+
+PAIRS_PER_ITEM = 1024  # queries per dK/dV work item
+
+
 def _backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: int, block_q: int):
     nq, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     hi, topk = plan.idx.shape[1], plan.idx.shape[2]
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1).contiguous()
+    delta = torch.empty((nq, hq), device=q.device, dtype=torch.float32)
     dq = torch.empty_like(q)
     n_tiles = plan.union.shape[1]
     bm = plan.block_m
     _span_bwd_dq_kernel[(n_tiles, hkv)](
-        q, k, v, do, lse2, delta, dq, plan.idx, plan.union, plan.union_count, plan.span_offsets, nq,
+        q, k, v, o, do, lse2, delta, dq, plan.idx, plan.union, plan.union_count, plan.span_offsets, nq,
         n_tiles, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d, TOPK=topk,
         TOPK_P=triton.next_power_of_2(topk), UMAX=plan.union.shape[2], BM=bm, BK=block_k,
         num_warps=_num_warps(bm * g, d), num_stages=2)
-    poff, pq = plan.pairs()
+    _, pq = plan.pairs()
     ch_span, ch_start = _chunks(plan.span_offsets, block_k)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    n_ch = ch_span.numel()
-    if n_ch:
-        pairs_per_head = pq.numel() / max(hi, 1)
-        avg_pairs = pairs_per_head / max(plan.n_spans, 1)
-        want = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
-        n_splits = int(max(1, min(math.ceil(want / (n_ch * hkv)), math.ceil(avg_pairs / (4 * block_q)))))
-        _span_bwd_dkdv_kernel[(n_ch, hkv, n_splits)](
-            q, k, v, do, lse2, delta, dk, dv, ch_span, ch_start, plan.span_offsets, poff, pq,
-            plan.n_spans, n_splits, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d,
+    it_chunk, it_head, it_lo, it_hi = _work_items(plan, ch_span, hkv, PAIRS_PER_ITEM)
+    if it_chunk.numel():
+        _span_bwd_dkdv_kernel[(it_chunk.numel(),)](
+            q, k, v, do, lse2, delta, dk, dv, ch_span, ch_start, plan.span_offsets, pq,
+            it_chunk, it_head, it_lo, it_hi, scale, scale * LOG2E, HQ=hq, HKV=hkv, G=g, D=d,
             BQ=block_q, BK=block_k, num_warps=_num_warps(block_q * g, d), num_stages=2)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 

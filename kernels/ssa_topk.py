@@ -7,16 +7,17 @@ Definitions (per sample; Hq = G * Hkv):
   selection block b, of p[i, h, c];
 - idx[i, kvh] = the top-k selection blocks of i's sample by score (k = min(topk, #blocks); -1 pads).
 
-Compressed tokens are located through a *slot table* [M, RS]: selection block b owns the RS slots
-slots[b] (RS = (m_slc / m_cmp)^3), each holding the index of a compressed token inside it, or -1.
+The compressed tokens of a selection block are contiguous (see d3ds2.attention.ssa.build_ssa_layout).
 
-Kernel: one program per (tile of BM queries x G heads, KV head); it loops over the selection blocks of
-the tile's samples BS at a time, computes the probabilities for BS*RS slots with one ``tl.dot``, sums
-them over heads and slots in registers, and merges them into a running top-k held in registers
-(insertion rounds that stop once no candidate beats the kept minimum). Extra memory: the outputs, O(N * Hkv * topk).
+Kernel: one program per (tile of BM queries x G heads, KV head); it walks the compressed tokens of the
+tile's samples BC at a time (cut at selection-block boundaries), computes their probabilities with one
+``tl.dot``, sums them over heads and over the tokens of each block in registers, and merges the block
+scores into a running top-k held in registers (insertion rounds that stop once no candidate beats the
+kept minimum). Extra memory: the outputs, O(N * Hkv * topk).
 
 The shared variant (one top-k per query block, e.g. per m_cmp^3 block) sums the scores of the queries
-of a block before the top-k: one program per (query block, KV head).
+of a block before the top-k: one program per (query block, KV head); it walks the selection blocks
+through a slot table [M, (m_slc / m_cmp)^3] of compressed-token indices (-1 for empty sub-blocks).
 """
 from __future__ import annotations
 
@@ -34,23 +35,21 @@ except ImportError:  # pragma: no cover
 # ----------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------
-def block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets, slots, scale=None):
-    """Dense block scores [Nq, Hkv, M] (float of q's dtype; -1 for blocks of other samples).
+def block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets, block_of_cmp, scale=None):
+    """Dense block scores [Nq, Hkv, M] (dtype of q; -1 for blocks of other samples).
 
     q [Nq, Hq, D]; k_cmp [Nc, Hkv, D]; lse [Nq, Hq] natural log of the compressed attention;
-    sample_of_query [Nq]; sample_block_offsets [B+1]; slots [M, RS] compressed-token index or -1.
+    sample_of_query [Nq]; sample_block_offsets [B+1]; block_of_cmp [Nc] selection block of each
+    compressed token.
     """
     nq, hq, d = q.shape
     hkv = k_cmp.shape[1]
     g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
-    m, rs = slots.shape
-    slots = slots.reshape(-1)
+    m = int(sample_block_offsets[-1])
     s = torch.einsum("nhgd,chd->nhgc", q.view(nq, hkv, g, d), k_cmp) * scale
     p = torch.exp(s - lse.view(nq, hkv, g, 1)).sum(2)  # [Nq, Hkv, Nc]
-    sl = slots.long().clamp(min=0)
-    ps = p[:, :, sl] * (slots >= 0)  # [Nq, Hkv, M*RS]
-    score = ps.view(nq, hkv, m, rs).sum(-1)
+    score = torch.zeros(nq, hkv, m, dtype=p.dtype, device=p.device).index_add_(2, block_of_cmp.long(), p)
     blk_sample = torch.repeat_interleave(torch.arange(len(sample_block_offsets) - 1, device=q.device),
                                          (sample_block_offsets[1:] - sample_block_offsets[:-1]).long())
     own = blk_sample[None, :] == sample_of_query.long()[:, None]  # [Nq, M]
@@ -99,10 +98,13 @@ if triton is not None:
         return run_val, run_idx
 
     @triton.jit
-    def _score_topk_kernel(Q, KC, LSE, SAMPLE, SBOFF, SLOTS, OUT_IDX, OUT_VAL, n_q, sm_scale_log2,
+    def _score_topk_kernel(Q, KC, LSE, SAMPLE, SBOFF, SCOFF, BLK_OF_CMP, OUT_IDX, OUT_VAL, n_q, sm_scale_log2,
                            HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                           TOPK: tl.constexpr, TOPK_P: tl.constexpr, RS: tl.constexpr,
-                           BM: tl.constexpr, BS: tl.constexpr):
+                           TOPK: tl.constexpr, TOPK_P: tl.constexpr, ONE_PER_BLOCK: tl.constexpr,
+                           BM: tl.constexpr, BC: tl.constexpr):
+        """Tiles of BC consecutive compressed tokens, cut at selection-block boundaries: each step scores
+        the blocks that lie entirely in [c0, c0 + BC) and advances c0 past them (a block holds <= BC
+        compressed tokens), so no empty sub-block is ever scored."""
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         R: tl.constexpr = BM * G
@@ -118,27 +120,41 @@ if triton is not None:
         smp = tl.load(SAMPLE + qb, mask=qbm, other=0)
         b_lo = tl.where(qbm, tl.load(SBOFF + smp, mask=qbm, other=0), 2147483647)
         b_hi = tl.where(qbm, tl.load(SBOFF + smp + 1, mask=qbm, other=0), 0)
-        lo = tl.min(b_lo, 0)
-        hi = tl.max(b_hi, 0)
+        c_lo = tl.min(tl.where(qbm, tl.load(SCOFF + smp, mask=qbm, other=0), 2147483647), 0)
+        c_hi = tl.max(tl.where(qbm, tl.load(SCOFF + smp + 1, mask=qbm, other=0), 0), 0)
         cols = tl.arange(0, TOPK_P)
+        ccols = tl.arange(0, BC)
         run_val = tl.where(cols[None, :] < TOPK, tl.full([BM, TOPK_P], -2.0, tl.float32), float("inf"))
         run_idx = tl.full([BM, TOPK_P], -1, tl.int32)
-        SL: tl.constexpr = BS * RS
-        for b0 in range(lo, hi, BS):
-            sl = b0 * RS + tl.arange(0, SL)
-            ci = tl.load(SLOTS + sl, mask=sl < hi * RS, other=-1)
-            kt = tl.load(KC + (ci[None, :] * HKV + kvh) * D + d[:, None], mask=ci[None, :] >= 0, other=0.0)
-            s = tl.dot(q, kt) * sm_scale_log2
-            p = tl.where(ci[None, :] >= 0, tl.math.exp2(s - lse2[:, None]), 0.0)
-            pq = tl.sum(tl.reshape(p, [BM, G, SL]), axis=1)
-            if RS > 1:
-                pb = tl.sum(tl.reshape(pq, [BM, BS, RS]), axis=2)
+        c0 = c_lo
+        while c0 < c_hi:
+            cn = c0 + ccols
+            cm = cn < c_hi
+            if ONE_PER_BLOCK:
+                inc = cm
+                b_first = c0 - c_lo + tl.load(BLK_OF_CMP + c_lo)
             else:
+                blk = tl.load(BLK_OF_CMP + cn, mask=cm, other=2147483647)
+                b_first = tl.load(BLK_OF_CMP + c0)
+                nxt = c0 + BC
+                b_next = tl.where(nxt < c_hi, tl.load(BLK_OF_CMP + tl.minimum(nxt, c_hi - 1)), 2147483647)
+                inc = cm & (blk < b_next)
+            kt = tl.load(KC + (cn[None, :] * HKV + kvh) * D + d[:, None], mask=inc[None, :], other=0.0)
+            s = tl.dot(q, kt) * sm_scale_log2
+            p = tl.where(inc[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
+            pq = tl.sum(tl.reshape(p, [BM, G, BC]), axis=1)  # [BM, BC] summed over the group's heads
+            if ONE_PER_BLOCK:
                 pb = pq
-            blk = b0 + tl.arange(0, BS)
-            own = (blk[None, :] >= b_lo[:, None]) & (blk[None, :] < b_hi[:, None])
+            else:  # sum the compressed tokens of each block: column j = block b_first + j
+                onehot = ((blk[:, None] - b_first) == ccols[None, :]) & inc[:, None]
+                pb = tl.sum(pq[:, :, None] * onehot.to(tl.float32)[None, :, :], axis=1)
+            bid = b_first + ccols
+            own = (bid[None, :] >= b_lo[:, None]) & (bid[None, :] < b_hi[:, None])
+            if not ONE_PER_BLOCK:
+                own = own & (bid[None, :] <= tl.max(tl.where(inc, blk, -1), 0))
             cand = tl.where(own, pb, -1.0)
-            run_val, run_idx = _merge_topk(cand, b0, run_val, run_idx, TOPK_P, BS)
+            run_val, run_idx = _merge_topk(cand, b_first, run_val, run_idx, TOPK_P, BC)
+            c0 += tl.sum(inc.to(tl.int32), 0)
         out = (qb[:, None] * HKV + kvh) * TOPK + cols[None, :]
         omask = qbm[:, None] & (cols[None, :] < TOPK)
         tl.store(OUT_IDX + out, run_idx, mask=omask)
@@ -195,12 +211,15 @@ def _block_s(rs: int) -> int:
     return max(16, 64 // rs)
 
 
-def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, slots, topk: int,
-               scale: float | None = None, *, backend: str = "auto", block_m: int | None = None):
+def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, sample_cmp_offsets, block_of_cmp,
+               topk: int, scale: float | None = None, *, one_per_block: bool = False, backend: str = "auto",
+               block_m: int | None = None, block_c: int = 64):
     """Top-k selection blocks per (query, KV head): (idx int32 [Nq, Hkv, topk] (-1 pads), scores fp32).
 
-    See the module docstring for the definition; arguments as in :func:`block_scores_reference`.
-    Indices are global selection-block ids (into sample_block_offsets' numbering), unsorted.
+    See the module docstring for the definition. sample_cmp_offsets [B+1]; block_of_cmp [Nc] int
+    (non-decreasing: compressed tokens of a block are contiguous, at most ``block_c`` of them);
+    one_per_block: every block has exactly one compressed token (m_cmp == m_slc). Indices are global
+    selection-block ids (into sample_block_offsets' numbering), unsorted.
     """
     nq, hq, d = q.shape
     hkv = k_cmp.shape[1]
@@ -209,29 +228,29 @@ def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, slots, topk
         backend = "triton" if triton_usable(q) else "torch"
     if backend == "torch":
         return topk_reference(block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets,
-                                                     slots, scale), topk)
+                                                     block_of_cmp, scale), topk)
     g = hq // hkv
-    rs = slots.shape[1]
     bm = block_m or max(1, 64 // g)
     out_idx = torch.empty((nq, hkv, topk), device=q.device, dtype=torch.int32)
     out_val = torch.empty((nq, hkv, topk), device=q.device, dtype=torch.float32)
     lse2 = (lse.float() * LOG2E).contiguous()
     grid = (triton.cdiv(nq, bm), hkv)
-    bs = _block_s(rs)
-    _score_topk_kernel[grid](q.contiguous(), k_cmp.contiguous(), lse2, sample_of_query.to(torch.int32).contiguous(),
-                             sample_block_offsets.to(torch.int32).contiguous(), slots.to(torch.int32).contiguous(),
-                             out_idx, out_val, nq, scale * LOG2E, HQ=hq, HKV=hkv, G=g, D=d, TOPK=topk,
-                             TOPK_P=triton.next_power_of_2(topk), RS=rs, BM=bm, BS=bs,
+    i32 = lambda t: t.to(torch.int32).contiguous()
+    _score_topk_kernel[grid](q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query), i32(sample_block_offsets),
+                             i32(sample_cmp_offsets), i32(block_of_cmp), out_idx, out_val, nq, scale * LOG2E,
+                             HQ=hq, HKV=hkv, G=g, D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk),
+                             ONE_PER_BLOCK=one_per_block, BM=bm, BC=block_c,
                              num_warps=4 if bm * g <= 64 else 8, num_stages=2)
     return out_idx, out_val
 
 
 def shared_score_topk(q, k_cmp, lse, query_block_offsets, sample_of_query_block, sample_block_offsets,
-                      slots, topk: int, scale: float | None = None, *, backend: str = "auto"):
+                      slots, block_of_cmp, topk: int, scale: float | None = None, *, backend: str = "auto"):
     """Top-k per (query block, KV head) of the block scores summed over the block's queries.
 
     query_block_offsets [Q+1]: queries of query block j are query_block_offsets[j]:[j+1] (contiguous);
-    sample_of_query_block [Q]. Returns (idx int32 [Q, Hkv, topk], scores fp32 [Q, Hkv, topk]).
+    sample_of_query_block [Q]; slots [M, RS] compressed token of each sub-block of a selection block
+    (-1: empty); block_of_cmp [Nc]. Returns (idx int32 [Q, Hkv, topk], scores fp32 [Q, Hkv, topk]).
     """
     nq, hq, d = q.shape
     hkv = k_cmp.shape[1]
@@ -242,7 +261,7 @@ def shared_score_topk(q, k_cmp, lse, query_block_offsets, sample_of_query_block,
     qoff = query_block_offsets.long()
     if backend == "torch":
         sample_of_query = torch.repeat_interleave(sample_of_query_block.long(), qoff[1:] - qoff[:-1])
-        sc = block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets, slots, scale)
+        sc = block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets, block_of_cmp, scale)
         csum = torch.zeros((nq + 1,) + sc.shape[1:], dtype=sc.dtype, device=sc.device)
         csum[1:] = sc.cumsum(0)
         summed = csum[qoff[1:]] - csum[qoff[:-1]]

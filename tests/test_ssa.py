@@ -59,7 +59,10 @@ def _random_spans(gen, n_spans, n_keys):
 
 
 @pytest.mark.parametrize("hq,hkv,d,topk", [(8, 2, 16, 3), (2, 1, 32, 1), (4, 2, 16, 12)])
-def test_span_attention_kernel_matches_reference(gen, hq, hkv, d, topk):
+def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, topk):
+    import kernels.span_attention as sa
+
+    monkeypatch.setattr(sa, "PAIRS_PER_ITEM", 5)  # several dK/dV work items per chunk (atomics)
     nq, nk, n_spans = 37, 61, 9
     soff = _random_spans(gen, n_spans, nk)
     soff[3] = soff[2] + 1 if soff[3] > soff[2] + 1 else soff[3]  # a 1-key span (still increasing)
@@ -96,14 +99,16 @@ def _scoring_inputs(gen, m_cmp, m_slc, hq=8, hkv=2, d=16):
 @pytest.mark.parametrize("m_cmp,m_slc,topk", [(4, 4, 3), (2, 4, 5), (4, 4, 9)])
 def test_score_topk_kernel_selects_reference_topk(gen, m_cmp, m_slc, topk):
     lay, q, kc, lse = _scoring_inputs(gen, m_cmp, m_slc)
-    args = (q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.slots)
-    idx, val = score_topk(*args, topk, backend="triton")
-    scores = block_scores_reference(*[a.double() if a.is_floating_point() else a for a in args])
+    args = (q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.sample_cmp_offsets, lay.block_of_cmp)
+    idx, val = score_topk(*args, topk, one_per_block=m_cmp == m_slc, backend="triton", block_c=16)
+    scores = block_scores_reference(q.double(), kc.double(), lse.double(), lay.sample_of_token,
+                                    lay.sample_block_offsets, lay.block_of_cmp)
     idx_ref, val_ref = topk_reference(scores, topk)
     # same values (robust to ties), and the kernel's values are the reference scores of its blocks
     _close(val.sort(-1).values, val_ref.sort(-1).values)
     assert torch.equal((idx >= 0).sum(-1), (idx_ref >= 0).sum(-1))
     picked = torch.gather(scores, 2, idx.long().clamp(min=0))
+    assert not bool(((idx >= 0) & (picked < 0)).any())  # only blocks of the query's own sample
     _close(torch.where(idx >= 0, picked, -2.0), torch.where(idx >= 0, val.double(), -2.0))
     # top-k larger than a sample's block count: every block of that sample, then -1
     per_sample = (lay.sample_block_offsets[1:] - lay.sample_block_offsets[:-1]).long()
@@ -112,7 +117,7 @@ def test_score_topk_kernel_selects_reference_topk(gen, m_cmp, m_slc, topk):
 
 def test_shared_score_topk_kernel_matches_reference(gen):
     lay, q, kc, lse = _scoring_inputs(gen, 2, 4)
-    args = (q, kc, lse, lay.cmp_offsets, lay.sample_of_cmp, lay.sample_block_offsets, lay.slots, 3)
+    args = (q, kc, lse, lay.cmp_offsets, lay.sample_of_cmp, lay.sample_block_offsets, lay.slots, lay.block_of_cmp, 3)
     idx, val = shared_score_topk(*args, backend="triton")
     idx_ref, val_ref = shared_score_topk(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a
                                            for a in args], backend="torch")

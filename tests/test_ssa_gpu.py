@@ -58,7 +58,7 @@ def test_large_n_against_float64_subset(cfg, hq, hkv, d, dtype):
     assert _rel(o_cmp[sub], o_ref) < 2e-2
     # top-k: the kernel's blocks carry (almost) the reference's best scores
     scores = block_scores_reference(qd, kc.double(), lse_ref, lay.sample_of_token[sub], lay.sample_block_offsets,
-                                    lay.slots)
+                                    lay.block_of_cmp)
     best = scores.topk(cfg.topk, -1).values.clamp_min(0).sum(-1)
     if not cfg.shared_topk:
         got = torch.where(idx[sub] >= 0, torch.gather(scores, 2, idx[sub].long().clamp(min=0)), 0.0).sum(-1)

@@ -63,7 +63,7 @@ class SSALayout:
     sample_token_offsets / sample_block_offsets / sample_cmp_offsets [B+1] int32;
     sample_of_token [N] int32. Selection blocks: block_offsets [M+1] int32, block_of_token [N] int32.
     Compression blocks (contiguous inside their selection block): cmp_offsets [Nc+1] int32,
-    cmp_of_token [N] int64, cmp_counts [Nc], sample_of_cmp [Nc] int32. slots [M, (m_slc/m_cmp)^3] int32:
+    cmp_of_token [N] int64, cmp_counts [Nc], sample_of_cmp [Nc] int32, block_of_cmp [Nc] int32. slots [M, (m_slc/m_cmp)^3] int32:
     compressed token of each sub-block, -1 if empty. pe_index [N] int64: flat index of coord % m_cmp.
     """
 
@@ -82,6 +82,7 @@ class SSALayout:
     cmp_counts: torch.Tensor
     sample_cmp_offsets: torch.Tensor
     sample_of_cmp: torch.Tensor
+    block_of_cmp: torch.Tensor
     slots: torch.Tensor
     pe_index: torch.Tensor
     cache: dict = field(default_factory=dict)
@@ -173,7 +174,7 @@ def build_ssa_layout(coords: torch.Tensor, m_cmp: int, m_slc: int, batch_size: i
         sample_block_offsets=_offsets(torch.bincount(bs[first_of_block], minlength=n_batch)),
         cmp_offsets=cmp_offsets, cmp_of_token=cmp_of_token, cmp_counts=cmp_counts,
         sample_cmp_offsets=_offsets(torch.bincount(bs[first_of_cmp], minlength=n_batch)),
-        sample_of_cmp=sample_of_cmp, slots=slots, pe_index=pos_flat[perm])
+        sample_of_cmp=sample_of_cmp, block_of_cmp=block_of_token[first_of_cmp].to(torch.int32), slots=slots, pe_index=pos_flat[perm])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,10 +214,13 @@ def select_blocks(q, k_cmp, lse, layout: SSALayout, topk: int, shared: bool = Fa
     """Top-k selection blocks per (query, KV head): idx int32 [N, Hkv, topk] (global block ids, -1 pads)."""
     if shared:
         idx, _ = shared_score_topk(q, k_cmp, lse, layout.cmp_offsets, layout.sample_of_cmp,
-                                   layout.sample_block_offsets, layout.slots, topk, backend=backend)
+                                   layout.sample_block_offsets, layout.slots, layout.block_of_cmp, topk,
+                                   backend=backend)
         return idx[layout.cmp_of_token]
-    idx, _ = score_topk(q, k_cmp, lse, layout.sample_of_token, layout.sample_block_offsets, layout.slots,
-                        topk, backend=backend)
+    idx, _ = score_topk(q, k_cmp, lse, layout.sample_of_token, layout.sample_block_offsets,
+                        layout.sample_cmp_offsets, layout.block_of_cmp, topk,
+                        one_per_block=layout.m_cmp == layout.m_slc, backend=backend,
+                        block_c=max(64, layout.slots.shape[1]))
     return idx
 
 
