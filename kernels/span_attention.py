@@ -380,7 +380,7 @@ def _work_items(plan: SpanPlan, ch_span: torch.Tensor, hkv: int, per_item: int):
 PAIRS_PER_ITEM = 1024  # queries per dK/dV work item
 
 
-def _backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: int, block_q: int):
+def _backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: int, block_q: int, block_kv: int):
     nq, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -396,7 +396,7 @@ def _backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: int, 
         TOPK_P=triton.next_power_of_2(topk), UMAX=plan.union.shape[2], BM=bm, BK=block_k,
         num_warps=_num_warps(bm * g, d), num_stages=2)
     _, pq = plan.pairs()
-    ch_span, ch_start = _chunks(plan.span_offsets, block_k)
+    ch_span, ch_start = _chunks(plan.span_offsets, block_kv)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     it_chunk, it_head, it_lo, it_hi = _work_items(plan, ch_span, hkv, PAIRS_PER_ITEM)
@@ -404,17 +404,17 @@ def _backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: int, 
         _span_bwd_dkdv_kernel[(it_chunk.numel(),)](
             q, k, v, do, lse2, delta, dk, dv, ch_span, ch_start, plan.span_offsets, pq,
             it_chunk, it_head, it_lo, it_hi, scale, scale * LOG2E, HQ=hq, HKV=hkv, G=g, D=d,
-            BQ=block_q, BK=block_k, num_warps=_num_warps(block_q * g, d), num_stages=2)
+            BQ=block_q, BK=block_kv, num_warps=_num_warps(block_q * g, d), num_stages=2)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _SpanAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, block_k, block_q):
+    def forward(ctx, q, k, v, plan, scale, block_k, block_q, block_kv):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, lse2 = _forward(q, k, v, plan, scale, block_k)
         ctx.save_for_backward(q, k, v, o, lse2)
-        ctx.plan, ctx.scale, ctx.block_k, ctx.block_q = plan, scale, block_k, block_q
+        ctx.plan, ctx.scale, ctx.blocks = plan, scale, (block_k, block_q, block_kv)
         lse = lse2 * LN2
         ctx.mark_non_differentiable(lse)
         return o, lse
@@ -422,8 +422,8 @@ class _SpanAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, lse2 = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse2, ctx.plan, ctx.scale, ctx.block_k, ctx.block_q)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _backward(do, q, k, v, o, lse2, ctx.plan, ctx.scale, *ctx.blocks)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def default_block_m(group: int, topk: int) -> int:
@@ -432,11 +432,12 @@ def default_block_m(group: int, topk: int) -> int:
 
 
 def span_attention(q, k, v, plan: SpanPlan, scale: float | None = None, *, backend: str = "auto",
-                   block_k: int = 64, block_q: int | None = None):
+                   block_k: int = 64, block_q: int | None = None, block_kv: int = 64):
     """Attention of each query to the keys of its selected spans. Returns (o [Nq,Hq,D], lse [Nq,Hq]).
 
     backend: 'triton' (CUDA or TRITON_INTERPRET=1), 'torch' (the reference), 'auto' (triton if usable).
-    Gradients flow to q, k, v (not through lse).
+    Gradients flow to q, k, v (not through lse). Tiles: block_k keys per step of the forward and dQ
+    kernels; the dK/dV kernel takes block_kv keys x block_q queries (default 128 rows = queries x heads).
     """
     _check(q, k, v, plan)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -449,5 +450,5 @@ def span_attention(q, k, v, plan: SpanPlan, scale: float | None = None, *, backe
     if not triton_usable(q):
         raise RuntimeError("span_attention: the triton backend needs CUDA tensors or TRITON_INTERPRET=1")
     g = q.shape[1] // k.shape[1]
-    block_q = block_q or max(1, 64 // g)
-    return _SpanAttention.apply(q, k, v, plan, scale, block_k, block_q)
+    block_q = block_q or max(1, 128 // g)
+    return _SpanAttention.apply(q, k, v, plan, scale, block_k, block_q, block_kv)

@@ -98,6 +98,41 @@ if triton is not None:
         return run_val, run_idx
 
     @triton.jit
+    def _score_step(Q, KC, BLK_OF_CMP, q, lse2, b_lo, b_hi, c0, c_lo, c_hi, kvh, run_val, run_idx, sm_scale_log2,
+                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, TOPK_P: tl.constexpr,
+                    ONE_PER_BLOCK: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+        """Score the selection blocks lying entirely in compressed tokens [c0, c0 + BC) and merge them into
+        the running top-k; returns (run_val, run_idx, number of compressed tokens consumed)."""
+        d = tl.arange(0, D)
+        ccols = tl.arange(0, BC)
+        cn = c0 + ccols
+        cm = cn < c_hi
+        if ONE_PER_BLOCK:
+            inc = cm
+            b_first = c0 - c_lo + tl.load(BLK_OF_CMP + c_lo)
+            blk = b_first + ccols
+        else:
+            blk = tl.load(BLK_OF_CMP + cn, mask=cm, other=2147483647)
+            b_first = tl.load(BLK_OF_CMP + c0)
+            nxt = c0 + BC
+            b_next = tl.where(nxt < c_hi, tl.load(BLK_OF_CMP + tl.minimum(nxt, c_hi - 1)), 2147483647)
+            inc = cm & (blk < b_next)
+        kt = tl.load(KC + (cn[None, :] * HKV + kvh) * D + d[:, None], mask=inc[None, :], other=0.0)
+        s = tl.dot(q, kt) * sm_scale_log2
+        p = tl.where(inc[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
+        if ONE_PER_BLOCK:
+            pb = tl.sum(tl.reshape(p, [BM, G, BC]), axis=1)  # [BM, BC] summed over the group's heads
+        else:  # sum the compressed tokens of each block (column j = block b_first + j): p @ one-hot
+            onehot = (((blk[:, None] - b_first) == ccols[None, :]) & inc[:, None]).to(tl.float32)
+            pb = tl.sum(tl.reshape(tl.dot(p, onehot, input_precision="tf32x3"), [BM, G, BC]), axis=1)
+        bid = b_first + ccols
+        own = (bid[None, :] >= b_lo[:, None]) & (bid[None, :] < b_hi[:, None])
+        own = own & (bid[None, :] <= tl.max(tl.where(inc, blk, -1), 0))
+        cand = tl.where(own, pb, -1.0)
+        run_val, run_idx = _merge_topk(cand, b_first, run_val, run_idx, TOPK_P, BC)
+        return run_val, run_idx, tl.sum(inc.to(tl.int32), 0)
+
+    @triton.jit
     def _score_topk_kernel(Q, KC, LSE, SAMPLE, SBOFF, SCOFF, BLK_OF_CMP, OUT_IDX, OUT_VAL, n_q, sm_scale_log2,
                            HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                            TOPK: tl.constexpr, TOPK_P: tl.constexpr, ONE_PER_BLOCK: tl.constexpr,
@@ -123,38 +158,24 @@ if triton is not None:
         c_lo = tl.min(tl.where(qbm, tl.load(SCOFF + smp, mask=qbm, other=0), 2147483647), 0)
         c_hi = tl.max(tl.where(qbm, tl.load(SCOFF + smp + 1, mask=qbm, other=0), 0), 0)
         cols = tl.arange(0, TOPK_P)
-        ccols = tl.arange(0, BC)
         run_val = tl.where(cols[None, :] < TOPK, tl.full([BM, TOPK_P], -2.0, tl.float32), float("inf"))
         run_idx = tl.full([BM, TOPK_P], -1, tl.int32)
-        c0 = c_lo
-        while c0 < c_hi:
-            cn = c0 + ccols
-            cm = cn < c_hi
-            if ONE_PER_BLOCK:
-                inc = cm
-                b_first = c0 - c_lo + tl.load(BLK_OF_CMP + c_lo)
-            else:
-                blk = tl.load(BLK_OF_CMP + cn, mask=cm, other=2147483647)
-                b_first = tl.load(BLK_OF_CMP + c0)
-                nxt = c0 + BC
-                b_next = tl.where(nxt < c_hi, tl.load(BLK_OF_CMP + tl.minimum(nxt, c_hi - 1)), 2147483647)
-                inc = cm & (blk < b_next)
-            kt = tl.load(KC + (cn[None, :] * HKV + kvh) * D + d[:, None], mask=inc[None, :], other=0.0)
-            s = tl.dot(q, kt) * sm_scale_log2
-            p = tl.where(inc[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
-            pq = tl.sum(tl.reshape(p, [BM, G, BC]), axis=1)  # [BM, BC] summed over the group's heads
-            if ONE_PER_BLOCK:
-                pb = pq
-            else:  # sum the compressed tokens of each block: column j = block b_first + j
-                onehot = ((blk[:, None] - b_first) == ccols[None, :]) & inc[:, None]
-                pb = tl.sum(pq[:, :, None] * onehot.to(tl.float32)[None, :, :], axis=1)
-            bid = b_first + ccols
-            own = (bid[None, :] >= b_lo[:, None]) & (bid[None, :] < b_hi[:, None])
-            if not ONE_PER_BLOCK:
-                own = own & (bid[None, :] <= tl.max(tl.where(inc, blk, -1), 0))
-            cand = tl.where(own, pb, -1.0)
-            run_val, run_idx = _merge_topk(cand, b_first, run_val, run_idx, TOPK_P, BC)
-            c0 += tl.sum(inc.to(tl.int32), 0)
+        if ONE_PER_BLOCK:
+            # uniform tiles visited in a strided order: block scores vary smoothly in space, so a sorted
+            # sweep would keep inserting into the top-k; a scrambled order settles it after a few tiles
+            n_t = tl.cdiv(c_hi - c_lo, BC)
+            stride = tl.where(n_t % 97 == 0, 1, 97)
+            for t in range(0, n_t):
+                c0 = c_lo + ((t * stride) % n_t) * BC
+                run_val, run_idx, _ = _score_step(Q, KC, BLK_OF_CMP, q, lse2, b_lo, b_hi, c0, c_lo, c_hi, kvh,
+                                                  run_val, run_idx, sm_scale_log2, HKV, G, D, TOPK_P, True, BM, BC)
+        else:
+            c0 = c_lo
+            while c0 < c_hi:
+                run_val, run_idx, n_inc = _score_step(Q, KC, BLK_OF_CMP, q, lse2, b_lo, b_hi, c0, c_lo, c_hi, kvh,
+                                                      run_val, run_idx, sm_scale_log2, HKV, G, D, TOPK_P, False,
+                                                      BM, BC)
+                c0 += n_inc
         out = (qb[:, None] * HKV + kvh) * TOPK + cols[None, :]
         omask = qbm[:, None] & (cols[None, :] < TOPK)
         tl.store(OUT_IDX + out, run_idx, mask=omask)
