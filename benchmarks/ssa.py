@@ -279,8 +279,8 @@ def tune(args, report):
             cases.append(("window", lay.block_of_token.view(-1, 1, 1), lay.block_offsets, lay.block_offsets, 4,
                           bk, bq, inp.k, inp.v))
     for bm in (4, 8):
-        fn = lambda: score_topk(inp.q, kc, lse, lay.sample_of_token, lay.sample_block_offsets,
-                                lay.sample_cmp_offsets, lay.block_of_cmp, 8, one_per_block=True, block_m=bm)
+        fn = lambda: score_topk(inp.q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.slots,
+                                lay.block_of_cmp, 8, block_m=bm)
         report.append(f"| score + top-k | {bm} ({bm * g} rows) | - | - | {bench(fn):.3f} | - |")
         print(report[-1], flush=True)
     for bq in (4, 8):

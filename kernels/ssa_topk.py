@@ -7,13 +7,14 @@ Definitions (per sample; Hq = G * Hkv):
   selection block b, of p[i, h, c];
 - idx[i, kvh] = the top-k selection blocks of i's sample by score (k = min(topk, #blocks); -1 pads).
 
-The compressed tokens of a selection block are contiguous (see d3ds2.attention.ssa.build_ssa_layout).
+Compressed tokens are located through a *slot table* [M, RS]: selection block b owns the RS slots
+slots[b] (RS = (m_slc / m_cmp)^3), each holding the index of a compressed token inside it, or -1.
 
-Kernel: one program per (tile of BM queries x G heads, KV head); it walks the compressed tokens of the
-tile's samples BC at a time (cut at selection-block boundaries), computes their probabilities with one
-``tl.dot``, sums them over heads and over the tokens of each block in registers, and merges the block
-scores into a running top-k held in registers (insertion rounds that stop once no candidate beats the
-kept minimum). Extra memory: the outputs, O(N * Hkv * topk).
+Kernel: one program per (tile of BM queries x G heads, KV head); it walks the selection blocks of the
+tile's samples (64 at a time when RS = 1, in a strided order; 64 / RS at a time through the slot table
+otherwise), computes the probabilities with one ``tl.dot``, sums them over heads and slots in
+registers, and merges the block scores into a running top-k held in registers (insertion rounds that
+stop once no candidate beats the kept minimum). Extra memory: the outputs, O(N * Hkv * topk).
 
 The shared variant (one top-k per query block, e.g. per m_cmp^3 block) sums the scores of the queries
 of a block before the top-k: one program per (query block, KV head); it walks the selection blocks
@@ -98,48 +99,55 @@ if triton is not None:
         return run_val, run_idx
 
     @triton.jit
-    def _score_step(Q, KC, BLK_OF_CMP, q, lse2, b_lo, b_hi, c0, c_lo, c_hi, kvh, run_val, run_idx, sm_scale_log2,
-                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, TOPK_P: tl.constexpr,
-                    ONE_PER_BLOCK: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-        """Score the selection blocks lying entirely in compressed tokens [c0, c0 + BC) and merge them into
-        the running top-k; returns (run_val, run_idx, number of compressed tokens consumed)."""
+    def _score_topk_kernel(Q, KC, LSE, SAMPLE, SBOFF, OUT_IDX, OUT_VAL, n_q, sm_scale_log2,
+                           HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                           TOPK: tl.constexpr, TOPK_P: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+        """One compressed token per selection block (m_cmp == m_slc): block id == compressed-token id."""
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        R: tl.constexpr = BM * G
+        r = tl.arange(0, R)
+        qi = tile * BM + r // G
+        hq = kvh * G + r % G
+        rmask = qi < n_q
         d = tl.arange(0, D)
         ccols = tl.arange(0, BC)
-        cn = c0 + ccols
-        cm = cn < c_hi
-        if ONE_PER_BLOCK:
-            inc = cm
-            b_first = c0 - c_lo + tl.load(BLK_OF_CMP + c_lo)
-            blk = b_first + ccols
-        else:
-            blk = tl.load(BLK_OF_CMP + cn, mask=cm, other=2147483647)
-            b_first = tl.load(BLK_OF_CMP + c0)
-            nxt = c0 + BC
-            b_next = tl.where(nxt < c_hi, tl.load(BLK_OF_CMP + tl.minimum(nxt, c_hi - 1)), 2147483647)
-            inc = cm & (blk < b_next)
-        kt = tl.load(KC + (cn[None, :] * HKV + kvh) * D + d[:, None], mask=inc[None, :], other=0.0)
-        s = tl.dot(q, kt) * sm_scale_log2
-        p = tl.where(inc[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
-        if ONE_PER_BLOCK:
+        q = tl.load(Q + (qi[:, None] * HQ + hq[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
+        lse2 = tl.load(LSE + qi * HQ + hq, mask=rmask, other=0.0)
+        qb = tile * BM + tl.arange(0, BM)
+        qbm = qb < n_q
+        smp = tl.load(SAMPLE + qb, mask=qbm, other=0)
+        b_lo = tl.where(qbm, tl.load(SBOFF + smp, mask=qbm, other=0), 2147483647)
+        b_hi = tl.where(qbm, tl.load(SBOFF + smp + 1, mask=qbm, other=0), 0)
+        c_lo = tl.min(b_lo, 0)
+        c_hi = tl.max(b_hi, 0)
+        cols = tl.arange(0, TOPK_P)
+        run_val = tl.where(cols[None, :] < TOPK, tl.full([BM, TOPK_P], -2.0, tl.float32), float("inf"))
+        run_idx = tl.full([BM, TOPK_P], -1, tl.int32)
+        # tiles visited in a strided order: block scores vary smoothly in space, so a sorted sweep keeps
+        # inserting into the running top-k; a scrambled order lets it settle after a few tiles
+        n_t = tl.cdiv(c_hi - c_lo, BC)
+        stride = tl.where(n_t % 97 == 0, 1, 97)
+        for t in range(0, n_t):
+            c0 = c_lo + ((t * stride) % n_t) * BC
+            cn = c0 + ccols
+            kt = tl.load(KC + (cn[None, :] * HKV + kvh) * D + d[:, None], mask=cn[None, :] < c_hi, other=0.0)
+            s = tl.dot(q, kt) * sm_scale_log2
+            p = tl.math.exp2(s - lse2[:, None])
             pb = tl.sum(tl.reshape(p, [BM, G, BC]), axis=1)  # [BM, BC] summed over the group's heads
-        else:  # sum the compressed tokens of each block (column j = block b_first + j): p @ one-hot
-            onehot = (((blk[:, None] - b_first) == ccols[None, :]) & inc[:, None]).to(tl.float32)
-            pb = tl.sum(tl.reshape(tl.dot(p, onehot, input_precision="tf32x3"), [BM, G, BC]), axis=1)
-        bid = b_first + ccols
-        own = (bid[None, :] >= b_lo[:, None]) & (bid[None, :] < b_hi[:, None])
-        own = own & (bid[None, :] <= tl.max(tl.where(inc, blk, -1), 0))
-        cand = tl.where(own, pb, -1.0)
-        run_val, run_idx = _merge_topk(cand, b_first, run_val, run_idx, TOPK_P, BC)
-        return run_val, run_idx, tl.sum(inc.to(tl.int32), 0)
+            own = (cn[None, :] >= b_lo[:, None]) & (cn[None, :] < b_hi[:, None])
+            run_val, run_idx = _merge_topk(tl.where(own, pb, -1.0), c0, run_val, run_idx, TOPK_P, BC)
+        out = (qb[:, None] * HKV + kvh) * TOPK + cols[None, :]
+        omask = qbm[:, None] & (cols[None, :] < TOPK)
+        tl.store(OUT_IDX + out, run_idx, mask=omask)
+        tl.store(OUT_VAL + out, tl.where(run_idx >= 0, run_val, -1.0), mask=omask)
 
     @triton.jit
-    def _score_topk_kernel(Q, KC, LSE, SAMPLE, SBOFF, SCOFF, BLK_OF_CMP, OUT_IDX, OUT_VAL, n_q, sm_scale_log2,
+    def _score_topk_slots_kernel(Q, KC, LSE, SAMPLE, SBOFF, SLOTS, OUT_IDX, OUT_VAL, n_q, sm_scale_log2,
                            HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                           TOPK: tl.constexpr, TOPK_P: tl.constexpr, ONE_PER_BLOCK: tl.constexpr,
-                           BM: tl.constexpr, BC: tl.constexpr):
-        """Tiles of BC consecutive compressed tokens, cut at selection-block boundaries: each step scores
-        the blocks that lie entirely in [c0, c0 + BC) and advances c0 past them (a block holds <= BC
-        compressed tokens), so no empty sub-block is ever scored."""
+                           TOPK: tl.constexpr, TOPK_P: tl.constexpr, RS: tl.constexpr,
+                           BM: tl.constexpr, BS: tl.constexpr):
+        """Selection blocks BS at a time through the slot table (m_cmp < m_slc): BS * RS slots per dot."""
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         R: tl.constexpr = BM * G
@@ -155,27 +163,27 @@ if triton is not None:
         smp = tl.load(SAMPLE + qb, mask=qbm, other=0)
         b_lo = tl.where(qbm, tl.load(SBOFF + smp, mask=qbm, other=0), 2147483647)
         b_hi = tl.where(qbm, tl.load(SBOFF + smp + 1, mask=qbm, other=0), 0)
-        c_lo = tl.min(tl.where(qbm, tl.load(SCOFF + smp, mask=qbm, other=0), 2147483647), 0)
-        c_hi = tl.max(tl.where(qbm, tl.load(SCOFF + smp + 1, mask=qbm, other=0), 0), 0)
+        lo = tl.min(b_lo, 0)
+        hi = tl.max(b_hi, 0)
         cols = tl.arange(0, TOPK_P)
         run_val = tl.where(cols[None, :] < TOPK, tl.full([BM, TOPK_P], -2.0, tl.float32), float("inf"))
         run_idx = tl.full([BM, TOPK_P], -1, tl.int32)
-        if ONE_PER_BLOCK:
-            # uniform tiles visited in a strided order: block scores vary smoothly in space, so a sorted
-            # sweep would keep inserting into the top-k; a scrambled order settles it after a few tiles
-            n_t = tl.cdiv(c_hi - c_lo, BC)
-            stride = tl.where(n_t % 97 == 0, 1, 97)
-            for t in range(0, n_t):
-                c0 = c_lo + ((t * stride) % n_t) * BC
-                run_val, run_idx, _ = _score_step(Q, KC, BLK_OF_CMP, q, lse2, b_lo, b_hi, c0, c_lo, c_hi, kvh,
-                                                  run_val, run_idx, sm_scale_log2, HKV, G, D, TOPK_P, True, BM, BC)
-        else:
-            c0 = c_lo
-            while c0 < c_hi:
-                run_val, run_idx, n_inc = _score_step(Q, KC, BLK_OF_CMP, q, lse2, b_lo, b_hi, c0, c_lo, c_hi, kvh,
-                                                      run_val, run_idx, sm_scale_log2, HKV, G, D, TOPK_P, False,
-                                                      BM, BC)
-                c0 += n_inc
+        SL: tl.constexpr = BS * RS
+        for b0 in range(lo, hi, BS):
+            sl = b0 * RS + tl.arange(0, SL)
+            ci = tl.load(SLOTS + sl, mask=sl < hi * RS, other=-1)
+            kt = tl.load(KC + (ci[None, :] * HKV + kvh) * D + d[:, None], mask=ci[None, :] >= 0, other=0.0)
+            s = tl.dot(q, kt) * sm_scale_log2
+            p = tl.where(ci[None, :] >= 0, tl.math.exp2(s - lse2[:, None]), 0.0)
+            pq = tl.sum(tl.reshape(p, [BM, G, SL]), axis=1)
+            if RS > 1:
+                pb = tl.sum(tl.reshape(pq, [BM, BS, RS]), axis=2)
+            else:
+                pb = pq
+            blk = b0 + tl.arange(0, BS)
+            own = (blk[None, :] >= b_lo[:, None]) & (blk[None, :] < b_hi[:, None])
+            cand = tl.where(own, pb, -1.0)
+            run_val, run_idx = _merge_topk(cand, b0, run_val, run_idx, TOPK_P, BS)
         out = (qb[:, None] * HKV + kvh) * TOPK + cols[None, :]
         omask = qbm[:, None] & (cols[None, :] < TOPK)
         tl.store(OUT_IDX + out, run_idx, mask=omask)
@@ -232,15 +240,13 @@ def _block_s(rs: int) -> int:
     return max(16, 64 // rs)
 
 
-def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, sample_cmp_offsets, block_of_cmp,
-               topk: int, scale: float | None = None, *, one_per_block: bool = False, backend: str = "auto",
-               block_m: int | None = None, block_c: int = 64):
+def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, slots, block_of_cmp, topk: int,
+               scale: float | None = None, *, backend: str = "auto", block_m: int | None = None):
     """Top-k selection blocks per (query, KV head): (idx int32 [Nq, Hkv, topk] (-1 pads), scores fp32).
 
-    See the module docstring for the definition. sample_cmp_offsets [B+1]; block_of_cmp [Nc] int
-    (non-decreasing: compressed tokens of a block are contiguous, at most ``block_c`` of them);
-    one_per_block: every block has exactly one compressed token (m_cmp == m_slc). Indices are global
-    selection-block ids (into sample_block_offsets' numbering), unsorted.
+    See the module docstring for the definition. slots [M, RS] compressed token of each sub-block of a
+    selection block (-1: empty; RS = 1 when m_cmp == m_slc); block_of_cmp [Nc] (for the reference).
+    Indices are global selection-block ids (into sample_block_offsets' numbering), unsorted.
     """
     nq, hq, d = q.shape
     hkv = k_cmp.shape[1]
@@ -251,17 +257,22 @@ def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, sample_cmp_
         return topk_reference(block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets,
                                                      block_of_cmp, scale), topk)
     g = hq // hkv
+    rs = slots.shape[1]
     bm = block_m or max(1, 64 // g)
     out_idx = torch.empty((nq, hkv, topk), device=q.device, dtype=torch.int32)
     out_val = torch.empty((nq, hkv, topk), device=q.device, dtype=torch.float32)
     lse2 = (lse.float() * LOG2E).contiguous()
     grid = (triton.cdiv(nq, bm), hkv)
     i32 = lambda t: t.to(torch.int32).contiguous()
-    _score_topk_kernel[grid](q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query), i32(sample_block_offsets),
-                             i32(sample_cmp_offsets), i32(block_of_cmp), out_idx, out_val, nq, scale * LOG2E,
-                             HQ=hq, HKV=hkv, G=g, D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk),
-                             ONE_PER_BLOCK=one_per_block, BM=bm, BC=block_c,
-                             num_warps=4 if bm * g <= 64 else 8, num_stages=2)
+    common = dict(HQ=hq, HKV=hkv, G=g, D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk), BM=bm,
+                  num_warps=4 if bm * g <= 64 else 8, num_stages=2)
+    if rs == 1:
+        _score_topk_kernel[grid](q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query),
+                                 i32(sample_block_offsets), out_idx, out_val, nq, scale * LOG2E, BC=64, **common)
+    else:
+        _score_topk_slots_kernel[grid](q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query),
+                                       i32(sample_block_offsets), i32(slots), out_idx, out_val, nq,
+                                       scale * LOG2E, RS=rs, BS=_block_s(rs), **common)
     return out_idx, out_val
 
 

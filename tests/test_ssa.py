@@ -99,8 +99,8 @@ def _scoring_inputs(gen, m_cmp, m_slc, hq=8, hkv=2, d=16):
 @pytest.mark.parametrize("m_cmp,m_slc,topk", [(4, 4, 3), (2, 4, 5), (4, 4, 9)])
 def test_score_topk_kernel_selects_reference_topk(gen, m_cmp, m_slc, topk):
     lay, q, kc, lse = _scoring_inputs(gen, m_cmp, m_slc)
-    args = (q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.sample_cmp_offsets, lay.block_of_cmp)
-    idx, val = score_topk(*args, topk, one_per_block=m_cmp == m_slc, backend="triton", block_c=16)
+    args = (q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.slots, lay.block_of_cmp)
+    idx, val = score_topk(*args, topk, backend="triton")
     scores = block_scores_reference(q.double(), kc.double(), lse.double(), lay.sample_of_token,
                                     lay.sample_block_offsets, lay.block_of_cmp)
     idx_ref, val_ref = topk_reference(scores, topk)

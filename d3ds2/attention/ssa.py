@@ -217,10 +217,8 @@ def select_blocks(q, k_cmp, lse, layout: SSALayout, topk: int, shared: bool = Fa
                                    layout.sample_block_offsets, layout.slots, layout.block_of_cmp, topk,
                                    backend=backend)
         return idx[layout.cmp_of_token]
-    idx, _ = score_topk(q, k_cmp, lse, layout.sample_of_token, layout.sample_block_offsets,
-                        layout.sample_cmp_offsets, layout.block_of_cmp, topk,
-                        one_per_block=layout.m_cmp == layout.m_slc, backend=backend,
-                        block_c=max(64, layout.slots.shape[1]))
+    idx, _ = score_topk(q, k_cmp, lse, layout.sample_of_token, layout.sample_block_offsets, layout.slots,
+                        layout.block_of_cmp, topk, backend=backend)
     return idx
 
 
