@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d3ds2.sparse import SparseGroupNorm, SparseTensor, SubMConv3d, pack_keys
 from d3ds2.sparse.serialize import Partition, window_partition
 from kernels.span_attention import SpanPlan, default_block_m, plan_spans, span_attention
 from kernels.ssa_topk import score_topk, shared_score_topk
@@ -106,6 +107,22 @@ class SSALayout:
             self.cache[key] = plan_spans(self.block_of_token.view(-1, 1, 1), self.block_offsets,
                                          default_block_m(group, 1), query_offsets=self.block_offsets)
         return self.cache[key]
+
+    @property
+    def batch_size(self) -> int:
+        return self.sample_token_offsets.numel() - 1
+
+    def coarse(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The compressed tokens as a canonical sparse grid: (perm [Nc], inverse [Nc], coords [Nc, 4] int32
+        (batch, x // m_cmp, ...) sorted), canonical = compressed[perm] (cached)."""
+        if "coarse" not in self.cache:
+            c = self.coords[self.cmp_offsets[:-1].long()]
+            c = torch.cat([c[:, :1], torch.div(c[:, 1:], self.m_cmp, rounding_mode="floor")], 1)
+            perm = torch.argsort(pack_keys(c))
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+            self.cache["coarse"] = (perm, inverse, c[perm].int().contiguous())
+        return self.cache["coarse"]
 
     def window_plan(self, window: int, shift: int, group: int) -> tuple[Partition, SpanPlan]:
         """Window partition of the sorted tokens and its span plan (cached)."""
@@ -199,6 +216,29 @@ class CompressionV1(nn.Module):
         return block_mean(F.silu(self.proj(x)), layout)
 
 
+class CompressionV2(nn.Module):
+    """Official v2: GroupNorm -> SiLU -> mean over each block -> conv3^3 -> GroupNorm -> SiLU -> conv3^3 on the
+    coarse grid of compressed tokens, plus the block mean of the input (skip). Official names:
+    norm1 = act_layers.0, conv1 = out_layers.0.conv, norm2 = out_layers.1, conv2 = out_layers.3.conv."""
+
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__()
+        self.norm1 = SparseGroupNorm(groups, channels)
+        self.conv1 = SubMConv3d(channels, channels, 3)
+        self.norm2 = SparseGroupNorm(groups, channels)
+        self.conv2 = SubMConv3d(channels, channels, 3)
+
+    def forward(self, x: torch.Tensor, layout: SSALayout) -> torch.Tensor:
+        fine = SparseTensor(x, layout.coords, layout.batch_size, check=False)
+        h = block_mean(F.silu(self.norm1(fine).feats), layout)
+        perm, inverse, coords = layout.coarse()
+        coarse = SparseTensor(h[perm], coords, layout.batch_size, check=False, cache=layout.cache.setdefault(
+            "coarse_cache", {}))
+        h = self.conv1(coarse)
+        h = self.conv2(h.replace(F.silu(self.norm2(h).feats)))
+        return block_mean(x, layout) + h.feats[inverse]
+
+
 # ----------------------------------------------------------------------------------------------
 # Functional SSA (inputs in layout order)
 # ----------------------------------------------------------------------------------------------
@@ -279,12 +319,9 @@ class SpatialSparseAttention(nn.Module):
         self.proj_v = nn.Linear(channels, kv, bias=False)
         self.proj_o = nn.Linear(num_heads * head_dim, channels, bias=False)
         self.intra_block_pe = nn.Parameter(torch.zeros(config.m_cmp, config.m_cmp, config.m_cmp, kv))
-        if config.compression == "v1":
-            self.compression_key = CompressionV1(kv)
-            self.compression_value = CompressionV1(kv)
-        else:
-            raise NotImplementedError("SpatialSparseAttention: compression 'v2' needs the sparse conv "
-                                      "(d3ds2.sparse); only 'v1' is implemented so far")
+        compression = CompressionV1 if config.compression == "v1" else CompressionV2
+        self.compression_key = compression(kv)
+        self.compression_value = compression(kv)
         self.gate = nn.Sequential(nn.Linear(channels, 3, bias=False), nn.Sigmoid())
 
     def layout_for(self, x) -> SSALayout:
