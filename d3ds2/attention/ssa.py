@@ -273,10 +273,10 @@ def ssa_window_attention(q, k, v, layout: SSALayout, window: int, shift: int, ba
     """Window branch; reuses the selection blocks as windows when window == m_slc and shift == 0."""
     g = q.shape[1] // k.shape[1]
     if window == layout.m_slc and shift == 0:
-        return span_attention(q, k, v, layout.block_window_plan(g), backend=backend)[0]
+        return span_attention(q, k, v, layout.block_window_plan(g), backend=backend, block_k=32)[0]
     part, plan = layout.window_plan(window, shift, g)
     perm = part.perm
-    return span_attention(q[perm], k[perm], v[perm], plan, backend=backend)[0][part.inverse]
+    return span_attention(q[perm], k[perm], v[perm], plan, backend=backend, block_k=32)[0][part.inverse]
 
 
 def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, layout: SSALayout, config: SSAConfig,
