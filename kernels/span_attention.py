@@ -1,0 +1,456 @@
+"""Span attention: each query attends to the key tokens of a few selected *spans* (contiguous key ranges).
+
+One kernel family serves every sparse attention of the project:
+- SSA selection: spans = selection blocks; each (query, KV head) selects its top-k blocks;
+- SSA compression / varlen full attention: spans = samples; each query selects its own sample's keys;
+- window attention: spans = windows; each query selects its own window.
+
+Shapes: q [Nq, Hq, D], k/v [Nk, Hkv, D] (GQA, Hq = G * Hkv), ``idx`` int32 [Nq, Hi, TOPK] span ids
+(-1 = none) with Hi = 1 (shared by the KV heads) or Hi = Hkv, ``span_offsets`` int32 [S + 1] (span s holds
+keys span_offsets[s]:span_offsets[s+1]). Output o [Nq, Hq, D] and the softmax log-sum-exp [Nq, Hq]
+(natural log). A query that selects no key gets o = 0 and lse = -inf.
+
+Kernel design (Triton, fp16/bf16/fp32, head dim 16..128):
+- forward and dQ: one program per (tile of BM consecutive queries x G heads sharing a KV head); rows =
+  BM * G so ``tl.dot`` runs on tensor cores. The program loops over the *union* of the spans its queries
+  selected (precomputed, sorted, deduplicated: O(N * TOPK) ints) in BK-key chunks; rows of queries that
+  did not select a span are masked. Online softmax in base 2.
+- dK/dV: one program per work item = (BK-key chunk of a span, KV head, up to 1024 of the queries that
+  selected the span); the queries come from a CSR list built by one argsort of ``idx`` (the identity for
+  spans = samples/windows) and are gathered BQ at a time; dK/dV accumulate in fp32 registers and are
+  added with fp32 atomics (a span chosen by many queries is split over many items: balanced grid).
+  delta = rowsum(o * dO) is computed by the dQ kernel, which runs first.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional on CPU machines
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on tensors like ``t`` (CUDA, or the CPU interpreter)."""
+    return triton is not None and (t.is_cuda or INTERPRET)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan: what the kernels need besides q/k/v (built once per idx, reused by forward and backward)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SpanPlan:
+    """Index structures for one ``idx``.
+
+    idx [Nq, Hi, TOPK] int32; span_offsets [S+1] int32; block_m queries per forward tile;
+    union [Hi, T, BM*TOPK] int32 sorted unique spans of each tile (padding -1), union_count [Hi, T];
+    pair_offsets [Hi*S+1] int32 / pair_query [P] int32: the queries that selected each (head, span).
+    """
+
+    idx: torch.Tensor
+    span_offsets: torch.Tensor
+    block_m: int
+    union: torch.Tensor
+    union_count: torch.Tensor
+    pair_offsets: torch.Tensor | None = None
+    pair_query: torch.Tensor | None = None
+    query_offsets: torch.Tensor | None = None
+
+    @property
+    def n_spans(self) -> int:
+        return self.span_offsets.numel() - 1
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """CSR (pair_offsets, pair_query) of the queries that selected each (head, span); built lazily."""
+        if self.pair_offsets is None:
+            if self.query_offsets is not None:  # queries are grouped by their single span
+                self.pair_offsets = self.query_offsets.to(torch.int32)
+                self.pair_query = torch.arange(self.idx.shape[0], device=self.idx.device, dtype=torch.int32)
+            else:
+                self.pair_offsets, self.pair_query = _build_pairs(self.idx, self.n_spans)
+        return self.pair_offsets, self.pair_query
+
+
+def _tile_unions(idx: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique span ids of each tile of ``block_m`` queries: ([Hi, T, BM*TOPK] padded -1, [Hi, T])."""
+    n, hi, topk = idx.shape
+    t = (n + block_m - 1) // block_m
+    big = torch.iinfo(torch.int32).max
+    x = torch.full((t * block_m, hi, topk), -1, dtype=torch.int32, device=idx.device)
+    x[:n] = idx
+    x = x.view(t, block_m, hi, topk).permute(2, 0, 1, 3).reshape(hi, t, block_m * topk)
+    x = torch.where(x < 0, big, x)
+    s = x.sort(dim=-1).values
+    dup = torch.zeros_like(s, dtype=torch.bool)
+    dup[..., 1:] = s[..., 1:] == s[..., :-1]
+    s = torch.where(dup, big, s).sort(dim=-1).values
+    count = (s != big).sum(-1).to(torch.int32)
+    s = torch.where(s == big, -1, s).to(torch.int32).contiguous()
+    return s, count.contiguous()
+
+
+def _build_pairs(idx: torch.Tensor, n_spans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of the queries that selected each (head, span): offsets [Hi*S+1] int32, queries [P] int32."""
+    n, hi, topk = idx.shape
+    flat = idx.permute(1, 0, 2).reshape(hi, n * topk).long()
+    head = torch.arange(hi, device=idx.device).view(hi, 1)
+    key = torch.where(flat >= 0, head * n_spans + flat, hi * n_spans).reshape(-1)
+    order = torch.argsort(key, stable=True)
+    query = ((order % (n * topk)) // topk).to(torch.int32)
+    counts = torch.bincount(key, minlength=hi * n_spans + 1)[: hi * n_spans]
+    offsets = torch.zeros(hi * n_spans + 1, dtype=torch.int64, device=idx.device)
+    offsets[1:] = counts.cumsum(0)
+    return offsets.to(torch.int32), query.contiguous()
+
+
+def plan_spans(idx: torch.Tensor, span_offsets: torch.Tensor, block_m: int,
+               query_offsets: torch.Tensor | None = None) -> SpanPlan:
+    """Build the plan for ``idx`` [Nq, Hi, TOPK] (int) over spans ``span_offsets`` [S+1].
+
+    ``query_offsets`` [S+1]: pass it when every query selects exactly one span and the queries of span s
+    are the contiguous range query_offsets[s]:query_offsets[s+1] (samples, windows); it replaces a sort.
+    """
+    if idx.dim() != 3:
+        raise ValueError(f"span_attention: idx must be [Nq, Hi, TOPK], got shape {tuple(idx.shape)}")
+    idx = idx.to(torch.int32).contiguous()
+    union, count = _tile_unions(idx, block_m)
+    return SpanPlan(idx=idx, span_offsets=span_offsets.to(torch.int32).contiguous(), block_m=block_m,
+                    union=union, union_count=count, query_offsets=query_offsets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-PyTorch reference (the definition; float64-checkable, differentiable)
+# ----------------------------------------------------------------------------------------------
+def span_attention_reference(q, k, v, idx, span_offsets, scale=None):
+    """Reference of :func:`span_attention`: gathers each query's keys (padded), exact softmax.
+
+    Memory O(Nq * Hkv * TOPK * max_span_len * D): meant for small inputs or a subset of queries.
+    Returns (o [Nq, Hq, D], lse [Nq, Hq]).
+    """
+    nq, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    idx = idx.long()
+    hi = idx.shape[1]
+    off = span_offsets.long()
+    valid_span = idx >= 0
+    safe = idx.clamp(min=0)
+    start = off[safe]
+    length = torch.where(valid_span, off[safe + 1] - start, 0)
+    lmax = max(int(length.max().item()) if length.numel() else 0, 1)
+    ar = torch.arange(lmax, device=q.device)
+    pos = (start[..., None] + ar).clamp(max=max(k.shape[0] - 1, 0))  # [Nq, Hi, TOPK, L]
+    valid = ar < length[..., None]
+    pos = pos.flatten(2).expand(nq, hkv, -1) if hi == 1 else pos.flatten(2)
+    valid = valid.flatten(2).expand(nq, hkv, -1) if hi == 1 else valid.flatten(2)
+    heads = torch.arange(hkv, device=q.device).view(1, hkv, 1)
+    kg = k[pos, heads]  # [Nq, Hkv, K, D]
+    vg = v[pos, heads]
+    s = torch.einsum("nhgd,nhkd->nhgk", q.view(nq, hkv, g, d), kg) * scale
+    s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    p = torch.where(valid[:, :, None, :], p, 0.0)
+    o = torch.einsum("nhgk,nhkd->nhgd", p, vg)
+    return o.reshape(nq, hq, d), lse.reshape(nq, hq)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _span_fwd_kernel(Q, K, V, O, LSE, IDX, UNION, UCNT, SOFF, n_q, n_tiles, sm_scale_log2,
+                         HQ: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, G: tl.constexpr,
+                         D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, UMAX: tl.constexpr,
+                         BM: tl.constexpr, BK: tl.constexpr):
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        hi = kvh % HI
+        R: tl.constexpr = BM * G
+        r = tl.arange(0, R)
+        qi = tile * BM + r // G
+        hq = kvh * G + r % G
+        rmask = qi < n_q
+        d = tl.arange(0, D)
+        q = tl.load(Q + (qi[:, None] * HQ + hq[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
+        t = tl.arange(0, TOPK_P)
+        sel = tl.load(IDX + (qi[:, None] * HI + hi) * TOPK + t[None, :],
+                      mask=rmask[:, None] & (t[None, :] < TOPK), other=-1)
+        m_i = tl.full([R], -1.0e30, tl.float32)
+        l_i = tl.zeros([R], tl.float32)
+        acc = tl.zeros([R, D], tl.float32)
+        n_u = tl.load(UCNT + hi * n_tiles + tile)
+        for u in range(0, n_u):
+            span = tl.load(UNION + (hi * n_tiles + tile) * UMAX + u)
+            row_sel = tl.sum((sel == span).to(tl.int32), axis=1) > 0
+            k_lo = tl.load(SOFF + span)
+            k_hi = tl.load(SOFF + span + 1)
+            for k0 in range(k_lo, k_hi, BK):
+                kn = k0 + tl.arange(0, BK)
+                kmask = kn < k_hi
+                kt = tl.load(K + (kn[None, :] * HKV + kvh) * D + d[:, None], mask=kmask[None, :], other=0.0)
+                s = tl.dot(q, kt) * sm_scale_log2
+                s = tl.where(row_sel[:, None] & kmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vv = tl.load(V + (kn[:, None] * HKV + kvh) * D + d[None, :], mask=kmask[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+                m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        tl.store(O + (qi[:, None] * HQ + hq[:, None]) * D + d[None, :], o.to(O.dtype.element_ty),
+                 mask=rmask[:, None])
+        lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
+        tl.store(LSE + qi * HQ + hq, lse2, mask=rmask)
+
+    @triton.jit
+    def _span_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, UNION, UCNT, SOFF, n_q, n_tiles,
+                            sm_scale, sm_scale_log2,
+                            HQ: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, G: tl.constexpr,
+                            D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, UMAX: tl.constexpr,
+                            BM: tl.constexpr, BK: tl.constexpr):
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        hi = kvh % HI
+        R: tl.constexpr = BM * G
+        r = tl.arange(0, R)
+        qi = tile * BM + r // G
+        hq = kvh * G + r % G
+        rmask = qi < n_q
+        d = tl.arange(0, D)
+        rows = (qi[:, None] * HQ + hq[:, None]) * D + d[None, :]
+        q = tl.load(Q + rows, mask=rmask[:, None], other=0.0)
+        do = tl.load(DO + rows, mask=rmask[:, None], other=0.0)
+        o = tl.load(O + rows, mask=rmask[:, None], other=0.0)
+        lse2 = tl.load(LSE + qi * HQ + hq, mask=rmask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # rowsum(o * do), reused by dK/dV
+        tl.store(DELTA + qi * HQ + hq, delta, mask=rmask)
+        t = tl.arange(0, TOPK_P)
+        sel = tl.load(IDX + (qi[:, None] * HI + hi) * TOPK + t[None, :],
+                      mask=rmask[:, None] & (t[None, :] < TOPK), other=-1)
+        dq = tl.zeros([R, D], tl.float32)
+        n_u = tl.load(UCNT + hi * n_tiles + tile)
+        for u in range(0, n_u):
+            span = tl.load(UNION + (hi * n_tiles + tile) * UMAX + u)
+            row_sel = tl.sum((sel == span).to(tl.int32), axis=1) > 0
+            k_lo = tl.load(SOFF + span)
+            k_hi = tl.load(SOFF + span + 1)
+            for k0 in range(k_lo, k_hi, BK):
+                kn = k0 + tl.arange(0, BK)
+                kmask = kn < k_hi
+                kt = tl.load(K + (kn[None, :] * HKV + kvh) * D + d[:, None], mask=kmask[None, :], other=0.0)
+                vt = tl.load(V + (kn[None, :] * HKV + kvh) * D + d[:, None], mask=kmask[None, :], other=0.0)
+                s = tl.dot(q, kt) * sm_scale_log2
+                valid = row_sel[:, None] & kmask[None, :]
+                p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
+                dp = tl.dot(do, vt)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+        tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask[:, None])
+
+    @triton.jit
+    def _span_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CH_SPAN, CH_START, SOFF, PQ,
+                              IT_CHUNK, IT_HEAD, IT_LO, IT_HI, sm_scale, sm_scale_log2,
+                              HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                              D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+        item = tl.program_id(0)
+        c = tl.load(IT_CHUNK + item)
+        kvh = tl.load(IT_HEAD + item)
+        j_lo = tl.load(IT_LO + item)
+        j_hi = tl.load(IT_HI + item)
+        span = tl.load(CH_SPAN + c)
+        k0 = tl.load(CH_START + c)
+        k_hi = tl.load(SOFF + span + 1)
+        kn = k0 + tl.arange(0, BK)
+        kmask = kn < k_hi
+        d = tl.arange(0, D)
+        kv_off = (kn[:, None] * HKV + kvh) * D + d[None, :]
+        k = tl.load(K + kv_off, mask=kmask[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=kmask[:, None], other=0.0)
+        R: tl.constexpr = BQ * G
+        r = tl.arange(0, R)
+        hq = kvh * G + r % G
+        dk = tl.zeros([BK, D], tl.float32)
+        dv = tl.zeros([BK, D], tl.float32)
+        for j0 in range(j_lo, j_hi, BQ):
+            jj = j0 + r // G
+            jm = jj < j_hi
+            qi = tl.load(PQ + jj, mask=jm, other=0)
+            rows = (qi[:, None] * HQ + hq[:, None]) * D + d[None, :]
+            q = tl.load(Q + rows, mask=jm[:, None], other=0.0)
+            do = tl.load(DO + rows, mask=jm[:, None], other=0.0)
+            lse2 = tl.load(LSE + qi * HQ + hq, mask=jm, other=0.0)
+            delta = tl.load(DELTA + qi * HQ + hq, mask=jm, other=0.0)
+            st = tl.dot(k, tl.trans(q)) * sm_scale_log2
+            valid = kmask[:, None] & jm[None, :]
+            pt = tl.where(valid, tl.math.exp2(st - lse2[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do)
+            dpt = tl.dot(v, tl.trans(do))
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q)
+        tl.atomic_add(DK + kv_off, dk * sm_scale, mask=kmask[:, None])
+        tl.atomic_add(DV + kv_off, dv, mask=kmask[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------------
+def _num_warps(rows: int, d: int) -> int:
+    return 8 if rows * d >= 128 * 64 else 4
+
+
+def _check(q, k, v, plan):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"span_attention: {name} must be [N, heads, head_dim], got {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"span_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[1] % k.shape[1] or k.shape != v.shape or q.shape[2] != k.shape[2]:
+        raise ValueError(f"span_attention: incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    d = q.shape[2]
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"span_attention: head_dim must be a power of two >= 16, got {d}")
+    if plan.idx.shape[0] != q.shape[0] or plan.idx.shape[1] not in (1, k.shape[1]):
+        raise ValueError(f"span_attention: idx {tuple(plan.idx.shape)} does not match q {tuple(q.shape)}")
+    if max(q.numel(), k.numel()) >= 2 ** 31:
+        raise ValueError("span_attention: tensors over 2^31 elements are not supported (int32 offsets)")
+
+
+def _forward(q, k, v, plan: SpanPlan, scale: float, block_k: int):
+    nq, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    hi, topk = plan.idx.shape[1], plan.idx.shape[2]
+    o = torch.empty_like(q)
+    lse2 = torch.empty((nq, hq), device=q.device, dtype=torch.float32)
+    n_tiles = plan.union.shape[1]
+    bm = plan.block_m
+    _span_fwd_kernel[(n_tiles, hkv)](
+        q, k, v, o, lse2, plan.idx, plan.union, plan.union_count, plan.span_offsets, nq, n_tiles,
+        scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk),
+        UMAX=plan.union.shape[2], BM=bm, BK=block_k, num_warps=_num_warps(bm * g, d), num_stages=2)
+    return o, lse2
+
+
+def _chunks(span_offsets: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(span, first key) of every BK-key chunk of every span."""
+    lens = (span_offsets[1:] - span_offsets[:-1]).long()
+    n_ch = (lens + block_k - 1) // block_k
+    span = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), n_ch)
+    first = torch.zeros_like(n_ch)
+    first[1:] = n_ch.cumsum(0)[:-1]
+    start = span_offsets.long()[span] + (torch.arange(span.numel(), device=lens.device) - first[span]) * block_k
+    return span.to(torch.int32).contiguous(), start.to(torch.int32).contiguous()
+
+
+def _work_items(plan: SpanPlan, ch_span: torch.Tensor, hkv: int, per_item: int):
+    """dK/dV work items (chunk, kv head, first pair, end pair): every (chunk, head) gets ceil(pairs / per_item)
+    items, so spans chosen by many queries are split evenly (balanced grid, fp32 atomics combine them)."""
+    poff, _ = plan.pairs()
+    hi, s = plan.idx.shape[1], plan.n_spans
+    poff = poff.long()
+    heads = torch.arange(hkv, device=poff.device) % hi
+    base = (heads[:, None] * s + ch_span.long()[None, :])  # [Hkv, n_ch] index into poff
+    lo, hi_ = poff[base], poff[base + 1]
+    n_items = (hi_ - lo + per_item - 1) // per_item
+    flat = n_items.flatten()
+    owner = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), flat)
+    first = torch.zeros_like(flat)
+    first[1:] = flat.cumsum(0)[:-1]
+    part = torch.arange(owner.numel(), device=flat.device) - first[owner]
+    n_ch = ch_span.numel()
+    it_lo = lo.flatten()[owner] + part * per_item
+    it_hi = torch.minimum(it_lo + per_item, hi_.flatten()[owner])
+    return ((owner % n_ch).to(torch.int32), (owner // n_ch).to(torch.int32), it_lo.to(torch.int32),
+            it_hi.to(torch.int32))
+
+
+PAIRS_PER_ITEM = 1024  # queries per dK/dV work item
+
+
+def _backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: int, block_q: int, block_kv: int):
+    nq, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    hi, topk = plan.idx.shape[1], plan.idx.shape[2]
+    do = do.contiguous()
+    delta = torch.empty((nq, hq), device=q.device, dtype=torch.float32)
+    dq = torch.empty_like(q)
+    n_tiles = plan.union.shape[1]
+    bm = plan.block_m
+    _span_bwd_dq_kernel[(n_tiles, hkv)](
+        q, k, v, o, do, lse2, delta, dq, plan.idx, plan.union, plan.union_count, plan.span_offsets, nq,
+        n_tiles, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d, TOPK=topk,
+        TOPK_P=triton.next_power_of_2(topk), UMAX=plan.union.shape[2], BM=bm, BK=block_k,
+        num_warps=_num_warps(bm * g, d), num_stages=2)
+    _, pq = plan.pairs()
+    ch_span, ch_start = _chunks(plan.span_offsets, block_kv)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    it_chunk, it_head, it_lo, it_hi = _work_items(plan, ch_span, hkv, PAIRS_PER_ITEM)
+    if it_chunk.numel():
+        _span_bwd_dkdv_kernel[(it_chunk.numel(),)](
+            q, k, v, do, lse2, delta, dk, dv, ch_span, ch_start, plan.span_offsets, pq,
+            it_chunk, it_head, it_lo, it_hi, scale, scale * LOG2E, HQ=hq, HKV=hkv, G=g, D=d,
+            BQ=block_q, BK=block_kv, num_warps=_num_warps(block_q * g, d), num_stages=2)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _SpanAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale, block_k, block_q, block_kv):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, lse2 = _forward(q, k, v, plan, scale, block_k)
+        ctx.save_for_backward(q, k, v, o, lse2)
+        ctx.plan, ctx.scale, ctx.blocks = plan, scale, (block_k, block_q, block_kv)
+        lse = lse2 * LN2
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse2 = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse2, ctx.plan, ctx.scale, *ctx.blocks)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def default_block_m(group: int, topk: int) -> int:
+    """Queries per forward tile: 64 rows (q heads x queries); fastest on an H200 for d 32 (docs/ssa.md)."""
+    return max(1, 64 // group)
+
+
+def span_attention(q, k, v, plan: SpanPlan, scale: float | None = None, *, backend: str = "auto",
+                   block_k: int = 64, block_q: int | None = None, block_kv: int = 64):
+    """Attention of each query to the keys of its selected spans. Returns (o [Nq,Hq,D], lse [Nq,Hq]).
+
+    backend: 'triton' (CUDA or TRITON_INTERPRET=1), 'torch' (the reference), 'auto' (triton if usable).
+    Gradients flow to q, k, v (not through lse). Tiles: block_k keys per step of the forward and dQ
+    kernels; the dK/dV kernel takes block_kv keys x block_q queries (default 128 rows = queries x heads).
+    """
+    _check(q, k, v, plan)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "auto":
+        backend = "triton" if triton_usable(q) else "torch"
+    if backend == "torch":
+        return span_attention_reference(q, k, v, plan.idx, plan.span_offsets, scale)
+    if backend != "triton":
+        raise ValueError(f"span_attention: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if not triton_usable(q):
+        raise RuntimeError("span_attention: the triton backend needs CUDA tensors or TRITON_INTERPRET=1")
+    g = q.shape[1] // k.shape[1]
+    block_q = block_q or max(1, 128 // g)
+    return _SpanAttention.apply(q, k, v, plan, scale, block_k, block_q, block_kv)

@@ -1,0 +1,314 @@
+"""SSA block scoring fused with top-k: no dense [Hkv, N, N_blocks] score tensor is ever materialised.
+
+Definitions (per sample; Hq = G * Hkv):
+- p[i, h, c] = softmax_c(scale * q[i, h] . k_cmp[c, h // G]) over the compressed tokens c of i's sample
+  (recomputed from the log-sum-exp of the compressed attention: p = exp(s - lse));
+- score[i, kvh, b] = sum over the G q heads of KV head kvh, and over the compressed tokens c inside
+  selection block b, of p[i, h, c];
+- idx[i, kvh] = the top-k selection blocks of i's sample by score (k = min(topk, #blocks); -1 pads).
+
+Compressed tokens are located through a *slot table* [M, RS]: selection block b owns the RS slots
+slots[b] (RS = (m_slc / m_cmp)^3), each holding the index of a compressed token inside it, or -1.
+
+Kernel: one program per (tile of BM queries x G heads, KV head); it walks the selection blocks of the
+tile's samples (64 at a time when RS = 1, in a strided order; 64 / RS at a time through the slot table
+otherwise), computes the probabilities with one ``tl.dot``, sums them over heads and slots in
+registers, and merges the block scores into a running top-k held in registers (insertion rounds that
+stop once no candidate beats the kept minimum). Extra memory: the outputs, O(N * Hkv * topk).
+
+The shared variant (one top-k per query block, e.g. per m_cmp^3 block) sums the scores of the queries
+of a block before the top-k: one program per (query block, KV head); it walks the selection blocks
+through a slot table [M, (m_slc / m_cmp)^3] of compressed-token indices (-1 for empty sub-blocks).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.span_attention import LOG2E, triton_usable
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+def block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets, block_of_cmp, scale=None):
+    """Dense block scores [Nq, Hkv, M] (dtype of q; -1 for blocks of other samples).
+
+    q [Nq, Hq, D]; k_cmp [Nc, Hkv, D]; lse [Nq, Hq] natural log of the compressed attention;
+    sample_of_query [Nq]; sample_block_offsets [B+1]; block_of_cmp [Nc] selection block of each
+    compressed token.
+    """
+    nq, hq, d = q.shape
+    hkv = k_cmp.shape[1]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    m = int(sample_block_offsets[-1])
+    s = torch.einsum("nhgd,chd->nhgc", q.view(nq, hkv, g, d), k_cmp) * scale
+    p = torch.exp(s - lse.view(nq, hkv, g, 1)).sum(2)  # [Nq, Hkv, Nc]
+    score = torch.zeros(nq, hkv, m, dtype=p.dtype, device=p.device).index_add_(2, block_of_cmp.long(), p)
+    blk_sample = torch.repeat_interleave(torch.arange(len(sample_block_offsets) - 1, device=q.device),
+                                         (sample_block_offsets[1:] - sample_block_offsets[:-1]).long())
+    own = blk_sample[None, :] == sample_of_query.long()[:, None]  # [Nq, M]
+    return torch.where(own[:, None, :], score, torch.full_like(score, -1.0))
+
+
+def topk_reference(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of dense scores [..., M] (negative = not selectable): (idx int32 [..., topk] with -1, values)."""
+    k = min(topk, scores.shape[-1])
+    val, ind = scores.topk(k, dim=-1)
+    ind = torch.where(val >= 0, ind, -1)
+    if k < topk:
+        pad = list(scores.shape[:-1]) + [topk - k]
+        ind = torch.cat([ind, ind.new_full(pad, -1)], -1)
+        val = torch.cat([val, val.new_full(pad, -1.0)], -1)
+    return ind.to(torch.int32), val
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _merge_topk(cand, blk0, run_val, run_idx, TOPK_P: tl.constexpr, BS: tl.constexpr):
+        """Merge candidates cand [R, BS] (ids blk0 + column; < 0 = invalid) into the running top-k.
+
+        Each round inserts, in every row, its best remaining candidate in place of the row's smallest
+        kept value; rounds stop as soon as no row has a candidate above its smallest kept value, so a
+        tile costs 1 + (most insertions in one row) rounds (few once the top-k has settled).
+        """
+        cols = tl.arange(0, TOPK_P)
+        ccols = tl.arange(0, BS)
+        cmax = tl.max(cand, 1)
+        rmin = tl.min(run_val, 1)
+        while tl.max(tl.where((cmax > rmin) & (cmax >= 0), 1, 0), 0) > 0:
+            carg = tl.argmax(cand, 1, tie_break_left=True)
+            rarg = tl.argmin(run_val, 1, tie_break_left=True)
+            take = (cmax > rmin) & (cmax >= 0)
+            hit = take[:, None] & (cols[None, :] == rarg[:, None])
+            run_val = tl.where(hit, cmax[:, None], run_val)
+            run_idx = tl.where(hit, (blk0 + carg)[:, None], run_idx)
+            cand = tl.where(take[:, None] & (ccols[None, :] == carg[:, None]), -1.0, cand)
+            cmax = tl.max(cand, 1)
+            rmin = tl.min(run_val, 1)
+        return run_val, run_idx
+
+    @triton.jit
+    def _score_topk_kernel(Q, KC, LSE, SAMPLE, SBOFF, OUT_IDX, OUT_VAL, n_q, sm_scale_log2,
+                           HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                           TOPK: tl.constexpr, TOPK_P: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+        """One compressed token per selection block (m_cmp == m_slc): block id == compressed-token id."""
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        R: tl.constexpr = BM * G
+        r = tl.arange(0, R)
+        qi = tile * BM + r // G
+        hq = kvh * G + r % G
+        rmask = qi < n_q
+        d = tl.arange(0, D)
+        ccols = tl.arange(0, BC)
+        q = tl.load(Q + (qi[:, None] * HQ + hq[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
+        lse2 = tl.load(LSE + qi * HQ + hq, mask=rmask, other=0.0)
+        qb = tile * BM + tl.arange(0, BM)
+        qbm = qb < n_q
+        smp = tl.load(SAMPLE + qb, mask=qbm, other=0)
+        b_lo = tl.where(qbm, tl.load(SBOFF + smp, mask=qbm, other=0), 2147483647)
+        b_hi = tl.where(qbm, tl.load(SBOFF + smp + 1, mask=qbm, other=0), 0)
+        c_lo = tl.min(b_lo, 0)
+        c_hi = tl.max(b_hi, 0)
+        cols = tl.arange(0, TOPK_P)
+        run_val = tl.where(cols[None, :] < TOPK, tl.full([BM, TOPK_P], -2.0, tl.float32), float("inf"))
+        run_idx = tl.full([BM, TOPK_P], -1, tl.int32)
+        # tiles visited in a strided order: block scores vary smoothly in space, so a sorted sweep keeps
+        # inserting into the running top-k; a scrambled order lets it settle after a few tiles
+        n_t = tl.cdiv(c_hi - c_lo, BC)
+        stride = tl.where(n_t % 97 == 0, 1, 97)
+        for t in range(0, n_t):
+            c0 = c_lo + ((t * stride) % n_t) * BC
+            cn = c0 + ccols
+            kt = tl.load(KC + (cn[None, :] * HKV + kvh) * D + d[:, None], mask=cn[None, :] < c_hi, other=0.0)
+            s = tl.dot(q, kt) * sm_scale_log2
+            p = tl.math.exp2(s - lse2[:, None])
+            pb = tl.sum(tl.reshape(p, [BM, G, BC]), axis=1)  # [BM, BC] summed over the group's heads
+            own = (cn[None, :] >= b_lo[:, None]) & (cn[None, :] < b_hi[:, None])
+            run_val, run_idx = _merge_topk(tl.where(own, pb, -1.0), c0, run_val, run_idx, TOPK_P, BC)
+        out = (qb[:, None] * HKV + kvh) * TOPK + cols[None, :]
+        omask = qbm[:, None] & (cols[None, :] < TOPK)
+        tl.store(OUT_IDX + out, run_idx, mask=omask)
+        tl.store(OUT_VAL + out, tl.where(run_idx >= 0, run_val, -1.0), mask=omask)
+
+    @triton.jit
+    def _score_topk_slots_kernel(Q, KC, LSE, SAMPLE, SBOFF, SLOTS, OUT_IDX, OUT_VAL, n_q, sm_scale_log2,
+                           HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                           TOPK: tl.constexpr, TOPK_P: tl.constexpr, RS: tl.constexpr,
+                           BM: tl.constexpr, BS: tl.constexpr):
+        """Selection blocks BS at a time through the slot table (m_cmp < m_slc): BS * RS slots per dot."""
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        R: tl.constexpr = BM * G
+        r = tl.arange(0, R)
+        qi = tile * BM + r // G
+        hq = kvh * G + r % G
+        rmask = qi < n_q
+        d = tl.arange(0, D)
+        q = tl.load(Q + (qi[:, None] * HQ + hq[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
+        lse2 = tl.load(LSE + qi * HQ + hq, mask=rmask, other=0.0)
+        qb = tile * BM + tl.arange(0, BM)
+        qbm = qb < n_q
+        smp = tl.load(SAMPLE + qb, mask=qbm, other=0)
+        b_lo = tl.where(qbm, tl.load(SBOFF + smp, mask=qbm, other=0), 2147483647)
+        b_hi = tl.where(qbm, tl.load(SBOFF + smp + 1, mask=qbm, other=0), 0)
+        lo = tl.min(b_lo, 0)
+        hi = tl.max(b_hi, 0)
+        cols = tl.arange(0, TOPK_P)
+        run_val = tl.where(cols[None, :] < TOPK, tl.full([BM, TOPK_P], -2.0, tl.float32), float("inf"))
+        run_idx = tl.full([BM, TOPK_P], -1, tl.int32)
+        SL: tl.constexpr = BS * RS
+        for b0 in range(lo, hi, BS):
+            sl = b0 * RS + tl.arange(0, SL)
+            ci = tl.load(SLOTS + sl, mask=sl < hi * RS, other=-1)
+            kt = tl.load(KC + (ci[None, :] * HKV + kvh) * D + d[:, None], mask=ci[None, :] >= 0, other=0.0)
+            s = tl.dot(q, kt) * sm_scale_log2
+            p = tl.where(ci[None, :] >= 0, tl.math.exp2(s - lse2[:, None]), 0.0)
+            pq = tl.sum(tl.reshape(p, [BM, G, SL]), axis=1)
+            if RS > 1:
+                pb = tl.sum(tl.reshape(pq, [BM, BS, RS]), axis=2)
+            else:
+                pb = pq
+            blk = b0 + tl.arange(0, BS)
+            own = (blk[None, :] >= b_lo[:, None]) & (blk[None, :] < b_hi[:, None])
+            cand = tl.where(own, pb, -1.0)
+            run_val, run_idx = _merge_topk(cand, b0, run_val, run_idx, TOPK_P, BS)
+        out = (qb[:, None] * HKV + kvh) * TOPK + cols[None, :]
+        omask = qbm[:, None] & (cols[None, :] < TOPK)
+        tl.store(OUT_IDX + out, run_idx, mask=omask)
+        tl.store(OUT_VAL + out, tl.where(run_idx >= 0, run_val, -1.0), mask=omask)
+
+    @triton.jit
+    def _shared_score_topk_kernel(Q, KC, LSE, QOFF, SAMPLE_OF_QB, SBOFF, SLOTS, OUT_IDX, OUT_VAL,
+                                  sm_scale_log2, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                                  D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+                                  RS: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr):
+        qblk = tl.program_id(0)
+        kvh = tl.program_id(1)
+        q_lo = tl.load(QOFF + qblk)
+        q_hi = tl.load(QOFF + qblk + 1)
+        smp = tl.load(SAMPLE_OF_QB + qblk)
+        lo = tl.load(SBOFF + smp)
+        hi = tl.load(SBOFF + smp + 1)
+        R: tl.constexpr = BM * G
+        r = tl.arange(0, R)
+        hq = kvh * G + r % G
+        d = tl.arange(0, D)
+        cols = tl.arange(0, TOPK_P)
+        run_val = tl.where(cols[None, :] < TOPK, tl.full([1, TOPK_P], -2.0, tl.float32), float("inf"))
+        run_idx = tl.full([1, TOPK_P], -1, tl.int32)
+        SL: tl.constexpr = BS * RS
+        for b0 in range(lo, hi, BS):
+            sl = b0 * RS + tl.arange(0, SL)
+            ci = tl.load(SLOTS + sl, mask=sl < hi * RS, other=-1)
+            kt = tl.load(KC + (ci[None, :] * HKV + kvh) * D + d[:, None], mask=ci[None, :] >= 0, other=0.0)
+            acc = tl.zeros([SL], tl.float32)
+            for q0 in range(q_lo, q_hi, BM):
+                qi = q0 + r // G
+                rmask = qi < q_hi
+                q = tl.load(Q + (qi[:, None] * HQ + hq[:, None]) * D + d[None, :], mask=rmask[:, None],
+                            other=0.0)
+                lse2 = tl.load(LSE + qi * HQ + hq, mask=rmask, other=0.0)
+                s = tl.dot(q, kt) * sm_scale_log2
+                p = tl.where(rmask[:, None] & (ci[None, :] >= 0), tl.math.exp2(s - lse2[:, None]), 0.0)
+                acc += tl.sum(p, 0)
+            if RS > 1:
+                pb = tl.sum(tl.reshape(acc, [BS, RS]), axis=1)
+            else:
+                pb = acc
+            blk = b0 + tl.arange(0, BS)
+            cand = tl.where(blk < hi, pb, -1.0)[None, :]
+            run_val, run_idx = _merge_topk(cand, b0, run_val, run_idx, TOPK_P, BS)
+        out = (qblk * HKV + kvh) * TOPK + cols[None, :]
+        omask = cols[None, :] < TOPK
+        tl.store(OUT_IDX + out, run_idx, mask=omask)
+        tl.store(OUT_VAL + out, tl.where(run_idx >= 0, run_val, -1.0), mask=omask)
+
+
+def _block_s(rs: int) -> int:
+    return max(16, 64 // rs)
+
+
+def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, slots, block_of_cmp, topk: int,
+               scale: float | None = None, *, backend: str = "auto", block_m: int | None = None):
+    """Top-k selection blocks per (query, KV head): (idx int32 [Nq, Hkv, topk] (-1 pads), scores fp32).
+
+    See the module docstring for the definition. slots [M, RS] compressed token of each sub-block of a
+    selection block (-1: empty; RS = 1 when m_cmp == m_slc); block_of_cmp [Nc] (for the reference).
+    Indices are global selection-block ids (into sample_block_offsets' numbering), unsorted.
+    """
+    nq, hq, d = q.shape
+    hkv = k_cmp.shape[1]
+    scale = d ** -0.5 if scale is None else float(scale)
+    if backend == "auto":
+        backend = "triton" if triton_usable(q) else "torch"
+    if backend == "torch":
+        return topk_reference(block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets,
+                                                     block_of_cmp, scale), topk)
+    g = hq // hkv
+    rs = slots.shape[1]
+    bm = block_m or max(1, 64 // g)
+    out_idx = torch.empty((nq, hkv, topk), device=q.device, dtype=torch.int32)
+    out_val = torch.empty((nq, hkv, topk), device=q.device, dtype=torch.float32)
+    lse2 = (lse.float() * LOG2E).contiguous()
+    grid = (triton.cdiv(nq, bm), hkv)
+    i32 = lambda t: t.to(torch.int32).contiguous()
+    common = dict(HQ=hq, HKV=hkv, G=g, D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk), BM=bm,
+                  num_warps=4 if bm * g <= 64 else 8, num_stages=2)
+    if rs == 1:
+        _score_topk_kernel[grid](q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query),
+                                 i32(sample_block_offsets), out_idx, out_val, nq, scale * LOG2E, BC=64, **common)
+    else:
+        _score_topk_slots_kernel[grid](q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query),
+                                       i32(sample_block_offsets), i32(slots), out_idx, out_val, nq,
+                                       scale * LOG2E, RS=rs, BS=_block_s(rs), **common)
+    return out_idx, out_val
+
+
+def shared_score_topk(q, k_cmp, lse, query_block_offsets, sample_of_query_block, sample_block_offsets,
+                      slots, block_of_cmp, topk: int, scale: float | None = None, *, backend: str = "auto"):
+    """Top-k per (query block, KV head) of the block scores summed over the block's queries.
+
+    query_block_offsets [Q+1]: queries of query block j are query_block_offsets[j]:[j+1] (contiguous);
+    sample_of_query_block [Q]; slots [M, RS] compressed token of each sub-block of a selection block
+    (-1: empty); block_of_cmp [Nc]. Returns (idx int32 [Q, Hkv, topk], scores fp32 [Q, Hkv, topk]).
+    """
+    nq, hq, d = q.shape
+    hkv = k_cmp.shape[1]
+    nqb = query_block_offsets.numel() - 1
+    scale = d ** -0.5 if scale is None else float(scale)
+    if backend == "auto":
+        backend = "triton" if triton_usable(q) else "torch"
+    qoff = query_block_offsets.long()
+    if backend == "torch":
+        sample_of_query = torch.repeat_interleave(sample_of_query_block.long(), qoff[1:] - qoff[:-1])
+        sc = block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets, block_of_cmp, scale)
+        csum = torch.zeros((nq + 1,) + sc.shape[1:], dtype=sc.dtype, device=sc.device)
+        csum[1:] = sc.cumsum(0)
+        summed = csum[qoff[1:]] - csum[qoff[:-1]]
+        own = sc[qoff[:-1]] >= 0  # blocks of the query block's sample
+        return topk_reference(torch.where(own, summed, -1.0), topk)
+    g = hq // hkv
+    rs = slots.shape[1]
+    bm = max(1, 64 // g)
+    out_idx = torch.empty((nqb, hkv, topk), device=q.device, dtype=torch.int32)
+    out_val = torch.empty((nqb, hkv, topk), device=q.device, dtype=torch.float32)
+    lse2 = (lse.float() * LOG2E).contiguous()
+    bs = _block_s(rs)
+    _shared_score_topk_kernel[(nqb, hkv)](
+        q.contiguous(), k_cmp.contiguous(), lse2, query_block_offsets.to(torch.int32).contiguous(),
+        sample_of_query_block.to(torch.int32).contiguous(), sample_block_offsets.to(torch.int32).contiguous(),
+        slots.to(torch.int32).contiguous(), out_idx, out_val, scale * LOG2E, HQ=hq, HKV=hkv, G=g, D=d,
+        TOPK=topk, TOPK_P=triton.next_power_of_2(topk), RS=rs, BM=bm, BS=bs, num_warps=4, num_stages=2)
+    return out_idx, out_val
