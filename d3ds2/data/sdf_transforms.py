@@ -1,5 +1,6 @@
 """Per-sample sparse SDFs -> VAE batches: resampling to a training resolution, normalisation, collation.
 
+Resampling to another resolution is the data-prep routine (``shard_format.sample_to_tensors``).
 A sample (:class:`SDFSample`) holds every voxel of its occupied 8³ latent cells at resolution R:
 coords [N, 3] int32, sdf [N] float32 in VOXEL units of R (negative inside), in_band [N] bool (the encoder's
 input voxels, |sdf| < band), sharp [N] bool (near a sharp edge). The model sees the SDF normalised as
@@ -12,8 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..sparse import SparseTensor, pack_keys
-from ..sparse.coords import lookup
+from ..sparse import SparseTensor
 
 CELL = 8  # fine voxels per latent cell per axis
 
@@ -48,40 +48,14 @@ class SDFSample:
         return cls(c, t[0].float(), t[1].bool(), t[2].bool(), int(resolution), name)
 
 
-def _cell_blocks(sample: SDFSample) -> tuple[np.ndarray, np.ndarray]:
-    """(cells [M, 3], sdf [M, 8, 8, 8]) of a sample whose voxels are complete latent cells."""
-    c = sample.coords.long()
-    cells, inv = torch.unique(torch.div(c, CELL, rounding_mode="floor"), dim=0, return_inverse=True)
-    if cells.shape[0] * CELL**3 != c.shape[0]:
-        raise ValueError(
-            f"sample {sample.name!r}: {c.shape[0]} voxels do not fill {cells.shape[0]} complete 8³ cells; "
-            "resampling needs every voxel of each occupied cell (as written by data_prep)"
-        )
-    local = c % CELL
-    blocks = torch.zeros(cells.shape[0], CELL, CELL, CELL)
-    blocks[inv, local[:, 0], local[:, 1], local[:, 2]] = sample.sdf
-    return cells.int().numpy(), blocks.numpy()
+def sample_at_resolution(sample: dict, resolution: int) -> SDFSample:
+    """A decoded shard sample (``shard_format.decode_sample``) at ``resolution``: the stored SDF, or the
+    trilinear resampling from a stored one (``shard_format.sample_to_tensors``)."""
+    from .shard_format import sample_to_tensors
 
-
-def resample(sample: SDFSample, resolution: int, band: float, trunc: float) -> SDFSample:
-    """Trilinear resampling of the sparse SDF to ``resolution`` (the data-prep geometry routine);
-    sharp flags follow the source voxel containing each new voxel centre. Same resolution: unchanged."""
-    if resolution == sample.resolution:
-        return sample
-    from ..geometry.sparse_sdf import SparseSDF, resample_sparse_sdf
-
-    cells, blocks = _cell_blocks(sample)
-    out = resample_sparse_sdf(SparseSDF(sample.resolution, cells, blocks, band, trunc), resolution, band)
-    coords, sdf = out.voxels()
-    coords_t = torch.as_tensor(coords, dtype=torch.int32)
-    src = torch.div((coords_t.long() * 2 + 1) * sample.resolution, 2 * resolution, rounding_mode="floor")
-    zero = torch.zeros_like(src[:, :1])
-    src_keys = pack_keys(torch.cat([torch.zeros_like(sample.coords[:, :1]), sample.coords], 1))
-    order = torch.argsort(src_keys)
-    idx = lookup(src_keys[order], pack_keys(torch.cat([zero, src], 1)))
-    sharp = torch.where(idx >= 0, sample.sharp[order][idx.clamp_min(0)], torch.zeros_like(idx, dtype=torch.bool))
-    sdf_t = torch.as_tensor(sdf, dtype=torch.float32)
-    return SDFSample(coords_t, sdf_t, sdf_t.abs() < band, sharp, resolution, sample.name)
+    t = sample_to_tensors(sample, resolution)
+    return SDFSample(t["coords"].int(), t["sdf"].float(), t["in_band"].bool(), t["sharp"].bool(), resolution,
+                     str(sample.get("key", "")))
 
 
 @dataclass
