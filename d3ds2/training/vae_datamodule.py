@@ -106,8 +106,10 @@ class VAEBatchStream(IterableDataset):
             packer: BudgetPacker[SDFSample] = BudgetPacker(self.batch_voxels, self.max_samples)
             dropped = 0
             while True:
-                item = pending if pending is not None else next(items)
+                item = pending if pending is not None else next(items, None)
                 pending = None
+                if item is None:  # a finite source ran out: last (partial) batch
+                    break
                 sample = self._take(item, resolution)
                 if sample is None:
                     dropped += 1
@@ -118,6 +120,8 @@ class VAEBatchStream(IterableDataset):
                     pending = item
                     break
                 packer.add(sample, len(sample))
+            if not len(packer):
+                return
             yield collate(packer.pop(), self.sdf_scale)
             i += 1
 
