@@ -96,7 +96,7 @@ class VAEBatchStream(IterableDataset):
         return sample
 
     def __iter__(self):
-        items = self.source.stream((self.seed, self.start)) if self.source.persistent else None
+        items = self.source.stream(self.seed * 1_000_003 + self.start) if self.source.persistent else None
         pending = None
         i = self.start
         while True:
