@@ -81,6 +81,7 @@ class SparseSDFEncoder(nn.Module):
         window: int = 8,
         pe_factor: float = 1.0,
         use_checkpoint: bool = False,
+        init_logvar: float = -6.0,
     ) -> None:
         super().__init__()
         self.pe_factor = pe_factor
@@ -95,6 +96,9 @@ class SparseSDFEncoder(nn.Module):
         _init_trunk(self.blocks)
         nn.init.zeros_(self.out_layer.weight)
         nn.init.zeros_(self.out_layer.bias)
+        # start with a narrow posterior (std e^(init_logvar/2)): with logvar 0 the latent is pure unit noise
+        # and short runs learn nothing; the KL term widens it as training goes
+        nn.init.constant_(self.out_layer.bias[latent_channels:], init_logvar)
 
     @property
     def factor(self) -> int:
@@ -211,6 +215,7 @@ class SparseSDFVAE(nn.Module):
     chunk_size / chunk_halo: in eval, decode the subdivision convs chunk by chunk over chunk_size³ latent
     cells with chunk_halo cells of context (3 suffice for an exact match of the unchunked decode);
     train_chunk: in training, decode only one random chunk of that many latent cells (the 1024 trick).
+    init_logvar: initial posterior log-variance (bias of the logvar outputs; the official code starts at 0).
     """
 
     def __init__(
@@ -231,6 +236,7 @@ class SparseSDFVAE(nn.Module):
         chunk_size: int | None = None,
         chunk_halo: int = 3,
         train_chunk: int | None = None,
+        init_logvar: float = -6.0,
     ) -> None:
         super().__init__()
         if len(encoder_channels) - 1 != len(decoder_channels):
@@ -239,7 +245,8 @@ class SparseSDFVAE(nn.Module):
             )
         common = dict(num_blocks=num_blocks, num_heads=num_heads, mlp_ratio=mlp_ratio, attn_mode=attn_mode,
                       window=window, pe_factor=pe_factor, use_checkpoint=use_checkpoint)
-        self.encoder = SparseSDFEncoder(in_channels, tuple(encoder_channels), model_channels, latent_channels, **common)
+        self.encoder = SparseSDFEncoder(in_channels, tuple(encoder_channels), model_channels, latent_channels,
+                                        init_logvar=init_logvar, **common)
         self.decoder = SparseSDFDecoder(latent_channels, model_channels, tuple(decoder_channels), 1,
                                         occupancy_head=occupancy_head, **common)
         self.latent_channels = latent_channels
