@@ -1,0 +1,122 @@
+"""Training-step time, voxels/s and peak memory of the v1.1-size sparse SDF VAE (bf16 autocast, AdamW).
+
+Synthetic batches of analytic shells (sphere / torus / box / sphere at the band layout of data prep).
+Correctness first: the bf16 forward is compared with the fp32 forward on a 128³ sample.
+Usage: python benchmarks/vae_step.py --out results.md [--configs 256x4 512x4 1024x1] [--steps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from d3ds2.data.sdf_transforms import analytic_sample, collate
+from d3ds2.models.sparse_sdf_vae import SparseSDFVAE
+from d3ds2.models.vae_losses import VAELossWeights, vae_loss
+
+SHAPES = ["sphere", "torus", "box", "sphere"]
+
+
+def make_batch(resolution: int, batch: int, device):
+    samples = [analytic_sample(SHAPES[i % len(SHAPES)], resolution) for i in range(batch)]
+    return collate(samples, 8.0).to(device)
+
+
+def step_fn(vae, opt, b, band):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, post = vae(b.inputs, target_coords=band)
+        loss, terms = vae_loss(out, post, b.targets, VAELossWeights())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+    opt.step()
+    return loss, terms
+
+
+def bench(resolution: int, batch: int, steps: int, **net_kw) -> dict:
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    vae = SparseSDFVAE(**net_kw).to(dev).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-4)
+    b = make_batch(resolution, batch, dev)
+    band = b.targets.coords[b.targets.feats[:, 1] > 0.5] if net_kw.get("occupancy_head") else None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps + 2):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss, terms = step_fn(vae, opt, b, band)
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    decoded = float(terms["decoded_voxels"])
+    return {"resolution": resolution, "batch": batch, "input_voxels": b.inputs.num_voxels,
+            "decoded_voxels": int(decoded), "step_s": dt, "decoded_voxels_per_s": decoded / dt,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss),
+            "variant": ",".join(f"{k}={v}" for k, v in net_kw.items()) or "default"}
+
+
+def correctness() -> dict:
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    vae = SparseSDFVAE().to(dev).eval()
+    for p in vae.decoder.out_layer.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    for p in vae.encoder.out_layer.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    b = make_batch(128, 2, dev)
+    with torch.no_grad():
+        ref, _ = vae(b.inputs, sample=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, _ = vae(b.inputs, sample=False)
+        vae.chunk_size = 4
+        chunked, _ = vae(b.inputs, sample=False)
+    err = (out.sdf.feats.float() - ref.sdf.feats).abs()
+    return {"bf16_vs_fp32_max_abs": float(err.max()), "bf16_vs_fp32_mean_abs": float(err.mean()),
+            "sdf_mean_abs": float(ref.sdf.feats.abs().mean()),
+            "chunked_vs_full_max_abs": float((chunked.sdf.feats - ref.sdf.feats).abs().max()),
+            "same_voxels": bool(torch.equal(chunked.sdf.coords, ref.sdf.coords))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--configs", nargs="+", default=["256x4", "512x4", "1024x1"])
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    rows = []
+    check = correctness()
+    print(json.dumps(check), flush=True)
+    variants = [((r, b), {}) for r, b in (map(int, c.split("x")) for c in args.configs)]
+    variants += [((256, 4), {"occupancy_head": True}), ((1024, 1), {"train_chunk": 32}),
+                 ((1024, 1), {"use_checkpoint": True})]
+    for (r, b), kw in variants:
+        try:
+            row = bench(r, b, args.steps, **kw)
+        except torch.OutOfMemoryError as e:
+            row = {"resolution": r, "batch": b, "variant": ",".join(f"{k}={v}" for k, v in kw.items()) or "default",
+                   "error": f"OOM: {str(e)[:120]}"}
+        torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    with open(args.out, "w") as f:
+        f.write(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}\n\ncorrectness: {json.dumps(check)}\n\n")
+        f.write("| R | batch | variant | input voxels | decoded voxels | step (s) | decoded voxels/s | peak GiB |\n")
+        f.write("|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            if "error" in r:
+                f.write(f"| {r['resolution']} | {r['batch']} | {r['variant']} | {r['error']} | | | | |\n")
+            else:
+                f.write(f"| {r['resolution']} | {r['batch']} | {r['variant']} | {r['input_voxels']:,} | "
+                        f"{r['decoded_voxels']:,} | {r['step_s']:.3f} | {r['decoded_voxels_per_s'] / 1e6:.2f}M | "
+                        f"{r['peak_gib']:.1f} |\n")
+        f.write("\n```json\n" + json.dumps(rows, indent=1) + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()

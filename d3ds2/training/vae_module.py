@@ -1,0 +1,147 @@
+"""LightningModule of the sparse SDF VAE: losses, multires batches, mesh validation with geometry metrics."""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..data.sdf_transforms import VAEBatch
+from ..models.vae_losses import VAELossWeights, vae_loss
+from .base_module import BaseModule
+
+log = logging.getLogger(__name__)
+
+
+def decoded_mesh(coords: torch.Tensor, sdf: torch.Tensor, resolution: int):
+    """Mesh of the iso-0 surface of one sample's sparse SDF (coords [N, 3], sdf [N]), in the [-1, 1] frame.
+
+    Sparse-band marching cubes: voxels not decoded take the sign of their nearest decoded neighbour, so the
+    interior comes out inside and no inner shell appears at the band's inside edge.
+    """
+    from ..geometry.marching_cubes import sparse_marching_cubes
+
+    return sparse_marching_cubes(coords.cpu().numpy(), sdf.detach().float().cpu().numpy(), resolution, level=0.0)
+
+
+def render_pair(meshes: list, size: int = 192) -> np.ndarray:
+    """RGB uint8 [size, size * len(meshes), 3]: each mesh from the same fixed camera, side by side."""
+    from ..geometry.render import Camera, Renderer, look_at
+
+    eye = np.array([1.6, 1.2, 2.2]) * 1.4
+    fpx = size * 1.3
+    cam = Camera(np.array([[fpx, 0, size / 2], [0, fpx, size / 2], [0, 0, 1]], np.float32),
+                 look_at(eye).astype(np.float32), 0.0, 0.0, 50.0, 36.0, size)
+    tiles = []
+    for m in meshes:
+        tiles.append(Renderer(m).render(cam)[..., :3] if len(m.faces) else np.full((size, size, 3), 255, np.uint8))
+    return np.concatenate(tiles, axis=1)
+
+
+class VAEModule(BaseModule):
+    """Args (besides BaseModule's): loss weights (``w_in, w_ext, w_sharp, w_kl, w_occ``, ``loss_kind``),
+    ``val_meshes``: validation batches whose meshes are extracted and scored (Chamfer, F-score, normal
+    consistency vs the iso-0 surface of the ground-truth SDF), ``render_meshes``: how many of those are
+    rendered to ``<log dir>/val_renders/step_XXXXXXX.png`` (and to TensorBoard when it is a logger);
+    ``init_from``: a checkpoint whose net weights initialise the model (not a resume)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: partial,
+        scheduler: partial | None = None,
+        max_consecutive_nonfinite: int = 20,
+        w_in: float = 1.0,
+        w_ext: float = 0.1,
+        w_sharp: float = 1.0,
+        w_kl: float = 1e-3,
+        w_occ: float = 1.0,
+        loss_kind: str = "l1",
+        val_meshes: int = 4,
+        render_meshes: int = 2,
+        fscore_threshold: float = 0.01,
+        metric_points: int = 20_000,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__(net, optimizer, scheduler, max_consecutive_nonfinite)
+        if init_from:  # start from another run's weights (EMA preferred), e.g. stage 1 -> 1024 fine-tune
+            from .checkpoint import load_net_weights
+
+            load_net_weights(init_from, self.net, prefer_ema=True)
+        self.weights = VAELossWeights(w_in, w_ext, w_sharp, w_kl, w_occ, loss_kind)
+        self.val_meshes, self.render_meshes = val_meshes, render_meshes
+        self.fscore_threshold, self.metric_points = fscore_threshold, metric_points
+        self._renders: list[np.ndarray] = []
+
+    def _batch_size(self, batch: VAEBatch) -> int:
+        return batch.inputs.batch_size
+
+    def _generator(self) -> torch.Generator:
+        """Posterior noise seeded by the global step, so a resumed run draws what the straight run drew."""
+        return torch.Generator(device=self.device).manual_seed(1_000_003 * self.global_step + 17)
+
+    def forward_batch(self, batch: VAEBatch, stage: str):
+        inputs = batch.inputs
+        band = batch.targets.coords[batch.targets.feats[:, 1] > 0.5] if stage == "train" else None
+        z, post = self.net.encode(inputs, sample=stage == "train")
+        if stage == "train":
+            z = z.replace(post.mean.feats + post.std * torch.randn(
+                post.std.shape, generator=self._generator(), device=self.device, dtype=post.std.dtype))
+        return self.net.decode(z, band), post
+
+    def compute_loss(self, batch: VAEBatch, stage: str):
+        out, post = self.forward_batch(batch, stage)
+        loss, terms = vae_loss(out, post, batch.targets, self.weights)
+        terms = {k: v.detach() for k, v in terms.items()}
+        terms["resolution"] = torch.tensor(float(batch.resolution))
+        return loss, terms, batch.num_voxels
+
+    # -------------------------------------------------------------------------------------------
+    def validation_step(self, batch: VAEBatch, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        if batch_idx >= self.val_meshes:
+            return
+        with torch.no_grad():
+            out, _ = self.forward_batch(batch, "val")
+        metrics = self.mesh_metrics(batch, out.sdf)
+        for k, v in metrics.items():
+            self.log(f"val/{k}", v, batch_size=1)
+
+    def mesh_metrics(self, batch: VAEBatch, pred_sdf) -> dict[str, float]:
+        """Metrics of sample 0's decoded mesh vs the ground-truth iso-0 surface (NaN where a mesh is empty)."""
+        from ..geometry.metrics import mesh_metrics
+
+        R = batch.resolution
+        gt = batch.targets.sample(0)
+        pr = pred_sdf.sample(0)
+        gt_mesh = decoded_mesh(gt[1], gt[0][:, 0], R)
+        pred_mesh = decoded_mesh(pr[1], pr[0][:, 0], R)
+        if len(self._renders) < self.render_meshes and len(gt_mesh.faces):
+            self._renders.append(render_pair([gt_mesh, pred_mesh]))
+        if len(pred_mesh.faces) == 0 or len(gt_mesh.faces) == 0:
+            return {"fscore": float("nan"), "chamfer_l1": float("nan"), "normal_consistency": float("nan")}
+        m = mesh_metrics(pred_mesh, gt_mesh, self.metric_points, (self.fscore_threshold,))
+        return {"fscore": m[f"fscore@{self.fscore_threshold}"], "chamfer_l1": m["chamfer_l1"],
+                "normal_consistency": m["normal_consistency"]}
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._renders or self.trainer is None or self.trainer.sanity_checking:
+            self._renders = []
+            return
+        image = np.concatenate(self._renders, axis=0)
+        self._renders = []
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = root / "val_renders" / f"step_{self.global_step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+
+        tmp = path.with_suffix(".tmp.png")
+        Image.fromarray(image).save(tmp)
+        tmp.replace(path)
+        for lg in self.loggers:
+            exp = getattr(lg, "experiment", None)
+            if hasattr(exp, "add_image"):
+                exp.add_image("val/reconstructions", image, self.global_step, dataformats="HWC")
