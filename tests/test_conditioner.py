@@ -27,7 +27,7 @@ def test_preprocess_alpha_crop_white_background():
     # the 100x60 foreground is cropped, padded to square, fit to 518 with a 16 px margin: height spans 518 * 486 / 518
     rows = fg.any(1).nonzero()
     assert abs((rows.max() - rows.min() + 1).item() - 486) <= 2
-    far = ~torch.nn.functional.max_pool2d(fg[None, None].float(), 7, 1, 3)[0, 0].bool()
+    far = ~torch.nn.functional.max_pool2d(fg[None, None].float(), 21, 1, 10)[0, 0].bool()
     assert far.sum() > 1000 and torch.allclose(x[:3, far], torch.ones(1))  # background is white
     assert torch.allclose(x[:3, fg].mean(1), torch.tensor([200, 30, 30]) / 255, atol=0.02)
 
