@@ -1,0 +1,35 @@
+# d3ds2: two commands set up a fresh machine.
+#   make demo   venv + install + the built-in end-to-end example (CPU, a few minutes)
+#   make test   venv + install + the test suite
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DEMO    ?= demo_out
+PYTEST_ARGS ?= -n 2 -q
+
+.PHONY: install demo test test-gpu clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is named explicitly first: on CPU machines this takes the CPU build, so no resolver pulls CUDA.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[all,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m d3ds2.demo out=$(DEMO)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu -q
+
+clean:
+	rm -rf $(VENV) $(DEMO) logs

@@ -1,0 +1,104 @@
+"""``BaseModule``: the Lightning plumbing every d3ds2 model shares (optimiser, non-finite guard, logging).
+
+Subclasses implement :meth:`compute_loss`; the wrapped ``net`` is a plain ``nn.Module`` (no Lightning).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+
+class BaseModule(L.LightningModule):
+    """Args:
+    net: the model being trained.
+    optimizer: ``functools.partial`` of a torch optimiser taking the parameters (Hydra ``_partial_: true``).
+    scheduler: optional partial of an LR scheduler taking the optimiser; stepped every training step.
+    max_consecutive_nonfinite: stop with a clear error after this many non-finite losses in a row.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: partial,
+        scheduler: partial | None = None,
+        max_consecutive_nonfinite: int = 20,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.nonfinite_streak = 0
+        self.skipped_steps = 0
+        self._step_start: float | None = None
+
+    # -------------------------------------------------------------------------------------------
+    def compute_loss(self, batch: Any, stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """(total loss, named loss terms, number of tokens/voxels processed) for one batch."""
+        raise NotImplementedError
+
+    def _batch_size(self, batch: Any) -> int:
+        return getattr(batch, "batch_size", 1)
+
+    # -------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        loss, terms, tokens = self.compute_loss(batch, "train")
+        if not torch.isfinite(loss):
+            self.nonfinite_streak += 1
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss (%s), step skipped (%d in a row)", self.global_step, loss.item(), self.nonfinite_streak)
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+            if self.nonfinite_streak >= self.max_consecutive_nonfinite:
+                raise RuntimeError(
+                    f"{self.nonfinite_streak} non-finite losses in a row (last at step {self.global_step}); "
+                    "lower the learning rate, check the data for NaN/inf, or train in float32 (trainer.precision=32)"
+                )
+            return None
+        self.nonfinite_streak = 0
+        bs = self._batch_size(batch)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), batch_size=bs)
+        if self._step_start is not None:
+            self.log("train/tokens_per_s", tokens / max(time.perf_counter() - self._step_start, 1e-9), batch_size=bs)
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            self.log("train/peak_mem_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, terms, _ = self.compute_loss(batch, "val")
+        bs = self._batch_size(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        for name, value in terms.items():
+            self.log(f"val/{name}", value, batch_size=bs, sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(), batch_size=1)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["d3ds2"] = {"skipped_steps": self.skipped_steps, "net_class": type(self.net).__qualname__}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = checkpoint.get("d3ds2", {}).get("skipped_steps", 0)

@@ -1,0 +1,69 @@
+"""``run_training(cfg)``: everything ``train.py`` does, callable from tests and notebooks."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import AtomicCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry with a ``_target_`` of a config group (callbacks, loggers)."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """``last`` -> ``<output_dir>/checkpoints/last.ckpt`` if it exists (else a fresh start); paths checked."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        last = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        log.warning("ckpt_path=last but %s does not exist yet: starting from scratch", last)
+        return None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist; give a .ckpt file or 'last'")
+    return str(ckpt_path)
+
+
+def run_training(cfg: DictConfig) -> dict[str, float]:
+    """Instantiate data, model, callbacks, loggers and trainer from ``cfg``; fit and/or test.
+
+    Returns the trainer's final callback metrics as floats.
+    """
+    if cfg.get("data") is None or cfg.get("model") is None:
+        raise ValueError(
+            "no data/model configured: pick an experiment, e.g. `python train.py experiment=vae_tiny` "
+            "(the files in configs/experiment/ list them)"
+        )
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # hydra's own node is saved by hydra
+    OmegaConf.save(run_cfg, output_dir / "config_resolved.yaml", resolve=True)
+
+    log.info("data: %s", cfg.data._target_)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    log.info("model: %s", cfg.model._target_)
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+    if cfg.get("test", False):
+        trainer.test(model, datamodule=datamodule)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
