@@ -148,15 +148,23 @@ class ImageConditioner(nn.Module):
         return (F.max_pool2d(masks.float(), self.patch_size, self.patch_size) > 0).flatten(1)
 
     def sparse(self, tokens: torch.Tensor, masks: torch.Tensor) -> SparseCondition:
-        """Keep the class/register tokens (position (0, 0, 1)) and foreground patches (position (col, row, 0))."""
-        b, _, c = tokens.shape
-        grid = self.image_size // self.patch_size
-        keep = torch.cat([torch.ones(b, self.num_prefix, dtype=torch.bool, device=tokens.device), self.patch_mask(masks).to(tokens.device)], 1)
-        idx = torch.arange(grid * grid, device=tokens.device)
-        patch_pos = torch.stack([idx % grid, idx // grid, torch.zeros_like(idx)], 1)
-        prefix_pos = torch.tensor([[0, 0, 1]], device=tokens.device).expand(self.num_prefix, 3)
-        pos = torch.cat([prefix_pos, patch_pos]).expand(b, -1, -1)
-        counts = keep.sum(1)
-        offsets = torch.zeros(b + 1, dtype=torch.int32, device=tokens.device)
-        offsets[1:] = counts.cumsum(0)
-        return SparseCondition(tokens[keep], pos[keep].int(), offsets)
+        """Keep the class/register tokens and the foreground patches of masks [B, 1, S, S]."""
+        return sparse_condition(tokens, self.patch_mask(masks).to(tokens.device))
+
+
+def sparse_condition(tokens: torch.Tensor, fg: torch.Tensor) -> SparseCondition:
+    """tokens [B, prefix + P, C] and foreground patches fg [B, P] (row-major square grid) -> the prefix
+    (class/register) tokens at position (0, 0, 1) + foreground patches at (col, row, 0)."""
+    b, length, _ = tokens.shape
+    p = fg.shape[1]
+    grid, num_prefix = int(round(p**0.5)), length - p
+    if grid * grid != p or num_prefix < 0:
+        raise ValueError(f"sparse_condition: fg [B, {p}] is not a square patch grid of the {length} tokens")
+    keep = torch.cat([torch.ones(b, num_prefix, dtype=torch.bool, device=tokens.device), fg.bool().to(tokens.device)], 1)
+    idx = torch.arange(p, device=tokens.device)
+    patch_pos = torch.stack([idx % grid, idx // grid, torch.zeros_like(idx)], 1)
+    prefix_pos = torch.tensor([[0, 0, 1]], device=tokens.device).expand(num_prefix, 3)
+    pos = torch.cat([prefix_pos, patch_pos]).expand(b, -1, -1)
+    offsets = torch.zeros(b + 1, dtype=torch.int32, device=tokens.device)
+    offsets[1:] = keep.sum(1).cumsum(0)
+    return SparseCondition(tokens[keep], pos[keep].int(), offsets)
