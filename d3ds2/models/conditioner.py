@@ -95,18 +95,21 @@ class ImageConditioner(nn.Module):
     Args:
         backbone: local directory or hub id of a transformers DINOv2-with-registers model (loaded with
             ``from_pretrained``); ignored when ``config`` is given.
-        config: kwargs of a ``Dinov2WithRegistersConfig`` to build a randomly initialised model (tests).
+        config: kwargs of a ``Dinov2WithRegistersConfig`` to build a randomly initialised model (tests, the
+            demo), initialised from ``seed`` so that training and inference see the same encoder.
         image_size: input side (518).
     forward(images [B, 3|4, S, S] in [0, 1]) -> dense tokens [B, L, C];
     sparse(tokens, masks) -> :class:`SparseCondition` of foreground patches + class/register tokens.
     """
 
-    def __init__(self, backbone: str = DEFAULT_BACKBONE, config: dict | None = None, image_size: int = 518) -> None:
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, config: dict | None = None, image_size: int = 518, seed: int = 0) -> None:
         super().__init__()
         from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
         if config is not None:
-            self.backbone = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**config))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.backbone = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**config))
         else:
             try:
                 self.backbone = Dinov2WithRegistersModel.from_pretrained(backbone)
