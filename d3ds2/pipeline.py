@@ -98,16 +98,20 @@ class ImageTo3DPipeline:
     stage_1024) :class:`SparseStage`; device; offload: keep models on the CPU except during their stage;
     index_threshold: occupancy probability of an occupied latent cell (official 0.1); mc_level: iso-level
     of the decoded (normalised) SDF; surface_band: |sdf| (normalised) of the 512 voxels that seed the 1024
-    latent cells; decode_chunk: latent cells per chunk axis of the VAE decode (None: the VAE's own)."""
+    latent cells; weights_dtype: storage dtype of the parameters (compute runs in bf16 autocast on CUDA)."""
 
     def __init__(self, conditioner: ImageConditioner, index_vae: nn.Module, index_dit: nn.Module, stage_512: SparseStage,
                  stage_1024: SparseStage | None = None, device: str | torch.device = "cpu", offload: bool = False,
-                 index_threshold: float = 0.1, mc_level: float = 0.0, surface_band: float = 0.5) -> None:
+                 index_threshold: float = 0.1, mc_level: float = 0.0, surface_band: float = 0.5,
+                 weights_dtype: torch.dtype | str = torch.float32) -> None:
         self.conditioner, self.index_vae, self.index_dit = conditioner.eval(), index_vae.eval(), index_dit.eval()
         self.stage_512, self.stage_1024 = stage_512, stage_1024
         self.device, self.offload = torch.device(device), offload
         self.index_threshold, self.mc_level, self.surface_band = index_threshold, mc_level, surface_band
         self.reports: list[StageReport] = []
+        dtype = getattr(torch, weights_dtype) if isinstance(weights_dtype, str) else weights_dtype
+        for m in self._models():
+            cast_parameters(m, dtype)
         if not offload:
             for m in self._models():
                 m.to(self.device)
@@ -243,6 +247,13 @@ class ImageTo3DPipeline:
             latents = self._stage("sparse DiT 1024", [s.dit], self._sparse, s, cells, tokens, masks, b, sparse_1024, gen, "sparse DiT 1024")
             sdf = self._stage("VAE decode 1024", [s.vae], self._decode, s, latents)
         return self._stage("mesh", [], self._meshes, sdf, s.resolution, simplify)
+
+
+def cast_parameters(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store the parameters in ``dtype`` (bf16 halves the resident weights); buffers (PE frequencies) stay."""
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
+    return module
 
 
 def occupied_cells(logits: torch.Tensor, threshold: float) -> torch.Tensor:
