@@ -3,7 +3,7 @@
 For each attention mode (SSA when available, full attention = FlashAttention varlen) x gradient
 checkpointing x tokens per sample (Table 1: 2,058 / 5,510 / 10,655 / 45,904) one AdamW step in bf16
 autocast on a token-budget batch (B = max(1, 32768 // N) samples of N tokens; batch 1 at 45,904). Tokens
-are a sphere shell of latent cells (64^3 grid, 128^3 for the 1024 count). Condition: 1374 dense tokens.
+are the latent cells nearest a sphere of radius 0.4 x grid (grid = resolution / 8 of the stage). Condition: 1374 dense tokens.
 MFU = counted model FLOPs (matmuls of every Linear + attention scores/values of the mode's algorithm,
 x3 for forward + backward, recomputation not counted) / step time / 989 TFLOP/s (H100/H200 dense bf16).
 Usage: python benchmarks/dit_step.py --out results.md
@@ -22,6 +22,7 @@ from d3ds2.sparse import SparseTensor
 
 PEAK_BF16 = 989e12
 TABLE1 = (2058, 5510, 10655, 45904)
+LATENT_GRID = {2058: 32, 5510: 48, 10655: 64, 45904: 128}  # fine 256 / 384 / 512 / 1024 over 8
 CTX = 1374
 
 
@@ -66,9 +67,9 @@ def model_flops(model: SparseDiT, x: SparseTensor, mode: str) -> float:
     return flops + blocks * (self_attn + cross)
 
 
-def bench(mode: str, ckpt: bool, n: int, device, steps: int = 6) -> dict:
+def bench(mode: str, ckpt: bool, n: int, device, steps: int = 5) -> dict:
     torch.manual_seed(0)
-    grid = 128 if n > 20000 else 64
+    grid = LATENT_GRID.get(n, 128 if n > 20000 else 64)
     batch = 1 if n > 20000 else max(1, 32768 // n)
     model = SparseDiT(attention=mode, use_checkpoint=ckpt,
                       ssa={"m_cmp": 8, "m_slc": 8, "topk": 8, "compression": "v1"} if mode == "ssa" else None).to(device)

@@ -182,6 +182,16 @@ def layer_norm32(h: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(h, norm.normalized_shape, w, b, norm.eps)
 
 
+def per_token(values: torch.Tensor, x: SparseTensor) -> torch.Tensor:
+    """Per-sample rows [B, K] -> per-token rows [N, K] (row of each token's sample).
+
+    A product with the cached one-hot [N, B] of the batch indices: its backward is one GEMM, where an index
+    gather's backward (index_put with accumulate) serialises over the thousands of tokens of a sample.
+    """
+    onehot = x.cached(("sample_onehot", values.dtype), lambda: F.one_hot(x.batch_ids, x.batch_size).to(values.dtype))
+    return onehot @ values
+
+
 class ModulatedSparseBlock(nn.Module):
     """adaLN-Zero block: LN1+modulate -> self-attn -> gate; LN2 (affine) -> cross-attn; LN3+modulate -> MLP -> gate.
 
@@ -200,9 +210,8 @@ class ModulatedSparseBlock(nn.Module):
 
     def forward(self, x: SparseTensor, t_emb: torch.Tensor, ctx: Context) -> SparseTensor:
         """x feats [N, C] (float32 residual stream), t_emb [B, C] -> same coords, updated feats."""
-        mods = fp32(self.adaLN_modulation(t_emb)).chunk(6, dim=1)
-        bid = x.batch_ids
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (m[bid] for m in mods)
+        mods = per_token(fp32(self.adaLN_modulation(t_emb)), x)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=1)
         feats = x.feats
         h = layer_norm32(feats, self.norm1) * (1 + scale_a) + shift_a
         feats = feats + self.self_attn(x.replace(h)).feats * gate_a
