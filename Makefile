@@ -8,14 +8,21 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: install demo test test-gpu clean
+.PHONY: install sysdeps demo test test-gpu clean
+
+# open3d (ray casting in data prep) needs the system library libusb-1.0.
+sysdeps:
+	@ldconfig -p | grep -q libusb-1.0 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq libusb-1.0-0; \
+	  else echo "open3d needs libusb-1.0: install it (Debian/Ubuntu: sudo apt-get install libusb-1.0-0)"; exit 1; fi; }
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # torch is named explicitly first: on CPU machines this takes the CPU build, so no resolver pulls CUDA.
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python pyproject.toml | sysdeps
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[all,test]"
 	touch $(STAMP)

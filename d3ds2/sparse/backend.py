@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .gemm import sparse_conv
-from .kernel_map import submanifold_map
+from .kernel_map import submanifold_map, submanifold_table
 from .tensor import SparseTensor
 
 BACKENDS = ("native", "spconv")
@@ -50,8 +50,26 @@ def flat_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 4, 1, 0).reshape(-1, cin, cout)
 
 
+def triton_subm_ok(feats: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the native backend runs a submanifold conv through the Triton implicit-GEMM kernel.
+
+    On CUDA, for float16 / bfloat16 / float32 with Cin and Cout multiples of 16 (16-byte rows, full
+    matrix-unit tiles); everything else, and every CPU tensor, takes the gather-GEMM-scatter path.
+    """
+    if not feats.is_cuda or feats.shape[1] % 16 or weight.shape[0] % 16:
+        return False
+    from kernels.sparse_conv import usable
+
+    return usable(feats)
+
+
 def _native_subm(x: SparseTensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
     k = weight.shape[2]
+    if triton_subm_ok(x.feats, weight):
+        from kernels.sparse_conv import submconv
+
+        nbr = x.cached(("subm_table", k, dilation), lambda: submanifold_table(x.coords, x.keys, k, dilation))
+        return submconv(x.feats, flat_weight(weight).to(x.feats.dtype), nbr)
     kmap = x.cached(("subm", k, dilation), lambda: submanifold_map(x.coords, x.keys, k, dilation))
     return sparse_conv(x.feats, flat_weight(weight), kmap)
 

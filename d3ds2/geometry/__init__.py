@@ -1,0 +1,1 @@
+"""Geometry: mesh IO, normalisation, watertight repair, sparse SDF, sharp edges, rendering, metrics."""

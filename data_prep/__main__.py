@@ -1,0 +1,22 @@
+"""`python -m data_prep input=... output=... resolutions=[256,512] views=45 workers=2` (Hydra; see docs/data_prep.md)."""
+import json
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from data_prep.pipeline import OutputError, run
+
+
+@hydra.main(config_path="../configs/data_prep", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = run(cfg, progress=cfg.progress)
+    except OutputError as e:
+        print(f"data_prep: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Per-mesh job (mesh file -> encoded sample) and the parallel, resumable driver that writes shards.
+
+Output layout under `output`:
+  samples/KEY.tar            one finished sample (written atomically; the durable unit of resumption)
+  manifest/rank{r:03d}.jsonl one line per input: ok / skipped + reason, timings, voxel counts
+  shards/rank{r:03d}-{i:05d}.tar   the packed webdataset shards of this rank (rewritten at the end)
+KEY is the first 16 hex digits of the SHA-1 of the input's absolute path.
+"""
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import numpy as np
+
+from d3ds2.data.shard_format import encode_sample
+from d3ds2.data.shards import Manifest, read_tar, write_tar_atomic
+from d3ds2.geometry.mesh_io import MeshLoadError, is_supported, load_mesh
+from d3ds2.geometry.normalize import BadMeshError, clean_mesh, normalise_mesh
+from d3ds2.geometry.render import render_views
+from d3ds2.geometry.sharp_edges import sample_segments, sharp_edges, sharp_voxel_mask
+from d3ds2.geometry.sparse_sdf import SurfaceDistance, compute_sparse_sdf
+from d3ds2.geometry.watertight import WatertightError, make_watertight
+
+FATAL_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT)
+
+
+class OutputError(RuntimeError):
+    """The output folder cannot be written (disk full, permissions): the run stops."""
+
+
+class SkipMesh(ValueError):
+    """This input is skipped (the message is the manifest's reason)."""
+
+
+def list_inputs(spec: str) -> list[str]:
+    """A folder (searched recursively for supported suffixes), a mesh file, or a .txt list of paths."""
+    if os.path.isdir(spec):
+        files = [p for p in glob.glob(os.path.join(spec, "**", "*"), recursive=True) if is_supported(p)]
+    elif spec.endswith(".txt"):
+        with open(spec) as f:
+            files = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    elif os.path.isfile(spec):
+        files = [spec]
+    else:
+        raise FileNotFoundError(f"input={spec!r}: not a folder, a mesh file or a .txt list of paths")
+    return sorted(os.path.abspath(p) for p in files)
+
+
+def sample_key(path: str) -> str:
+    return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_sample(path: str, cfg) -> tuple[dict, dict]:
+    """Mesh file -> (decoded sample, stats). Raises SkipMesh with the reason for bad input."""
+    timings = {}
+    t = time.perf_counter()
+    try:
+        mesh = load_mesh(path)
+        if len(mesh.faces) > cfg.max_faces:
+            raise SkipMesh(f"{len(mesh.faces)} faces > max_faces={cfg.max_faces}")
+        mesh = clean_mesh(mesh)
+        mesh, norm = normalise_mesh(mesh, cfg.extent)
+    except (MeshLoadError, BadMeshError) as e:
+        raise SkipMesh(str(e)) from None
+    timings["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    try:
+        solid, rebuilt = make_watertight(mesh, cfg.watertight.mode, cfg.watertight.resolution,
+                                         cfg.watertight.offset)
+    except WatertightError as e:
+        raise SkipMesh(f"watertight failed: {e}") from None
+    timings["watertight"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    edges = sharp_edges(mesh, cfg.sharp.angle_deg)
+    timings["sharp_edges"] = time.perf_counter() - t
+    query = SurfaceDistance(solid.vertices, solid.faces, cfg.sdf.nsamples)
+    sdfs, voxel_counts = {}, {}
+    for R in cfg.resolutions:
+        t = time.perf_counter()
+        s = compute_sparse_sdf(solid.vertices, solid.faces, int(R), cfg.sdf.band, cfg.sdf.trunc, query=query)
+        if len(s.cells) == 0:
+            raise SkipMesh(f"no occupied cell at resolution {R}")
+        sharp = sharp_voxel_mask(s, sample_segments(edges, 1.0 / R), cfg.sharp.radius)
+        sdfs[int(R)] = {"cells": s.cells, "sdf": s.sdf, "sharp": sharp, "band": s.band, "trunc": s.trunc}
+        voxel_counts[int(R)] = {"cells": int(len(s.cells)), "band_voxels": int((np.abs(s.sdf) < s.band).sum()),
+                                "sharp_voxels": int(sharp.sum())}
+        timings[f"sdf{R}"] = time.perf_counter() - t
+
+    views = None
+    if cfg.views > 0:
+        t = time.perf_counter()
+        images, cams = render_views(mesh, cfg.views, cfg.render.size, seed=int(sample_key(path), 16) % 2**31,
+                                    elevation_deg=tuple(cfg.render.elevation_deg),
+                                    focal_mm=tuple(cfg.render.focal_mm), sensor_mm=cfg.render.sensor_mm)
+        views = {"rgba": np.stack(images), "intrinsics": np.stack([c.intrinsics for c in cams]),
+                 "extrinsics": np.stack([c.extrinsics for c in cams]),
+                 **{k: np.array([getattr(c, k) for c in cams], np.float32)
+                    for k in ("elevation", "azimuth", "focal_mm", "sensor_mm")}}
+        timings["render"] = time.perf_counter() - t
+
+    stats = {"faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)), "watertight_rebuilt": rebuilt,
+             "solid_faces": int(len(solid.faces)), "sharp_edges": int(len(edges)), "voxels": voxel_counts,
+             "timings": {k: round(v, 3) for k, v in timings.items()}}
+    meta = {"source": path, "sha256": _file_sha256(path), "normalisation": {"center": norm.center,
+            "scale": norm.scale, "extent": cfg.extent}, "stats": stats}
+    return {"key": sample_key(path), "sdf": sdfs, "views": views, "meta": meta}, stats
+
+
+def process_one(path: str, cfg, samples_dir: str) -> dict:
+    """Run one input and write samples/KEY.tar; returns its manifest record (never raises for bad input)."""
+    key = sample_key(path)
+    t = time.perf_counter()
+    try:
+        sample, stats = build_sample(path, cfg)
+    except SkipMesh as e:
+        return {"key": key, "source": path, "status": "skipped", "reason": str(e),
+                "seconds": round(time.perf_counter() - t, 3)}
+    except Exception as e:  # an unexpected failure on one mesh must not stop the run
+        return {"key": key, "source": path, "status": "skipped", "reason": f"{type(e).__name__}: {e}",
+                "seconds": round(time.perf_counter() - t, 3)}
+    try:
+        write_tar_atomic(os.path.join(samples_dir, f"{key}.tar"), [encode_sample(sample)])
+    except OSError as e:
+        return {"key": key, "source": path, "status": "fatal", "reason": f"cannot write {samples_dir}: {e}"}
+    return {"key": key, "source": path, "status": "ok", "seconds": round(time.perf_counter() - t, 3),
+            "voxels": stats["voxels"], "timings": stats["timings"]}
+
+
+def check_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_probe{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+        os.remove(probe)
+    except OSError as e:
+        raise OutputError(f"output={folder!r} is not writable ({e}); choose another folder or free space") from None
+
+
+def pack_shards(samples_dir: str, shards_dir: str, keys: list[str], rank: int, per_shard: int) -> list[str]:
+    """Pack finished samples (sorted keys) into shards rank{rank}-{i}.tar; remove stale shards of this rank."""
+    os.makedirs(shards_dir, exist_ok=True)
+    paths = []
+    for i in range(0, len(keys), per_shard):
+        path = os.path.join(shards_dir, f"rank{rank:03d}-{i // per_shard:05d}.tar")
+        samples = [s for k in keys[i : i + per_shard] for s in read_tar(os.path.join(samples_dir, f"{k}.tar"))]
+        write_tar_atomic(path, samples)
+        paths.append(path)
+    for old in glob.glob(os.path.join(shards_dir, f"rank{rank:03d}-*.tar")):
+        if old not in paths:
+            os.remove(old)
+    return paths
+
+
+def run(cfg, progress: bool = True) -> dict:
+    """Process this rank's part of the inputs in `cfg.workers` processes, resumably; returns the summary."""
+    from tqdm import tqdm
+
+    inputs = list_inputs(str(cfg.input))
+    mine = inputs[cfg.rank :: cfg.world_size]
+    out = str(cfg.output)
+    samples_dir = os.path.join(out, "samples")
+    check_writable(samples_dir)
+    manifest = Manifest(os.path.join(out, "manifest", f"rank{cfg.rank:03d}.jsonl"))
+    done = {}
+    for r in manifest.records():
+        ok = r["status"] == "ok" and os.path.exists(os.path.join(samples_dir, f"{r['key']}.tar"))
+        if ok or r["status"] == "skipped":
+            done[r["key"]] = r
+    todo = [p for p in mine if sample_key(p) not in done]
+    t0 = time.perf_counter()
+    records = []
+    bar = tqdm(total=len(todo), desc=f"data_prep rank {cfg.rank}", unit="mesh", disable=not progress)
+    with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+        futures = [pool.submit(process_one, p, cfg, samples_dir) for p in todo]
+        for fut in as_completed(futures):
+            rec = fut.result()
+            if rec["status"] == "fatal":
+                for f in futures:
+                    f.cancel()
+                raise OutputError(rec["reason"])
+            manifest.append(rec)
+            records.append(rec)
+            bar.update(1)
+            bar.set_postfix(ok=sum(r["status"] == "ok" for r in records), skipped=sum(r["status"] != "ok" for r in records))
+    bar.close()
+    keys_ok = sorted({r["key"] for r in list(done.values()) + records if r["status"] == "ok"}
+                     & {sample_key(p) for p in mine})
+    try:
+        shards = pack_shards(samples_dir, os.path.join(out, "shards"), keys_ok, cfg.rank, cfg.samples_per_shard)
+    except OSError as e:
+        raise OutputError(f"cannot write shards under {out!r}: {e}") from None
+    skipped = [r for r in records if r["status"] != "ok"]
+    return {"inputs": len(mine), "already_done": len(mine) - len(todo), "processed": len(records),
+            "ok": len(keys_ok), "skipped_now": len(skipped), "reasons": {r["source"]: r["reason"] for r in skipped},
+            "shards": len(shards), "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,0 +1,1 @@
+"""Triton kernels (each module: kernels, a PyTorch reference beside them, an autograd wrapper)."""

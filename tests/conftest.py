@@ -1,0 +1,15 @@
+"""Test setup: run Triton kernels in the interpreter when no CUDA device is present.
+
+TRITON_INTERPRET must be set before triton is first imported, hence at conftest import time.
+"""
+import os
+
+try:
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _has_cuda = False
+
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
