@@ -38,15 +38,15 @@ def synthetic_sample(key: str, grid: int, radius: float, colour, rng: np.random.
 def latent_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
-    samples = [synthetic_sample("a", 8, 2.0, (220, 20, 20), rng), synthetic_sample("b", 8, 3.2, (20, 20, 220), rng)]
-    write_latent_shard(root / "data" / "latents" / "64" / "train-000.tar", samples)
+    samples = [synthetic_sample("a", 16, 4.0, (220, 20, 20), rng), synthetic_sample("b", 16, 6.4, (20, 20, 220), rng)]
+    write_latent_shard(root / "data" / "latents" / "128" / "train-000.tar", samples)
     feats = np.concatenate([s["feats"] for s in samples])
-    (root / "data" / "latents" / "64" / "stats.json").write_text(json.dumps({"mean": feats.mean(0).tolist(), "std": feats.std(0).tolist()}))
+    (root / "data" / "latents" / "128" / "stats.json").write_text(json.dumps({"mean": feats.mean(0).tolist(), "std": feats.std(0).tolist()}))
     return root
 
 
 def test_latent_shard_roundtrip_and_token_budget(latent_root):
-    paths = expand_shards(str(latent_root / "data/latents/64/train-*.tar"))
+    paths = expand_shards(str(latent_root / "data/latents/128/train-*.tar"))
     samples = list(read_latent_shard(paths[0]))
     assert [s["key"] for s in samples] == ["a", "b"] and samples[0]["images"].shape == (2, 518, 518, 4)
     n = [len(s["coords"]) for s in samples]
