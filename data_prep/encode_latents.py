@@ -84,7 +84,7 @@ def main() -> None:
     scale = args.sdf_scale or scale
     conditioner = ImageConditioner(backbone=args.backbone).to(device) if args.features == "precompute" else None
     out_dir = Path(args.out)
-    for path in expand_shards(args.shards):
+    for path in expand_shards(args.shards, hint="run python -m data_prep first (docs/data_prep.md)"):
         target = out_dir / Path(path).name
         if target.exists():
             log.info("%s exists, skipped", target)

@@ -56,6 +56,9 @@ def test_latent_shard_roundtrip_and_token_budget(latent_root):
     assert both["latent"].num_voxels == sum(n) and both["images"].shape == (2, 4, 518, 518)
     with pytest.raises(FileNotFoundError, match="encode_latents"):
         expand_shards(str(latent_root / "nothing-*.tar"))
+    # two DataLoader workers over one shard split its samples, together reading each once
+    loader = torch.utils.data.DataLoader(LatentStream(paths, batch_tokens=10**6, shuffle=False, loop=False), batch_size=None, num_workers=2)
+    assert sorted(k for b in loader for k in b["keys"]) == ["a", "b"]
 
 
 def _train(root: Path, out: Path, experiment: str, *overrides: str) -> dict:

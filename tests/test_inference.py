@@ -78,6 +78,18 @@ def test_pipeline_batch_of_images(runs, tmp_path):
     assert np.all(np.abs(meshes[0].vertices) <= 1.0 + 2 / 64)  # [-1, 1] frame (+ half a voxel at the grid border)
 
 
+def test_pipeline_refinement_stage(runs, tmp_path):
+    pytest.importorskip("d3ds2.geometry.marching_cubes", reason="needs the sparse marching cubes (data helper)")
+    pipe = ImageTo3DPipeline.from_runs(**{k: str(v) for k, v in runs.items()}, sparse_dit_1024=str(runs["sparse_dit_512"]),
+                                       vae_1024=str(runs["vae_512"]), index_threshold=0.99)
+    (mesh,) = pipe([rgba_image(tmp_path / "a.png", (200, 30, 30))], resolution=1024, sparse_1024=StageSampling(2, 8.0, 7.0), **FAST)
+    names = [r.name for r in pipe.reports]
+    assert names[-3:] == ["sparse DiT 1024", "VAE decode 1024", "mesh"]
+    cells_512 = pipe.reports[2].info["tokens"]
+    assert pipe.reports[4].info["tokens"] > cells_512  # the finer stage has more latent cells
+    assert len(mesh.faces) > 0 and np.all(np.abs(mesh.vertices) <= 1.0 + 2 / 128)
+
+
 def test_inference_script_writes_mesh(runs, tmp_path):
     pytest.importorskip("d3ds2.geometry.marching_cubes", reason="needs the sparse marching cubes (data helper)")
     image = rgba_image(tmp_path / "view.png", (30, 160, 30))

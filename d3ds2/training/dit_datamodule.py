@@ -73,13 +73,23 @@ def read_latent_shard(path: str | os.PathLike) -> Iterator[dict]:
         yield current
 
 
-def expand_shards(spec: str | list[str]) -> list[str]:
+def expand_shards(spec: str | list[str], hint: str = "run data_prep/encode_latents.py first") -> list[str]:
     """Glob pattern(s) -> sorted shard paths; a clear error when none match."""
     patterns = [spec] if isinstance(spec, str) else list(spec)
     paths = sorted(p for pat in patterns for p in glob(str(pat)))
     if not paths:
-        raise FileNotFoundError(f"no latent shards match {patterns}; run data_prep/encode_latents.py first")
+        raise FileNotFoundError(f"no shards match {patterns}; {hint}")
     return paths
+
+
+def _reader_slot() -> tuple[int, int]:
+    """(index, count) of this data reader over DDP ranks x DataLoader workers."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * nw + wid, world * nw
 
 
 def collate_latents(samples: list[dict], view: str = "random", rng: random.Random | None = None) -> dict:
@@ -113,15 +123,20 @@ class LatentStream(IterableDataset):
         self.shuffle, self.loop, self.seed, self.view, self.buffer = shuffle, loop, seed, view, buffer
 
     def _samples(self, rng: random.Random) -> Iterator[dict]:
-        info = get_worker_info()
-        shards = self.shards if info is None else self.shards[info.id :: info.num_workers]
+        """Each reader (rank x worker) takes every count-th shard, or every count-th sample when there are
+        fewer shards than readers."""
+        slot, count = _reader_slot()
+        by_shard = len(self.shards) >= count
+        shards = self.shards[slot::count] if by_shard else self.shards
         while True:
             order = list(shards)
             if self.shuffle:
                 rng.shuffle(order)
             pool: list[dict] = []
             for path in order:
-                for s in read_latent_shard(path):
+                for i, s in enumerate(read_latent_shard(path)):
+                    if not by_shard and i % count != slot:
+                        continue
                     if self.max_tokens is not None and len(s["coords"]) > self.max_tokens:
                         continue
                     pool.append(s)
@@ -134,8 +149,7 @@ class LatentStream(IterableDataset):
                 return
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        rng = random.Random(self.seed * 7919 + (info.id if info else 0))
+        rng = random.Random(self.seed * 7919 + _reader_slot()[0])
         group: list[dict] = []
         tokens = 0
         for s in self._samples(rng):
