@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..attention import sparse_self_attention, varlen_attention, window_attention
+from ..attention import varlen_attention, window_attention
 from ..sparse import SparseTensor
 from .embeddings import AbsolutePositionEmbedder
 from .timestep import TimestepEmbedder
@@ -25,17 +25,23 @@ ATTENTION_MODES = ("full", "window", "ssa")
 
 @dataclass
 class Context:
-    """Packed cross-attention context: rows ``offsets[b]:offsets[b+1]`` of ``feats`` [L, C] belong to sample b."""
+    """Packed cross-attention context: rows ``offsets[b]:offsets[b+1]`` of ``feats`` [L, C] belong to sample b;
+    ``max_len``: the longest sample (computed once, so the blocks do not sync with the device)."""
 
     feats: torch.Tensor
     offsets: torch.Tensor
+    max_len: int
 
     @classmethod
     def from_dense(cls, cond: torch.Tensor) -> "Context":
         """cond [B, L, C] -> packed context (every sample has L tokens)."""
         b, length, _ = cond.shape
         offsets = torch.arange(b + 1, device=cond.device, dtype=torch.int32) * length
-        return cls(cond.reshape(b * length, -1), offsets)
+        return cls(cond.reshape(b * length, -1), offsets, length)
+
+    @classmethod
+    def from_packed(cls, feats: torch.Tensor, offsets: torch.Tensor) -> "Context":
+        return cls(feats, offsets, int(offsets.diff().max()) if offsets.numel() > 1 else 0)
 
     @property
     def batch_size(self) -> int:
@@ -112,8 +118,8 @@ class GQASelfAttention(nn.Module):
         q = self.proj_q(f).view(n, self.num_heads, self.head_dim)
         k = self.proj_k(f).view(n, self.num_kv_heads, self.head_dim)
         v = self.proj_v(f).view(n, self.num_kv_heads, self.head_dim)
-        if self.window is None:
-            o = sparse_self_attention(q, k, v, x)
+        if self.window is None:  # full attention per sample (max length cached on x: no sync per block)
+            o = varlen_attention(q, k, v, x.offsets, x.offsets, max_count(x), max_count(x))
         else:
             o = window_attention(q, k, v, x, self.window, self.shift)
         return x.replace(self.proj_o(o.reshape(n, -1)))
@@ -152,8 +158,7 @@ class CrossAttention(nn.Module):
         n, hd = h.shape[0], (self.num_heads, self.head_dim)
         q = self.to_q(h).view(n, *hd)
         k, v = self.to_kv(ctx.feats).view(-1, 2, *hd).unbind(1)
-        max_k = int(ctx.offsets.diff().max())
-        o = varlen_attention(q, k, v, q_offsets, ctx.offsets, max_q, max_k)
+        o = varlen_attention(q, k, v, q_offsets, ctx.offsets, max_q, ctx.max_len)
         return self.to_out(o.reshape(n, -1))
 
 
@@ -180,6 +185,11 @@ def layer_norm32(h: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     w = None if norm.weight is None else norm.weight.to(h.dtype)
     b = None if norm.bias is None else norm.bias.to(h.dtype)
     return F.layer_norm(h, norm.normalized_shape, w, b, norm.eps)
+
+
+def max_count(x: SparseTensor) -> int:
+    """Tokens of the largest sample of x (cached on x, shared by all blocks)."""
+    return x.cached("max_count", lambda: int(x.counts.max()) if x.batch_size else 0)
 
 
 def per_token(values: torch.Tensor, x: SparseTensor) -> torch.Tensor:
@@ -216,8 +226,7 @@ class ModulatedSparseBlock(nn.Module):
         h = layer_norm32(feats, self.norm1) * (1 + scale_a) + shift_a
         feats = feats + self.self_attn(x.replace(h)).feats * gate_a
         h = layer_norm32(feats, self.norm2)
-        max_q = x.cached("max_count", lambda: int(x.counts.max()))
-        feats = feats + self.cross_attn(h, x.offsets, max_q, ctx)
+        feats = feats + self.cross_attn(h, x.offsets, max_count(x), ctx)
         h = layer_norm32(feats, self.norm3) * (1 + scale_m) + shift_m
         feats = feats + self.mlp(h) * gate_m
         return x.replace(feats)
@@ -302,7 +311,7 @@ class SparseDiT(nn.Module):
             if not isinstance(cond, SparseCondition):
                 raise TypeError("SparseDiT(sparse_conditions=True) expects a SparseCondition (see ImageConditioner.sparse)")
             feats = self.cond_proj(cond.feats) + self.pos_embedder(cond.pos).to(cond.feats.dtype)
-            return Context(feats, cond.offsets)
+            return Context.from_packed(feats, cond.offsets)
         if not isinstance(cond, torch.Tensor) or cond.dim() != 3:
             raise TypeError("SparseDiT expects a dense condition [B, L, C] (sparse_conditions=False)")
         return Context.from_dense(cond)
