@@ -22,8 +22,12 @@ def main(argv: list[str]) -> None:
     opts = dict(a.split("=", 1) for a in argv if "=" in a)
     out = Path(opts.get("out", "demo_out")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    common = [f"paths.root_dir={out}", "run_name=demo", "logger=csv", "callbacks.progress_bar.refresh_rate=0"]
-    _stage("train the toy sparse model (training stack smoke run)", ["train.py", "experiment=toy", *common])
+    meshes, data = out / "meshes", out / "data"
+    _stage("corpus: real meshes from installed packages + procedural CSG shapes",
+           ["-m", "data_prep.corpus", f"out={meshes}", "n_procedural=3"])
+    _stage("data prep: watertight, sparse SDF, sharp edges, renders, shards",
+           ["-m", "data_prep", f"input={meshes}", f"output={data}", "resolutions=[128]", "views=4",
+            "render.size=256", "watertight.resolution=128", "samples_per_shard=4", "workers=2"])
     print(f"\nDemo finished; everything is under {out}")
 
 
