@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -95,6 +94,8 @@ def bench(mode: str, ckpt: bool, n: int, device, steps: int = 5) -> dict:
             if i >= 2:
                 times.append(time.perf_counter() - start)
     except torch.cuda.OutOfMemoryError:
+        times = []
+    if not times:
         del model, opt
         torch.cuda.empty_cache()
         return {"mode": mode, "ckpt": ckpt, "tokens": n, "batch": batch, "oom": True}
@@ -139,7 +140,7 @@ def main() -> None:
     print(torch.cuda.get_device_name(device), torch.__version__, flush=True)
     print(check_correctness(device), flush=True)
     try:
-        from d3ds2.attention import SpatialSparseAttention  # noqa: F401
+        from d3ds2.attention import SpatialSparseAttention  # noqa: F401  (present?)
 
         modes = ["ssa", "full"]
     except ImportError:

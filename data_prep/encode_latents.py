@@ -16,7 +16,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from d3ds2.models.conditioner import ImageConditioner, preprocess_image
