@@ -148,3 +148,19 @@ def test_dense_vae_roundtrip_shapes_and_coords():
     dense = torch.zeros(2, 8, 8, 8, dtype=torch.bool)
     dense[tuple(coords.long().t())] = True
     assert torch.equal(dense, torch.sigmoid(logits[:, 0]) >= 0.5)
+
+
+def test_per_token_modulation_matches_gather_with_gradients():
+    from d3ds2.models.sparse_dit import per_token
+
+    gen = torch.manual_seed(4)
+    coords = [random_shape(n, 8, gen) for n in (9, 1, 14)]
+    x = SparseTensor.from_samples([torch.zeros(len(c), 1) for c in coords], coords)
+    mod = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(x.num_voxels, 5, dtype=torch.float64)
+    (per_token(mod, x) * g).sum().backward()
+    grad = mod.grad.clone()
+    mod.grad = None
+    (mod[x.batch_ids] * g).sum().backward()
+    torch.testing.assert_close(per_token(mod, x), mod[x.batch_ids])
+    torch.testing.assert_close(grad, mod.grad)
