@@ -1,65 +1,72 @@
-"""Sparse SDF timing on a ~100k-face closed real mesh (the Stanford bunny scan, made watertight, decimated).
+"""Sparse SDF timing on a ~100k-face closed real mesh (benchmarks/bench_mesh.py), vs mesh2sdf (dense).
 
-python benchmarks/mesh_to_sdf.py --resolutions 512 1024 [--mesh2sdf 128]
-Prints one line per run: resolution, seconds, peak RSS of a fresh child process (GB), cells, band voxels.
+PYTHONPATH=$PWD python benchmarks/mesh_to_sdf.py [--resolutions 512 1024] [--mesh2sdf 128 256]
+Each run is a fresh child process; prints resolution, wall and CPU seconds (user + system, all threads;
+the CPU figure is the one to compare on a shared machine), its peak RSS (GB), cells, band voxels and,
+for mesh2sdf resolutions, the largest |difference| between the two methods on the band voxels (voxels).
 """
 import argparse
 import multiprocessing as mp
+import os
 import resource
+import sys
 import time
 
 import numpy as np
-import trimesh
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_mesh import bench_mesh  # noqa: E402
 
 
-def bench_mesh(n_faces: int = 100_000) -> trimesh.Trimesh:
-    import fast_simplification
-
-    from d3ds2.geometry.corpus import real_mesh_paths
-    from d3ds2.geometry.normalize import clean_mesh, normalise_mesh
-    from d3ds2.geometry.watertight import rebuild_watertight
-
-    mesh, _ = normalise_mesh(clean_mesh(trimesh.load(real_mesh_paths()["bunny_scan"])))
-    solid = rebuild_watertight(mesh, 256)
-    v, f = fast_simplification.simplify(np.asarray(solid.vertices, np.float32), np.asarray(solid.faces),
-                                        target_reduction=1 - n_faces / len(solid.faces))
-    return trimesh.Trimesh(v, f)
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _child(kind, R, v, f, q):
-    t = time.perf_counter()
+    import mesh2sdf
+
+    from d3ds2.geometry.sparse_sdf import cell_voxel_coords, compute_sparse_sdf
+
+    t, cpu = time.perf_counter(), _cpu_seconds()  # imports excluded; building the BVH included
     if kind == "ours":
-        from d3ds2.geometry.sparse_sdf import compute_sparse_sdf
-
         s = compute_sparse_sdf(v, f, R)
-        extra = (len(s.cells), int((np.abs(s.sdf) < s.band).sum()))
+        seconds = (time.perf_counter() - t, _cpu_seconds() - cpu)
+        coords, values = cell_voxel_coords(s.cells), s.sdf.reshape(-1)
+        band = np.abs(values) < s.band
+        result = (len(s.cells), int(band.sum()), coords[band], values[band])
     else:
-        import mesh2sdf
+        # mesh2sdf samples at -1 + i * 2/R: shift by half a voxel to sample our voxel centres
+        d = mesh2sdf.compute(v - 1.0 / R, f, R, fix=False) / (2.0 / R)
+        seconds = (time.perf_counter() - t, _cpu_seconds() - cpu)
+        result = (0, int((np.abs(d) < 4).sum()), None, d)
+    q.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, *result))
 
-        d = mesh2sdf.compute(v, f, R, fix=False)
-        extra = (0, int((np.abs(d) < 4 * 2 / R).sum()))
-    q.put((time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, *extra))
 
-
-def run(kind, R, mesh):
-    q = mp.get_context("spawn").Queue()
-    p = mp.get_context("spawn").Process(target=_child, args=(kind, R, np.asarray(mesh.vertices), np.asarray(mesh.faces), q))
+def run(kind, R, v, f):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(kind, R, v, f, q))
     p.start()
     out = q.get()
     p.join()
-    print(f"{kind:8s} R={R:5d} seconds={out[0]:.1f} peak_rss_GB={out[1]:.2f} cells={out[2]} band_voxels={out[3]}",
+    print(f"{kind:8s} R={R:5d} seconds={out[0][0]:.1f} cpu_seconds={out[0][1]:.1f} peak_rss_GB={out[1]:.2f} cells={out[2]} band_voxels={out[3]}",
           flush=True)
+    return out
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
-    ap.add_argument("--mesh2sdf", type=int, nargs="*", default=[128])
+    ap.add_argument("--mesh2sdf", type=int, nargs="*", default=[128, 256])
     a = ap.parse_args()
     mesh = bench_mesh()
-    print(f"mesh: {len(mesh.faces)} faces, watertight={mesh.is_watertight}", flush=True)
+    v, f = np.asarray(mesh.vertices), np.asarray(mesh.faces)
+    print(f"mesh: {len(f)} faces, watertight={mesh.is_watertight}", flush=True)
     for R in a.mesh2sdf:
-        run("mesh2sdf", R, mesh)
-        run("ours", R, mesh)
+        dense = run("mesh2sdf", R, v, f)[5]
+        _, _, _, _, coords, values = run("ours", R, v, f)
+        diff = np.abs(values - dense[coords[:, 0], coords[:, 1], coords[:, 2]])
+        print(f"  R={R}: max |ours - mesh2sdf| on our band voxels = {diff.max():.4f} voxels", flush=True)
     for R in a.resolutions:
-        run("ours", R, mesh)
+        run("ours", R, v, f)

@@ -136,7 +136,8 @@ def process_one(path: str, cfg, samples_dir: str) -> dict:
     try:
         write_tar_atomic(os.path.join(samples_dir, f"{key}.tar"), [encode_sample(sample)])
     except OSError as e:
-        return {"key": key, "source": path, "status": "fatal", "reason": f"cannot write {samples_dir}: {e}"}
+        return {"key": key, "source": path, "status": "fatal",
+                "reason": f"cannot write {samples_dir}: {e}; free space or choose another output folder"}
     return {"key": key, "source": path, "status": "ok", "seconds": round(time.perf_counter() - t, 3),
             "voxels": stats["voxels"], "timings": stats["timings"]}
 
@@ -204,7 +205,8 @@ def run(cfg, progress: bool = True) -> dict:
     try:
         shards = pack_shards(samples_dir, os.path.join(out, "shards"), keys_ok, cfg.rank, cfg.samples_per_shard)
     except OSError as e:
-        raise OutputError(f"cannot write shards under {out!r}: {e}") from None
+        raise OutputError(f"cannot write shards under {out!r}: {e}; free space or choose another output "
+                          "folder") from None
     skipped = [r for r in records if r["status"] != "ok"]
     return {"inputs": len(mine), "already_done": len(mine) - len(todo), "processed": len(records),
             "ok": len(keys_ok), "skipped_now": len(skipped), "reasons": {r["source"]: r["reason"] for r in skipped},

@@ -1,6 +1,8 @@
 """End-to-end data prep: shard round trip, bad inputs, resume, readers, model tensors."""
+import errno
 import glob
 import json
+import tarfile
 import os
 
 import numpy as np
@@ -73,6 +75,40 @@ def test_unwritable_output(corpus, tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="not writable"):
         run(_cfg(corpus, blocker / "out"), progress=False)
+
+
+def test_too_many_faces_is_skipped_with_reason(tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    procedural_shape(0).export(inp / "small.obj")  # 926 faces
+    trimesh.creation.icosphere(6).export(inp / "large.ply")  # 81,920 faces: stands in for a 5M-face mesh
+    out = tmp_path / "out"
+    summary = run(_cfg(inp, out, max_faces=50_000, views=0, resolutions=[32]), progress=False)
+    assert summary["ok"] == 1 and summary["skipped_now"] == 1, summary
+    (reason,) = summary["reasons"].values()
+    assert "81920 faces > max_faces=50000" in reason
+    records = [json.loads(l) for l in open(out / "manifest" / "rank000.jsonl")]
+    assert {os.path.basename(r["source"]): r["status"] for r in records} == {"small.obj": "ok", "large.ply": "skipped"}
+
+
+def test_disk_full_stops_with_clear_error_and_no_half_written_sample(corpus, tmp_path, monkeypatch):
+    """The first entry of a sample tar is written, the second hits ENOSPC (the pool forks, so workers see it)."""
+    original = tarfile.TarFile.addfile
+
+    def addfile_until_full(self, info, fileobj=None):
+        if getattr(self, "_entries_written", 0) >= 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._entries_written = 1
+        return original(self, info, fileobj)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", addfile_until_full)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="No space left on device.*free space"):
+        run(_cfg(corpus, out, views=0, resolutions=[32]), progress=False)
+    left = [os.path.relpath(p, out) for p in glob.glob(str(out / "**" / "*"), recursive=True) if os.path.isfile(p)]
+    assert not [p for p in left if p.endswith(".tar") or ".tmp" in p], left  # nothing that looks like a sample
+    records = [json.loads(l) for l in open(out / "manifest" / "rank000.jsonl")] if "manifest/rank000.jsonl" in left else []
+    assert not [r for r in records if r["status"] == "ok"]
 
 
 def test_encode_decode_and_tensors():

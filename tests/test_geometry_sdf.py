@@ -1,4 +1,6 @@
 """Sparse SDF vs analytic SDFs and mesh2sdf; resampling; sparse marching cubes; metrics."""
+import functools
+
 import numpy as np
 import pytest
 import trimesh
@@ -25,27 +27,29 @@ def _union(p):
     return np.minimum(_box(p - np.array([0.25, 0, 0]), (0.4, 0.4, 0.4)), _sphere(p + np.array([0.3, 0, 0]), 0.45))
 
 
-def _meshes():
+def _union_mesh():
     import manifold3d as mf
 
-    def to_tm(man):
-        m = man.to_mesh()
-        return trimesh.Trimesh(np.asarray(m.vert_properties)[:, :3], np.asarray(m.tri_verts))
+    m = (mf.Manifold.cube((0.8, 0.8, 0.8), center=True).translate((0.25, 0, 0))
+         + mf.Manifold.sphere(0.45, 256).translate((-0.3, 0, 0))).to_mesh()
+    return trimesh.Trimesh(np.asarray(m.vert_properties)[:, :3], np.asarray(m.tri_verts))
 
-    union = (mf.Manifold.cube((0.8, 0.8, 0.8), center=True).translate((0.25, 0, 0))
-             + mf.Manifold.sphere(0.45, 256).translate((-0.3, 0, 0)))
+
+@functools.lru_cache(maxsize=None)
+def _shape(name):
+    """(mesh, analytic SDF) built once per test process."""
     return {
-        "sphere": (trimesh.creation.icosphere(5, 0.7), _sphere),
-        "box": (trimesh.creation.box((1.2, 0.9, 0.6)), _box),
-        "torus": (trimesh.creation.torus(0.55, 0.2, 256, 128), _torus),
-        "union": (to_tm(union), _union),
-    }
+        "sphere": lambda: (trimesh.creation.icosphere(5, 0.7), _sphere),
+        "box": lambda: (trimesh.creation.box((1.2, 0.9, 0.6)), _box),
+        "torus": lambda: (trimesh.creation.torus(0.55, 0.2, 256, 128), _torus),
+        "union": lambda: (_union_mesh(), _union),
+    }[name]()
 
 
-@pytest.mark.parametrize("name", ["sphere", "box", "torus", "union"])
-@pytest.mark.parametrize("R", [128, 256])
+# every shape at 128; the union (flat faces, sharp edges, a sphere) also at 256
+@pytest.mark.parametrize("name,R", [("sphere", 128), ("box", 128), ("torus", 128), ("union", 128), ("union", 256)])
 def test_sparse_sdf_matches_analytic(name, R):
-    mesh, fn = _meshes()[name]
+    mesh, fn = _shape(name)
     s = sparse_sdf_of_mesh(mesh, R, band=4.0, trunc=6.0)
     coords, values = s.voxels()
     ref = fn(voxel_centres(coords, R).astype(np.float64)) / (2.0 / R)
@@ -83,7 +87,7 @@ def test_sparse_sdf_matches_mesh2sdf():
 
 
 def test_resample_matches_analytic():
-    mesh = trimesh.creation.icosphere(5, 0.7)
+    mesh = _shape("sphere")[0]
     src = sparse_sdf_of_mesh(mesh, 256)
     for R in (192,):
         dst = resample_sparse_sdf(src, R)

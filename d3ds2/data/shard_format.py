@@ -28,7 +28,7 @@ def _npz(**arrays) -> bytes:
     return buf.getvalue()
 
 
-def _png(rgba: np.ndarray) -> bytes:
+def encode_png(rgba: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -68,7 +68,7 @@ def encode_sample(sample: dict) -> dict:
     views = sample.get("views")
     if views is not None:
         for i, rgba in enumerate(views["rgba"]):
-            out[f"view{i:03d}.png"] = _png(np.asarray(rgba, np.uint8))
+            out[f"view{i:03d}.png"] = encode_png(np.asarray(rgba, np.uint8))
         out["cameras.npz"] = _npz(**{k: np.asarray(views[k], np.float32) for k in CAMERA_FIELDS})
     return out
 

@@ -10,8 +10,11 @@ units of its grid (distance / h), negative inside, clamped to [-trunc, trunc] (e
 Algorithm (`compute_sparse_sdf`): Embree closest-point queries (open3d RaycastingScene) with
 coarse-to-fine culling: blocks of 2^k cells are kept only where the distance at the block centre is below
 the half diagonal of the block's voxel centres plus the band (the distance is 1-Lipschitz, so no occupied
-cell is lost); the surviving cells get one signed-distance query per voxel (sign by ray parity on the
-watertight surface, `nsamples` rays). No dense R^3 array is ever allocated.
+cell is lost); inside the surviving cells the same bound works on 4^3 and 2^3 sub-blocks (`_cells_sdf`):
+blocks whose centre is farther than their radius get one sign (ray parity on the watertight surface,
+`nsamples` rays) for all their voxels, blocks beyond trunc are clamped without further queries, and only
+voxels closer than trunc get their own distance query (and their own parity test only within about a
+voxel of the surface). No dense R^3 array is ever allocated.
 """
 from __future__ import annotations
 
@@ -105,6 +108,72 @@ def candidate_cells(query: SurfaceDistance, resolution: int, band: float) -> np.
         blocks = blocks[(blocks * level_cells < n_cells).all(axis=1)]
 
 
+def _block_centres(cells: np.ndarray, size: int, resolution: int) -> np.ndarray:
+    """[M, (8/size)^3, 3] centres of the size^3 sub-blocks of each cell (mean of their voxel centres), order x, y, z."""
+    per = CELL // size
+    sub = np.stack(np.meshgrid(*[np.arange(per)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    first = cells[:, None, :].astype(np.float64) * CELL + sub[None] * size  # first voxel of each block
+    return (-1.0 + (first + size / 2.0) * (2.0 / resolution)).astype(np.float32)
+
+
+def _block_of_voxel(size: int) -> np.ndarray:
+    """[512] index of the size^3 sub-block holding each local voxel of a cell (both in order x, y, z)."""
+    per = CELL // size
+    b = _LOCAL // size
+    return (b[:, 0] * per + b[:, 1]) * per + b[:, 2]
+
+
+_IN4, _IN2 = _block_of_voxel(4), _block_of_voxel(2)
+_SUB2_IN4 = _IN4[np.unique(_IN2, return_index=True)[1]]  # [64] 4^3 block holding each 2^3 block
+_RAD4, _RAD2 = 1.5 * np.sqrt(3.0), 0.5 * np.sqrt(3.0)  # voxels: block centre to each of its voxel centres
+_EPS = 0.01  # voxels: margin on the Lipschitz tests for float32 rounding
+
+
+def _sign(query: SurfaceDistance, points: np.ndarray) -> np.ndarray:
+    """points [N, 3] -> float32 [N]: -1 inside, +1 outside."""
+    return np.where(query.inside(points), np.float32(-1.0), np.float32(1.0)) if len(points) else np.zeros(0, np.float32)
+
+
+def _cells_sdf(query: SurfaceDistance, cells: np.ndarray, resolution: int, band: float,
+               trunc: float) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate cells [M, 3] -> (occupied bool [M], sdf float32 [K, 512] of the K occupied ones, voxel units).
+
+    Queries are as coarse as the 1-Lipschitz bound allows (d = unsigned distance in voxels). A 4^3 block whose
+    centre has d4 > _RAD4 lies in a surface-free ball: one parity test signs all its voxels, and when
+    d4 - _RAD4 >= trunc they are all clamped. Inside the other 4^3 blocks the same holds for 2^3 blocks
+    (_RAD2). The remaining voxels get their own distance d; their sign is their 2^3 centre's when
+    d + d2 > _RAD2 (the segment between them cannot cross the surface), else their own parity test.
+    """
+    h = 2.0 / resolution
+    d4 = query.unsigned(_block_centres(cells, 4, resolution).reshape(-1, 3)).reshape(-1, 8) / h
+    occupied = (d4 - _RAD4 < band).any(axis=1)
+    cells, d4 = cells[occupied], d4[occupied]
+    M = len(cells)
+    uni4 = d4 > _RAD4 + _EPS  # one sign for the whole 4^3 block
+    s4 = np.zeros((M, 8), np.float32)
+    s4[uni4] = _sign(query, _block_centres(cells, 4, resolution)[uni4])
+    open4 = d4 - _RAD4 < trunc  # holds voxels closer than trunc
+    open2 = open4[:, _SUB2_IN4]  # [M, 64]
+    c2 = _block_centres(cells, 2, resolution)
+    d2 = np.full((M, 64), np.inf, np.float32)
+    d2[open2] = query.unsigned(c2[open2]) / h
+    s2 = np.zeros((M, 64), np.float32)
+    need_s2 = open2 & ~uni4[:, _SUB2_IN4]
+    s2[need_s2] = _sign(query, c2[need_s2])
+    D4, D2 = d4[:, _IN4], d2[:, _IN2]  # per voxel [M, 512]
+    sign = np.where(uni4[:, _IN4], s4[:, _IN4], s2[:, _IN2])
+    exact = (D4 - _RAD4 < trunc) & (D2 - _RAD2 < trunc)
+    rows, local = np.nonzero(exact)
+    pts = voxel_centres(cells[rows] * CELL + _LOCAL[local], resolution)
+    d = query.unsigned(pts) / h
+    own = ~uni4[rows, _IN4[local]] & (d + D2[rows, local] <= _RAD2 + _EPS)
+    s = sign[rows, local]
+    s[own] = _sign(query, pts[own])
+    sdf = sign * np.float32(trunc)
+    sdf[rows, local] = np.clip(s * d, -trunc, trunc)
+    return occupied, sdf
+
+
 def compute_sparse_sdf(
     vertices: np.ndarray,
     faces: np.ndarray,
@@ -120,15 +189,13 @@ def compute_sparse_sdf(
         raise ValueError(f"trunc ({trunc}) must be >= band ({band})")
     query = query or SurfaceDistance(vertices, faces, nsamples)
     cand = candidate_cells(query, resolution, band)
-    h = 2.0 / resolution
     kept_cells, kept_sdf = [], []
     for start in range(0, len(cand), chunk_cells):
         cells = cand[start : start + chunk_cells]
-        pts = voxel_centres(cell_voxel_coords(cells), resolution)
-        sdf = (query.signed(pts) / h).reshape(-1, CELL, CELL, CELL)
-        occupied = (np.abs(sdf) < band).reshape(len(cells), -1).any(axis=1)
-        kept_cells.append(cells[occupied])
-        kept_sdf.append(np.clip(sdf[occupied], -trunc, trunc).astype(np.float32))
+        candidate, sdf = _cells_sdf(query, cells, resolution, band, trunc)
+        occupied = (np.abs(sdf) < band).any(axis=1)  # the 4^3 test keeps a superset
+        kept_cells.append(cells[candidate][occupied])
+        kept_sdf.append(sdf[occupied].reshape(-1, CELL, CELL, CELL))
     cells = np.concatenate(kept_cells) if kept_cells else np.zeros((0, 3), np.int32)
     sdf = np.concatenate(kept_sdf) if kept_sdf else np.zeros((0, CELL, CELL, CELL), np.float32)
     return SparseSDF(resolution, cells.astype(np.int32), sdf, band, trunc)
