@@ -38,10 +38,15 @@ def test_sparse_dit_official_parameter_count(kwargs, m_cmp, compression, expecte
 
 
 @pytest.mark.skipif(not HAS_SSA, reason="d3ds2.attention.SpatialSparseAttention not merged in this checkout")
-def test_sparse_dit_v11_parameter_count_with_ssa():
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [({"ssa": {"m_cmp": 8, "m_slc": 8, "topk": 8, "compression": "v1"}}, 509_286_416),
+     ({"ssa": {"m_cmp": 4, "m_slc": 8, "topk": 32, "compression": "v2"}, "sparse_conditions": True}, 520_083_472)],
+)
+def test_sparse_dit_parameter_count_with_ssa(kwargs, expected):
     with torch.device("meta"):
-        model = SparseDiT(attention="ssa", ssa={"m_cmp": 8, "m_slc": 8, "topk": 8, "compression": "v1"})
-    assert sum(p.numel() for p in model.parameters()) == 509_286_416
+        model = SparseDiT(attention="ssa", **kwargs)
+    assert sum(p.numel() for p in model.parameters()) == expected
 
 
 def test_dense_models_official_parameter_counts():
@@ -88,10 +93,14 @@ def test_adaln_zero_init_blocks_only_add_cross_attention():
     assert torch.equal(v.feats, torch.zeros_like(v.feats))
 
 
-@pytest.mark.parametrize("attention", ["full", "window"])
+SSA_TINY = {"m_cmp": 2, "m_slc": 4, "topk": 2}
+
+
+@pytest.mark.parametrize("attention", ["full", "window", pytest.param("ssa", marks=pytest.mark.skipif(not HAS_SSA, reason="no SSA module"))])
 def test_batch_of_two_shapes_equals_each_alone(attention):
     gen = torch.manual_seed(1)
-    model = tiny_sparse_dit(attention=attention)
+    extra = {"ssa": SSA_TINY, "model_channels": 64} if attention == "ssa" else {}  # SSA kernels: head_dim >= 16
+    model = tiny_sparse_dit(attention=attention, **extra)
     randomize(model, gen)
     shapes = [random_shape(n, 8, gen) for n in (37, 12)]
     feats = [torch.randn(len(c), 4, dtype=torch.float64, generator=gen) for c in shapes]
