@@ -1,0 +1,88 @@
+"""Inference time and peak GPU memory per stage with random-weight full-size models (GPU).
+
+Models: DINOv2-L/14 with registers (random, transformers config), occupancy VAE (193M), index DiT (560M),
+SS-DiT v1.1 (509M; SSA when available, else full attention) for 512 and 1024, sparse SDF VAE (37.9M) when
+available. Random weights make the index stage's occupancy meaningless, so the sparse stages run on sphere
+shells with the paper's average token counts (10,655 at 512, 45,904 at 1024); everything else is the
+pipeline's own code (d3ds2.pipeline). Steps: dense 50, 512: 30, 1024: 15, CFG batched (guidance 7).
+Usage: python benchmarks/inference.py --out inference.json [--offload] [--weights bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from dit_step import shell_coords  # run as a script: benchmarks/ is on sys.path
+from d3ds2.models.conditioner import ImageConditioner
+from d3ds2.models.dense_dit import DenseDiT
+from d3ds2.models.dense_vae import DenseShapeVAE
+from d3ds2.models.sparse_dit import SparseDiT
+from d3ds2.pipeline import ImageTo3DPipeline, SparseStage, StageSampling
+
+DINO_L = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=518,
+              patch_size=14, num_register_tokens=4, layerscale_value=1.0)
+
+
+def sparse_vae():
+    try:
+        from d3ds2.models.sparse_sdf_vae import SparseSDFVAE
+    except ImportError:
+        return None
+    return SparseSDFVAE(chunk_size=None)
+
+
+def attention_mode() -> str:
+    try:
+        from d3ds2.attention import SpatialSparseAttention  # noqa: F401
+
+        return "ssa"
+    except ImportError:
+        return "full"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="inference.json")
+    ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--weights", default="bfloat16")
+    ap.add_argument("--tokens512", type=int, default=10655)
+    ap.add_argument("--tokens1024", type=int, default=45904)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    mode = attention_mode()
+    ssa = {"m_cmp": 8, "m_slc": 8, "topk": 8, "compression": "v1"} if mode == "ssa" else None
+    vae512, vae1024 = sparse_vae(), sparse_vae()
+    if vae1024 is not None:
+        vae1024.chunk_size = 32
+    zero, one = torch.zeros(16), torch.ones(16)
+    pipe = ImageTo3DPipeline(
+        ImageConditioner(config=DINO_L), DenseShapeVAE(), DenseDiT(),
+        SparseStage(SparseDiT(attention=mode, ssa=ssa), vae512 or torch.nn.Identity(), zero, one, 512),
+        SparseStage(SparseDiT(attention=mode, ssa=ssa, pe_factor=0.5), vae1024 or torch.nn.Identity(), zero, one, 1024),
+        device=dev, offload=args.offload, weights_dtype=args.weights,
+    )
+    resident = torch.cuda.memory_allocated(dev) / 2**30
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 4, 518, 518)
+    images[:, 3] = 1.0
+    with torch.no_grad():
+        tokens, masks = pipe._stage("condition", [pipe.conditioner], pipe._condition, images)
+        pipe._stage("index DiT + decode", [pipe.index_dit, pipe.index_vae], pipe._index, tokens, StageSampling(50, 6.0, 7.0), gen)
+        for s, n, grid, sampling, name in [(pipe.stage_512, args.tokens512, 64, StageSampling(30, 6.0, 7.0), "512"),
+                                           (pipe.stage_1024, args.tokens1024, 128, StageSampling(15, 8.0, 7.0), "1024")]:
+            cells = shell_coords(n, grid, 1, "cpu")
+            lat = pipe._stage(f"sparse DiT {name}", [s.dit], pipe._sparse, s, cells, tokens, masks, 1, sampling, gen, name)
+            if not isinstance(s.vae, torch.nn.Identity):
+                pipe._stage(f"VAE decode {name}", [s.vae], pipe._decode, s, lat)
+    out = {"device": torch.cuda.get_device_name(dev), "attention": mode, "offload": args.offload, "weights": args.weights,
+           "resident_weights_gib": resident,
+           "stages": [{"name": r.name, "seconds": r.seconds, "peak_gib": r.peak_gib, "info": r.info} for r in pipe.reports]}
+    print(json.dumps(out, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
