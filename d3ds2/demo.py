@@ -1,34 +1,75 @@
 """The built-in end-to-end example behind ``make demo`` (CPU, a few minutes).
 
-Each stage is the real entry point with a small config; outputs go under ``out`` (default demo_out/).
+Real meshes (pyvista / pymeshfix samples + procedural CSG) -> data prep (watertight, sparse SDF at 128³,
+sharp edges, 4 renders) -> a tiny sparse SDF VAE trained for a few steps -> reconstruction of a real mesh
+with its metrics -> latents -> tiny index VAE, index DiT and sparse DiT -> ``inference.py`` on a demo render
+-> a mesh file. Every stage is the real entry point with a small config; outputs go under ``out``.
 Usage: ``python -m d3ds2.demo out=demo_out``.
 """
 from __future__ import annotations
 
+import glob
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+RES = 128
+
 
 def _stage(name: str, args: list[str]) -> None:
-    print(f"\n=== {name}: {' '.join(args)}", flush=True)
+    print(f"\n=== {name}\n    python {' '.join(args)}", flush=True)
     start = time.perf_counter()
     subprocess.run([sys.executable, *args], check=True)
-    print(f"=== {name} done in {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"=== done in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def _first_view(shards: str, dest: Path) -> Path:
+    """Extract the first rendered view (RGBA PNG) of the first demo shard."""
+    with tarfile.open(sorted(glob.glob(shards))[0]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".view000.png"))
+        dest.write_bytes(tar.extractfile(member).read())
+    return dest
 
 
 def main(argv: list[str]) -> None:
     opts = dict(a.split("=", 1) for a in argv if "=" in a)
     out = Path(opts.get("out", "demo_out")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    meshes, data = out / "meshes", out / "data"
-    _stage("corpus: real meshes from installed packages + procedural CSG shapes",
+    meshes, data, logs = out / "meshes", out / "data", out / "logs"
+    shards = f"{data}/shards/*.tar"
+    run = [f"paths.root_dir={out}", "run_name=demo", "logger=csv", "callbacks.progress_bar.refresh_rate=0"]
+
+    _stage("1/8 corpus: real meshes shipped in pyvista/pymeshfix + procedural CSG shapes",
            ["-m", "data_prep.corpus", f"out={meshes}", "n_procedural=3"])
-    _stage("data prep: watertight, sparse SDF, sharp edges, renders, shards",
-           ["-m", "data_prep", f"input={meshes}", f"output={data}", "resolutions=[128]", "views=4",
-            "render.size=256", "watertight.resolution=128", "samples_per_shard=4", "workers=2"])
-    print(f"\nDemo finished; everything is under {out}")
+    _stage(f"2/8 data prep: watertight, sparse SDF at {RES}³, sharp edges, 4 renders, webdataset shards",
+           ["-m", "data_prep", f"input={meshes}", f"output={data}", f"resolutions=[{RES}]", "views=4",
+            "render.size=256", f"watertight.resolution={RES}", "samples_per_shard=4", "workers=2"])
+    _stage(f"3/8 train a tiny sparse SDF VAE on the shards (resampled to {RES // 2}³ to keep the CPU demo short)",
+           ["train.py", "experiment=vae_tiny", f"data.train_shards={shards}", f"data.resolutions=[{RES // 2}]",
+            f"data.val_resolution={RES // 2}", "data.batch_voxels=300000", *run])
+    vae_run = logs / "vae_tiny" / "demo"
+    bunny = next(iter(sorted(meshes.glob("*bunny*")) or sorted(meshes.iterdir())))
+    _stage("4/8 reconstruct a real mesh through the VAE, with metrics",
+           ["-m", "d3ds2.vae", "reconstruct", str(bunny), "--ckpt", str(vae_run / "checkpoints" / "last.ckpt"),
+            "--resolution", str(RES), "-o", str(out / "reconstruction.ply")])
+    latents = data / "latents" / str(RES)
+    _stage("5/8 encode the shards to latents (+ preprocessed views) and their statistics",
+           ["-m", "data_prep.encode_latents", "--shards", shards, "--out", str(latents), "--resolution", str(RES),
+            "--vae", str(vae_run), "--features", "images"])
+    _stage("5/8 latent statistics", ["-m", "data_prep.latent_stats", f"{latents}/*.tar", str(latents / "stats.json")])
+    _stage("6/8 train the tiny index (occupancy) VAE", ["train.py", "experiment=index_vae_tiny", *run])
+    _stage("7/8 train the tiny index DiT",
+           ["train.py", "experiment=index_dit_tiny", *run])
+    _stage("7/8 train the tiny sparse DiT", ["train.py", "experiment=dit_tiny", *run])
+    image = _first_view(shards, out / "input_view.png")
+    _stage("8/8 inference: image -> index DiT -> sparse DiT -> VAE decode -> mesh",
+           ["inference.py", f"image={image}", f"out={out / 'generated.glb'}", "device=cpu", "dense.steps=10",
+            "sparse_512.steps=10", f"ckpt.index_dit={logs / 'index_dit_tiny' / 'demo'}",
+            f"ckpt.sparse_dit_512={logs / 'dit_tiny' / 'demo'}", f"ckpt.vae_512={vae_run}"])
+    print(f"\nDemo finished. Under {out}:\n  reconstruction.ply  (VAE reconstruction of {bunny.name})\n"
+          f"  generated.glb       (generated from input_view.png)\n  logs/               (runs: configs, checkpoints, metrics)")
 
 
 if __name__ == "__main__":
