@@ -23,7 +23,7 @@ def synthetic_sample(key: str, grid: int, radius: float, colour, rng: np.random.
     g = np.stack(np.meshgrid(*[np.arange(grid)] * 3, indexing="ij"), -1).reshape(-1, 3)
     d = np.linalg.norm(g + 0.5 - grid / 2, axis=1)
     coords = g[np.abs(d - radius) < 0.9]
-    feats = np.concatenate([np.sin(coords[:, :1] * np.arange(1, 17) / 7.0 + radius)], 1)
+    feats = np.concatenate([np.sin(coords[:, :1] * np.arange(1, 9) / 7.0 + radius)], 1)
     yy, xx = np.mgrid[:518, :518]
     disc = (xx - 259) ** 2 + (yy - 259) ** 2 < (60 + 40 * radius) ** 2
     img = np.full((518, 518, 4), 255, np.uint8)
