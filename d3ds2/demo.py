@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 RES = 128  # data prep, latents and the DiTs
-VAE_RES = 32  # the tiny VAE trains at 32³ (resampled): 60 steps take ~1 min on 2 cores
+VAE_RES = 32  # the tiny VAE trains at 32³: 60 steps take ~1 min on 2 cores
 
 
 def _stage(name: str, args: list[str]) -> None:
@@ -44,10 +44,10 @@ def main(argv: list[str]) -> None:
 
     _stage("1/8 corpus: real meshes shipped in pyvista/pymeshfix + procedural CSG shapes",
            ["-m", "data_prep.corpus", f"out={meshes}", "n_procedural=3"])
-    _stage(f"2/8 data prep: watertight, sparse SDF at {RES}³, sharp edges, 4 renders, webdataset shards",
-           ["-m", "data_prep", f"input={meshes}", f"output={data}", f"resolutions=[{RES}]", "views=4",
+    _stage(f"2/8 data prep: watertight, sparse SDF at {VAE_RES}³ and {RES}³, sharp edges, 4 renders, shards",
+           ["-m", "data_prep", f"input={meshes}", f"output={data}", f"resolutions=[{VAE_RES},{RES}]", "views=4",
             "render.size=256", f"watertight.resolution={RES}", "samples_per_shard=4", "workers=2"])
-    _stage(f"3/8 train a tiny sparse SDF VAE on the shards (resampled to {VAE_RES}³ to keep the CPU demo short)",
+    _stage(f"3/8 train a tiny sparse SDF VAE on the shards at {VAE_RES}³ (keeps the CPU demo short)",
            ["train.py", "experiment=vae_tiny", f"data.train_shards={shards}", f"data.resolutions=[{VAE_RES}]",
             f"data.val_resolution={VAE_RES}", "data.num_workers=0", "trainer.max_steps=60", *run])
     vae_run = logs / "vae_tiny" / "demo"
