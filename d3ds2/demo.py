@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     bunny = next(iter(sorted(meshes.glob("*bunny*")) or sorted(meshes.iterdir())))
     _stage("4/8 reconstruct a real mesh through the VAE, with metrics",
            ["-m", "d3ds2.vae", "reconstruct", str(bunny), "--ckpt", str(vae_run / "checkpoints" / "last.ckpt"),
-            "--resolution", str(RES), "-o", str(out / "reconstruction.ply")])
+            "--resolution", str(VAE_RES), "-o", str(out / "reconstruction.ply")])
     latents = data / "latents" / str(RES)
     _stage("5/8 encode the shards to latents (+ preprocessed views) and their statistics",
            ["-m", "data_prep.encode_latents", "--shards", shards, "--out", str(latents), "--resolution", str(RES),
