@@ -6,30 +6,21 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
 from d3ds2.training.checkpoint import atomic_torch_save, load_net_weights
 from d3ds2.training.runner import run_training
 from d3ds2.training.toy import ToySparseNet
+from train_helpers import CONFIGS, compose_train, run_composed
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def _cfg(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=toy", "logger=csv", *overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        cfg.callbacks.pop("progress_bar")
-        cfg.trainer.enable_progress_bar = False
-    return cfg
+    return compose_train("toy", tmp_path, *overrides)
 
 
-def _run(cfg):
-    HydraConfig.instance().set_config(cfg)
-    return run_training(cfg)
+_run = run_composed
 
 
 def test_fit_then_exact_resume(tmp_path):

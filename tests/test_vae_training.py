@@ -7,17 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from d3ds2.data.sdf_transforms import analytic_sample, collate
 from d3ds2.models.sparse_sdf_vae import SparseSDFVAE
 from d3ds2.models.vae_losses import VAELossWeights, vae_loss
 from d3ds2.training.checkpoint import load_net_weights
-from d3ds2.training.runner import run_training
+from train_helpers import compose_train, run_composed
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 TINY = dict(model_channels=32, encoder_channels=(8, 16, 16, 32), decoder_channels=(16, 16, 8), num_blocks=2,
             num_heads=2, latent_channels=4)
 
@@ -45,18 +41,10 @@ def test_tiny_vae_overfits_one_shape():
 
 
 def _cfg(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=vae_tiny", "logger=csv", *overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        cfg.callbacks.pop("progress_bar")
-        cfg.trainer.enable_progress_bar = False
-    return cfg
+    return compose_train("vae_tiny", tmp_path, *overrides)
 
 
-def _run(cfg):
-    HydraConfig.instance().set_config(cfg)
-    return run_training(cfg)
+_run = run_composed
 
 
 SMALL = ["data.resolutions=[16,24]", "data.val_resolution=24", "trainer.limit_val_batches=1",

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .embeddings import AbsolutePositionEmbedder
 from .sparse_dit import Context, CrossAttention, FeedForward, fp32, layer_norm32
+from .dit_init import init_dit_weights
 from .timestep import TimestepEmbedder
 
 
@@ -111,19 +112,7 @@ class DenseDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Xavier-uniform Linear weights, zero biases; t-embedder N(0, 0.02); adaLN and out_layer zero."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.out_layer.weight)
-        nn.init.zeros_(self.out_layer.bias)
+        init_dit_weights(self)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         b, r = x.shape[0], self.resolution

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import varlen_attention, window_attention
 from ..sparse import SparseTensor
 from .embeddings import AbsolutePositionEmbedder
+from .dit_init import init_dit_weights
 from .timestep import TimestepEmbedder
 
 ATTENTION_MODES = ("full", "window", "ssa")
@@ -291,19 +292,7 @@ class SparseDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Xavier-uniform Linear weights, zero biases; t-embedder N(0, 0.02); adaLN and out_layer zero."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.out_layer.weight)
-        nn.init.zeros_(self.out_layer.bias)
+        init_dit_weights(self)
 
     def context(self, cond: torch.Tensor | SparseCondition) -> Context:
         """The packed cross-attention context of a dense [B, L, C] or sparse (foreground tokens) condition."""
