@@ -115,12 +115,16 @@ def collate_latents(samples: list[dict], view: str = "random", rng: random.Rando
 class LatentStream(IterableDataset):
     """Streams latent shards (shuffled per pass), batches by token budget: a batch holds samples until
     adding the next would exceed ``batch_tokens`` latent tokens (at least one sample, at most ``max_batch``).
-    Samples with more than ``max_tokens`` tokens are skipped. ``loop``: repeat forever (training)."""
+    Samples with more than ``max_tokens`` tokens are skipped. ``loop``: repeat forever (training).
+    ``cache``: keep this reader's samples in memory after the first pass, so later passes do not re-read the
+    shards (small data sets, e.g. a few shapes trained for thousands of steps)."""
 
     def __init__(self, shards: list[str], batch_tokens: int, max_batch: int = 64, max_tokens: int | None = None,
-                 shuffle: bool = True, loop: bool = True, seed: int = 0, view: str = "random", buffer: int = 256) -> None:
+                 shuffle: bool = True, loop: bool = True, seed: int = 0, view: str = "random", buffer: int = 256,
+                 cache: bool = False) -> None:
         self.shards, self.batch_tokens, self.max_batch, self.max_tokens = shards, batch_tokens, max_batch, max_tokens
         self.shuffle, self.loop, self.seed, self.view, self.buffer = shuffle, loop, seed, view, buffer
+        self.cache = cache
 
     def _samples(self, rng: random.Random) -> Iterator[dict]:
         """Each reader (rank x worker) takes every count-th shard, or every count-th sample when there are
@@ -128,6 +132,9 @@ class LatentStream(IterableDataset):
         slot, count = _reader_slot()
         by_shard = len(self.shards) >= count
         shards = self.shards[slot::count] if by_shard else self.shards
+        if self.cache:
+            yield from self._cached_samples(shards, by_shard, slot, count, rng)
+            return
         while True:
             order = list(shards)
             if self.shuffle:
@@ -148,6 +155,18 @@ class LatentStream(IterableDataset):
             if not self.loop:
                 return
 
+    def _cached_samples(self, shards: list[str], by_shard: bool, slot: int, count: int, rng: random.Random) -> Iterator[dict]:
+        """This reader's samples read once, then every pass reshuffled from memory."""
+        cached = [s for path in shards for i, s in enumerate(read_latent_shard(path))
+                  if (by_shard or i % count == slot) and (self.max_tokens is None or len(s["coords"]) <= self.max_tokens)]
+        while True:
+            order = list(cached)
+            if self.shuffle:
+                rng.shuffle(order)
+            yield from order
+            if not self.loop:
+                return
+
     def __iter__(self) -> Iterator[dict]:
         rng = random.Random(self.seed * 7919 + _reader_slot()[0])
         group: list[dict] = []
@@ -164,18 +183,20 @@ class LatentStream(IterableDataset):
 
 
 class LatentDataModule(L.LightningDataModule):
-    """DiT data: ``train_shards`` / ``val_shards`` globs of latent shards; batches bounded by ``batch_tokens``."""
+    """DiT data: ``train_shards`` / ``val_shards`` globs of latent shards; batches bounded by ``batch_tokens``;
+    ``cache``: keep the samples in memory after the first pass (see :class:`LatentStream`)."""
 
     def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None = None, batch_tokens: int = 32768,
-                 max_batch: int = 64, max_tokens: int | None = None, num_workers: int = 0, seed: int = 0) -> None:
+                 max_batch: int = 64, max_tokens: int | None = None, num_workers: int = 0, seed: int = 0,
+                 cache: bool = False) -> None:
         super().__init__()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_tokens, self.max_batch, self.max_tokens = batch_tokens, max_batch, max_tokens
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.cache = num_workers, seed, cache
 
     def _loader(self, spec, train: bool) -> DataLoader:
         stream = LatentStream(expand_shards(spec), self.batch_tokens, self.max_batch, self.max_tokens, shuffle=train,
-                              loop=train, seed=self.seed, view="random" if train else "first")
+                              loop=train, seed=self.seed, view="random" if train else "first", cache=self.cache)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
