@@ -15,14 +15,11 @@ import json
 import torch
 
 from dit_step import shell_coords  # run as a script: benchmarks/ is on sys.path
-from d3ds2.models.conditioner import ImageConditioner
+from d3ds2.models.conditioner import DINOV2_L_REG_CONFIG, ImageConditioner
 from d3ds2.models.dense_dit import DenseDiT
 from d3ds2.models.dense_vae import DenseShapeVAE
 from d3ds2.models.sparse_dit import SparseDiT
 from d3ds2.pipeline import ImageTo3DPipeline, SparseStage, StageSampling
-
-DINO_L = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=518,
-              patch_size=14, num_register_tokens=4, layerscale_value=1.0)
 
 
 def sparse_vae():
@@ -58,7 +55,7 @@ def main() -> None:
         vae1024.chunk_size = 32
     zero, one = torch.zeros(16), torch.ones(16)
     pipe = ImageTo3DPipeline(
-        ImageConditioner(config=DINO_L), DenseShapeVAE(), DenseDiT(),
+        ImageConditioner(config=DINOV2_L_REG_CONFIG), DenseShapeVAE(), DenseDiT(),
         SparseStage(SparseDiT(attention=mode, ssa=ssa), vae512 or torch.nn.Identity(), zero, one, 512),
         SparseStage(SparseDiT(attention=mode, ssa=ssa, pe_factor=0.5), vae1024 or torch.nn.Identity(), zero, one, 1024),
         device=dev, offload=args.offload, weights_dtype=args.weights,

@@ -61,6 +61,16 @@ def test_latent_shard_roundtrip_and_token_budget(latent_root):
     assert sorted(k for b in loader for k in b["keys"]) == ["a", "b"]
 
 
+def test_cached_stream_reads_the_shards_once(latent_root, tmp_path):
+    shard = tmp_path / "train-000.tar"
+    shard.write_bytes(Path(expand_shards(str(latent_root / "data/latents/128/train-*.tar"))[0]).read_bytes())
+    stream = iter(LatentStream([str(shard)], batch_tokens=10**6, max_batch=1, shuffle=True, loop=True, cache=True))
+    first = [next(stream)["keys"][0] for _ in range(2)]
+    shard.unlink()  # later passes come from memory (an uncached stream would fail to reopen the shard)
+    later = [next(stream)["keys"][0] for _ in range(6)]
+    assert sorted(first) == ["a", "b"] and sorted(later) == ["a"] * 3 + ["b"] * 3
+
+
 def _train(root: Path, out: Path, experiment: str, *overrides: str) -> dict:
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", f"paths.root_dir={root}", "logger=csv", *overrides],

@@ -22,22 +22,18 @@ def surface_points(mesh: trimesh.Trimesh | None, n: int, seed: int = 0) -> np.nd
     return sample_surface(mesh, n, seed)[0].astype(np.float32)
 
 
-def chamfer_l1(a: np.ndarray, b: np.ndarray) -> float:
-    """Symmetric L1 Chamfer distance between point sets a [n, 3] and b [m, 3]."""
-    d_ab = cKDTree(b).query(a, workers=-1)[0]
-    d_ba = cKDTree(a).query(b, workers=-1)[0]
-    return float(0.5 * (d_ab.mean() + d_ba.mean()))
-
-
 def chamfer_matrix(preds: list[np.ndarray | None], refs: list[np.ndarray]) -> np.ndarray:
-    """[P, R] float64 Chamfer distances of every prediction to every reference; a missing prediction (None,
-    e.g. a decode without surface) gets +inf in its whole row."""
+    """[P, R] float64 symmetric L1 Chamfer distances of every prediction point set [n, 3] to every reference
+    point set [m, 3]; a missing prediction (None or no points, e.g. a decode without surface) gets +inf in its
+    whole row."""
     out = np.full((len(preds), len(refs)), np.inf)
+    ref_trees = [cKDTree(r) for r in refs]
     for i, p in enumerate(preds):
         if p is None or len(p) == 0:
             continue
-        for j, r in enumerate(refs):
-            out[i, j] = chamfer_l1(p, r)
+        tree = cKDTree(p)
+        for j, (r, rt) in enumerate(zip(refs, ref_trees)):
+            out[i, j] = 0.5 * (rt.query(p, workers=-1)[0].mean() + tree.query(r, workers=-1)[0].mean())
     return out
 
 

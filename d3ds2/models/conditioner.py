@@ -18,6 +18,10 @@ from .sparse_dit import SparseCondition
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_BACKBONE = "facebook/dinov2-with-registers-large"
+# transformers config of DINOv2-L/14 with registers at 518^2 (the official encoder's architecture): builds a
+# random-weight encoder of the official size, ImageConditioner(config=DINOV2_L_REG_CONFIG)
+DINOV2_L_REG_CONFIG = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, image_size=518,
+                           patch_size=14, num_register_tokens=4, layerscale_value=1.0)
 
 
 # ------------------------------------------------------------------------------------------------
