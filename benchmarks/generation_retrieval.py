@@ -10,23 +10,28 @@ Two commands, run from the repository root with PYTHONPATH=$PWD:
     frame of the SDF) ; the per-sample copies and the mesh files are removed (the shards hold everything).
 
   run  (the GPU machine; every stage is a real entry point or library API)
-      python benchmarks/generation_retrieval.py run --vae VAE_RUN --data .dev/gen16data --out OUT --budget-s 420
+      python benchmarks/generation_retrieval.py run --vae VAE_RUN --data .dev/gen16data --out OUT --work /tmp/gen16 \
+          --budget-s 420
     1 dino        a randomly initialised DINOv2-with-registers (transformers config, fixed seed; no weights can
                   be downloaded), saved with save_pretrained so every later stage loads the same encoder
     2 encode      python -m data_prep.encode_latents --features precompute (VAE posterior means + tokens)
     3 stats       python -m data_prep.latent_stats
     4 index_vae   python train.py experiment=index_vae_small   (time-boxed with +trainer.max_time)
-    5 index_dit   python train.py experiment=index_dit_small
-    6 sparse_dit  python train.py experiment=dit_256_small
+    5 index_dit   python train.py experiment=index_dit_small      (after index_vae)
+    6 sparse_dit  python train.py experiment=dit_256_small        (beside 4 and 5 on the same GPU)
     7 generate    d3ds2.pipeline.ImageTo3DPipeline on one training view per shape (batched) with the first
                   --guidance, then the 16 x 16 Chamfer matrix generated vs reference and the top-1 retrieval
                   (d3ds2.eval.retrieval)
     8 reconstruct the VAE's own reconstructions of the reference latents, scored the same way (upper bound)
     9 generate_more  the other --guidance values, while the budget lasts
-    The training stages share what is left of --budget-s after the fixed stages minus --reserve-s (kept for
-    generation, scoring and the reconstruction), 0.2 / 0.3 / 0.5 of it. OUT/retrieval.json and OUT/retrieval.md are rewritten after
-    every stage (partial results survive a timeout); a failed stage writes its error there, stages that need it
-    are skipped. Stage logs: OUT/stage_logs/; runs: OUT/logs/<experiment>/gen/.
+    The training stages get what is left of --budget-s after the fixed stages minus --reserve-s (kept for
+    generation, scoring and the reconstruction): the SS-DiT all of it, the index VAE 0.35 then the index DiT
+    the rest (--sequential: one after the other, 0.2 / 0.3 / 0.5).
+    --out receives four files, rewritten after every stage (partial results survive a timeout; a failed stage
+    writes its error there, the stages that need it are skipped): retrieval.json, retrieval.md, logs.tar.gz
+    (stage logs, training CSVs and configs), meshes.tar.gz (the conditioning views, generated and reconstructed
+    meshes decimated to --keep-faces). Everything heavy (DINOv2 weights, latent shards, checkpoints, full
+    meshes) stays in --work.
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -137,20 +144,38 @@ def render_markdown(d: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-def run_entry(cmd: list[str], log: Path, timeout: float | None) -> None:
-    """Run ``python cmd...`` in the repo root, output to ``log``; StageError with the log's tail on failure."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    print(f"    $ python {' '.join(cmd)}", flush=True)
-    with open(log, "w") as f:
+class Entry:
+    """``python cmd...`` started in the repo root (its own process group), output to ``log``."""
+
+    def __init__(self, cmd: list[str], log: Path) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        print(f"    $ python {' '.join(cmd)}", flush=True)
+        self.log, self.start = log, time.perf_counter()
+        self._file = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=self._file, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait(self, timeout: float | None) -> float:
+        """Wait for the end (killing the process group after ``timeout`` s); the seconds it ran. StageError
+        with the log's tail on a non-zero exit or a timeout."""
         try:
-            rc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
+            rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise StageError(f"timed out after {timeout:.0f} s (log {log})") from None
-    if rc != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-        raise StageError(f"exit code {rc} (log {log}): " + " / ".join(tail))
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+            raise StageError(f"timed out after {time.perf_counter() - self.start:.0f} s (log {self.log})") from None
+        finally:
+            self._file.close()
+        if rc != 0:
+            tail = self.log.read_text(errors="replace").strip().splitlines()[-15:]
+            raise StageError(f"exit code {rc} (log {self.log}): " + " / ".join(tail))
+        return time.perf_counter() - self.start
+
+
+def run_entry(cmd: list[str], log: Path, timeout: float | None) -> None:
+    """Run ``python cmd...`` to its end (see :class:`Entry`)."""
+    Entry(cmd, log).wait(timeout)
 
 
 def hms(seconds: float) -> str:
@@ -211,8 +236,8 @@ def score(meshes: list, names: list[str], ref_points: np.ndarray) -> dict:
             "matrix": np.where(np.isfinite(m), m, np.inf).tolist()}
 
 
-def save_meshes(meshes: list, names: list[str], folder: Path, max_faces: int = 50000) -> None:
-    """Write each mesh as PLY (decimated to ``max_faces`` for storage only; scoring uses the full mesh)."""
+def save_meshes(meshes: list, names: list[str], folder: Path, max_faces: int) -> None:
+    """Write each mesh as PLY, decimated to ``max_faces`` (what is kept for looking at; scoring used the full mesh)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, (m, name) in enumerate(zip(meshes, names)):
         if m is None or len(m.faces) == 0:
@@ -279,13 +304,17 @@ class RetrievalRun:
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + args.budget_s
         self.out = Path(args.out).resolve()
-        if (self.out / "logs").exists():
-            raise SystemExit(f"run: {self.out} already holds a run (logs/); choose a new --out")
+        self.work = Path(args.work or tempfile.mkdtemp(prefix="generation_retrieval_")).resolve()
+        if self.work == self.out or self.out in self.work.parents:
+            raise SystemExit("run: --work must lie outside --out (--out only receives the four result files)")
+        if (self.work / "logs").exists():
+            raise SystemExit(f"run: {self.work} already holds a run (logs/); choose a new --work")
         self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
         self.data, self.vae = Path(args.data).resolve(), Path(args.vae).resolve()
         self.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.latents = self.out / "data" / "latents" / str(args.resolution)
-        self.dino_dir = self.out / "dinov2_random"
+        self.latents = self.work / "data" / "latents" / str(args.resolution)
+        self.dino_dir = self.work / "dinov2_random"
         self.exps = EXPERIMENTS[args.models]
         self.overhead = 25.0 if self.device.startswith("cuda") else 30.0  # process start-up + teardown per train.py run
         device_name = torch.cuda.get_device_name(0) if self.device.startswith("cuda") else "cpu"
@@ -295,7 +324,7 @@ class RetrievalRun:
             "budget_s": args.budget_s, "resolution": args.resolution, "models": args.models, "dino": args.dino,
             "seed": args.seed, "dense_steps": args.dense_steps, "sparse_steps": args.sparse_steps, "shift": args.shift,
             "guidance": args.guidance, "view": args.view, "num_shapes": len(gt["keys"]), "vae": str(self.vae),
-            "index_threshold": args.index_threshold})
+            "index_threshold": args.index_threshold, "work": str(self.work)})
         self.failed: set[str] = set()
 
     # --------------------------------------------------------------------------------------------
@@ -323,6 +352,20 @@ class RetrievalRun:
         print(f"=== {name}: {st[name]['status']} in {st[name]['seconds']:.1f} s"
               + (f": {st[name]['error']}" if "error" in st[name] else ""), flush=True)
         self.results.write()
+        self.bundle()
+
+    def bundle(self) -> None:
+        """logs.tar.gz (stage logs, training CSVs and configs) and meshes.tar.gz (views + kept meshes) in --out."""
+        logs = sorted((self.work / "stage_logs").glob("*.log"))
+        logs += sorted(self.work.glob("logs/*/*/csv/version_*/metrics.csv")) + sorted(self.work.glob("logs/*/*/config_resolved.yaml"))
+        for name, files in (("logs.tar.gz", logs), ("meshes.tar.gz", sorted(self.work.glob("meshes/*/*")))):
+            if not files:
+                continue
+            tmp = self.out / f".{name}.tmp{os.getpid()}"
+            with tarfile.open(tmp, "w:gz") as tar:
+                for f in files:
+                    tar.add(f, arcname=str(f.relative_to(self.work)))
+            os.replace(tmp, self.out / name)
 
     # --------------------------------------------------------------------------------------------
     def dino(self) -> dict:
@@ -338,7 +381,7 @@ class RetrievalRun:
     def encode(self) -> dict:
         run_entry(["-m", "data_prep.encode_latents", "--shards", str(self.data / "shards" / "*.tar"), "--out", str(self.latents),
                    "--resolution", str(self.args.resolution), "--vae", str(self.vae), "--features", "precompute",
-                   "--backbone", str(self.dino_dir), "--device", self.device], self.out / "stage_logs" / "encode.log",
+                   "--backbone", str(self.dino_dir), "--device", self.device], self.work / "stage_logs" / "encode.log",
                   max(self.left(), 1))
         from d3ds2.training.dit_datamodule import read_latent_shard
 
@@ -347,7 +390,7 @@ class RetrievalRun:
 
     def stats(self) -> dict:
         run_entry(["-m", "data_prep.latent_stats", str(self.latents / "*.tar"), str(self.latents / "stats.json")],
-                  self.out / "stage_logs" / "stats.log", max(self.left(), 1))
+                  self.work / "stage_logs" / "stats.log", max(self.left(), 1))
         s = json.loads((self.latents / "stats.json").read_text())
         return {"mean_abs_mean": float(np.abs(s["mean"]).mean()), "std_mean": float(np.mean(s["std"]))}
 
@@ -365,40 +408,69 @@ class RetrievalRun:
         return [f"model.net.in_channels={latent}", f"model.net.cond_channels={cond}", "model.conditioner=null",
                 f"model.latent_stats={self.latents / 'stats.json'}"]
 
-    def train(self, stage: str) -> dict:
-        """train.py on this stage's experiment for its share of the remaining training time."""
-        remaining = [s for s in TRAIN_SHARE if s not in self.results.data["stages"] or s == stage]
-        share = TRAIN_SHARE[stage] / sum(TRAIN_SHARE[s] for s in remaining)
-        wall = (self.left() - self.args.reserve_s) * share
+    def launch(self, stage: str, wall: float) -> dict:
+        """Start train.py on this stage's experiment, time-boxed to end ``wall`` s from now (its start-up
+        included); returns the job for :meth:`finish`."""
         max_time = wall - self.overhead
         if max_time < 5:
             raise StageError(f"no time left to train ({wall:.0f} s for the stage, {self.overhead:.0f} s start-up): raise --budget-s")
         exp = self.exps[stage]
-        cmd = ["train.py", f"experiment={exp}", f"paths.root_dir={self.out}", f"run_name={RUN_NAME}", "logger=csv",
+        cmd = ["train.py", f"experiment={exp}", f"paths.root_dir={self.work}", f"run_name={RUN_NAME}", "logger=csv",
                "callbacks.progress_bar.refresh_rate=0", f"seed={self.args.seed}",
                f"data.train_shards={self.latents / '*.tar'}", "data.cache=true", f"trainer.max_steps={self.args.max_steps}",
                f"+trainer.max_time='{hms(max_time)}'", *self._model_overrides(stage)]
         if not self.device.startswith("cuda"):
             cmd += ["trainer.accelerator=cpu", "trainer.precision=32", "data.num_workers=0"]
         cmd += self.args.train_args.get(stage, [])
-        self.results.data["training"][stage] = {"experiment": exp, "max_time_s": int(max(1, max_time))}
-        start = time.perf_counter()
-        run_entry(cmd, self.out / "stage_logs" / f"{stage}.log", min(wall + 60, max(self.left(), 1)))
-        took = time.perf_counter() - start
-        run_dir = self.out / "logs" / exp / RUN_NAME
-        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-            raise StageError(f"{run_dir}/checkpoints/last.ckpt was not written")
-        log = training_log(run_dir)
-        self.results.data["training"][stage].update(log)
-        self.overhead = max(5.0, took - int(max_time)) if took > max_time else self.overhead
-        return {"steps": log.get("steps"), "last_loss": log.get("last_loss")}
+        self.results.data["training"][stage] = {"experiment": exp, "max_time_s": int(max_time)}
+        return {"stage": stage, "entry": Entry(cmd, self.work / "stage_logs" / f"{stage}.log"), "wall": wall,
+                "max_time": int(max_time), "run_dir": self.work / "logs" / exp / RUN_NAME}
+
+    def finish(self, job: dict) -> dict:
+        """Wait for a launched training run (killed 60 s past its time box), read its checkpoint and losses."""
+        entry = job["entry"]
+        took = entry.wait(max(1.0, min(job["wall"] + 60 - (time.perf_counter() - entry.start), self.left())))
+        if not (job["run_dir"] / "checkpoints" / "last.ckpt").is_file():
+            raise StageError(f"{job['run_dir']}/checkpoints/last.ckpt was not written")
+        log = training_log(job["run_dir"])
+        self.results.data["training"][job["stage"]].update({**log, "wall_s": took})
+        if took > job["max_time"]:
+            self.overhead = max(5.0, took - job["max_time"])
+        return {"wall_s": took, "steps": log.get("steps"), "last_loss": log.get("last_loss")}
+
+    def train_all(self) -> None:
+        """The three training stages in the window left after the fixed stages minus --reserve-s. In parallel
+        (default; small models leave most of the GPU idle): the SS-DiT for the whole window, beside the index
+        VAE (0.35 of it) then the index DiT (the rest). --sequential: one after the other, 0.2 / 0.3 / 0.5."""
+        window_end = time.perf_counter() + self.left() - self.args.reserve_s
+        if self.args.sequential:
+            for name, needs in (("index_vae", ("encode",)), ("index_dit", ("index_vae",)), ("sparse_dit", ("stats",))):
+                rest = [s for s in TRAIN_SHARE if s not in self.results.data["stages"]]
+                share = TRAIN_SHARE[name] / sum(TRAIN_SHARE[s] for s in rest)
+                self.stage(name, lambda n=name, f=share: self.finish(self.launch(n, (window_end - time.perf_counter()) * f)), needs)
+            return
+        sparse: dict | Exception = StageError("needs stats")
+        if "stats" not in self.failed:
+            try:
+                sparse = self.launch("sparse_dit", window_end - time.perf_counter())
+            except Exception as e:  # reported by the sparse_dit stage below
+                sparse = e
+        self.stage("index_vae", lambda: self.finish(self.launch("index_vae", 0.35 * (window_end - time.perf_counter()))), ("encode",))
+        self.stage("index_dit", lambda: self.finish(self.launch("index_dit", window_end - time.perf_counter())), ("index_vae",))
+
+        def finish_sparse() -> dict:
+            if isinstance(sparse, Exception):
+                raise sparse
+            return self.finish(sparse)
+
+        self.stage("sparse_dit", finish_sparse)
 
     # --------------------------------------------------------------------------------------------
     def _pipeline(self):
         from d3ds2.pipeline import ImageTo3DPipeline
 
         return ImageTo3DPipeline.from_runs(
-            str(self.out / "logs" / self.exps["index_dit"] / RUN_NAME), str(self.out / "logs" / self.exps["sparse_dit"] / RUN_NAME),
+            str(self.work / "logs" / self.exps["index_dit"] / RUN_NAME), str(self.work / "logs" / self.exps["sparse_dit"] / RUN_NAME),
             str(self.vae), backbone=str(self.dino_dir), device=self.device, index_threshold=self.args.index_threshold)
 
     def generate(self, guidances: list[float], optional: bool = False) -> dict:
@@ -411,9 +483,9 @@ class RetrievalRun:
         from d3ds2.pipeline import StageSampling
 
         keys, names, ref_points, views, cells = reference_data(self.data, self.args.view)
-        (self.out / "views").mkdir(exist_ok=True)
+        (self.work / "meshes" / "views").mkdir(parents=True, exist_ok=True)
         for i, (v, name) in enumerate(zip(views, names)):
-            Image.fromarray(v, "RGBA").save(self.out / "views" / f"{i:02d}_{name}.png")
+            Image.fromarray(v, "RGBA").save(self.work / "meshes" / "views" / f"{i:02d}_{name}.png")
         pipe = self._pipeline()
         info: dict = {}
         b = self.args.gen_batch
@@ -433,13 +505,14 @@ class RetrievalRun:
                     if r.name == "index DiT":
                         gen_cells.append(r.info["cells"])
             seconds = time.perf_counter() - start
-            save_meshes(meshes, names, self.out / f"generated_guidance{g:g}")
+            save_meshes(meshes, names, self.work / "meshes" / f"generated_guidance{g:g}", self.args.keep_faces)
             result = score(meshes, names, ref_points)
             result.update({"seconds_generate": seconds, "seconds_score": time.perf_counter() - start - seconds,
                            "stage_seconds": times, "peak_gib": peak, "generated_cells_per_batch": gen_cells})
             result["reference_cells"] = [cells[k].get(self.args.resolution) for k in keys]
             self.results.data["retrieval"][f"{g:g}"] = result
             self.results.write()
+            self.bundle()
             info[f"top1@guidance{g:g}"] = result["top1"]
             print(f"    guidance {g}: top-1 {result['top1'] * 100:.1f}% ({result['hits']}/{len(names)}), "
                   f"{seconds:.1f} s generation, {result['seconds_score']:.1f} s scoring", flush=True)
@@ -468,7 +541,7 @@ class RetrievalRun:
                 sdf = vae.decode(z).sdf
             for feats, coords in sdf.unbind():
                 meshes.append(sparse_marching_cubes(coords.cpu().numpy(), feats[:, 0].float().cpu().numpy(), self.args.resolution))
-        save_meshes(meshes, names, self.out / "reconstructed")
+        save_meshes(meshes, names, self.work / "meshes" / "reconstructed", self.args.keep_faces)
         result = score(meshes, names, ref_points)
         self.results.data["reconstruction"] = result
         return {"top1": result["top1"], "own_chamfer_mean": float(np.mean(np.diag(np.asarray(result["matrix"]))))}
@@ -479,9 +552,7 @@ class RetrievalRun:
         self.stage("dino", self.dino)
         self.stage("encode", self.encode, ("dino",))
         self.stage("stats", self.stats, ("encode",))
-        self.stage("index_vae", lambda: self.train("index_vae"), ("encode",))
-        self.stage("index_dit", lambda: self.train("index_dit"), ("index_vae",))
-        self.stage("sparse_dit", lambda: self.train("sparse_dit"), ("stats",))
+        self.train_all()
         self.stage("generate", lambda: self.generate(self.args.guidance[:1]), ("index_dit", "sparse_dit"))
         if not self.args.skip_reconstruct:
             self.stage("reconstruct", self.reconstruct, ("encode",))
@@ -523,7 +594,9 @@ def main() -> None:
     r = sub.add_parser("run", help="encode, train, generate, score (GPU)")
     r.add_argument("--vae", required=True, help="training run directory of the sparse SDF VAE (config_resolved.yaml + checkpoints/last.ckpt)")
     r.add_argument("--data", required=True, help="folder written by `prepare`")
-    r.add_argument("--out", required=True, help="output folder (new)")
+    r.add_argument("--out", required=True, help="folder of the four result files")
+    r.add_argument("--work", default=None, help="folder of everything else (new; default: a fresh temporary folder)")
+    r.add_argument("--keep-faces", type=int, default=8000, help="faces of each mesh kept in meshes.tar.gz")
     r.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget of all stages together")
     r.add_argument("--reserve-s", type=float, default=90.0,
                    help="part of the budget kept for generation, scoring and the reconstruction")
@@ -531,6 +604,7 @@ def main() -> None:
     r.add_argument("--resolution", type=int, default=256, help="fine SDF resolution of the latents (VAE's)")
     r.add_argument("--models", choices=sorted(EXPERIMENTS), default="small", help="experiment set (tiny: CPU tests)")
     r.add_argument("--dino", choices=sorted(DINO_CONFIGS), default="large", help="random DINOv2 architecture")
+    r.add_argument("--sequential", action="store_true", help="train the three models one after the other, not in parallel")
     r.add_argument("--max-steps", type=int, default=1000000, help="step cap per training stage (time is the usual limit)")
     r.add_argument("--train-arg", action="append", default=[], help="extra override STAGE:key=value (repeatable)")
     r.add_argument("--view", type=int, default=0, help="which training view conditions the generation")
