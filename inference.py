@@ -43,6 +43,7 @@ def main(cfg: DictConfig) -> None:
         cfg.ckpt.index_dit, cfg.ckpt.sparse_dit_512, cfg.ckpt.vae_512, index_vae=cfg.ckpt.index_vae,
         sparse_dit_1024=cfg.ckpt.sparse_dit_1024, vae_1024=cfg.ckpt.vae_1024, backbone=cfg.backbone, device=device,
         offload=cfg.offload, index_threshold=cfg.index_threshold, mc_level=cfg.mc_level, surface_band=cfg.surface_band,
+        mesh_workers=cfg.mesh_workers,
     )
     meshes = pipe(images, resolution=cfg.resolution, seed=cfg.seed, dense=StageSampling(**cfg.dense),
                   sparse_512=StageSampling(**cfg.sparse_512), sparse_1024=StageSampling(**cfg.sparse_1024), simplify=cfg.simplify)

@@ -29,9 +29,9 @@ Two commands, run from the repository root with PYTHONPATH=$PWD:
     the rest (--sequential: one after the other, 0.2 / 0.3 / 0.5).
     --out receives four files, rewritten after every stage (partial results survive a timeout; a failed stage
     writes its error there, the stages that need it are skipped): retrieval.json, retrieval.md, logs.tar.gz
-    (stage logs, training CSVs and configs), meshes.tar.gz (the conditioning views, generated and reconstructed
-    meshes decimated to --keep-faces). Everything heavy (DINOv2 weights, latent shards, checkpoints, full
-    meshes) stays in --work.
+    (stage logs, training CSVs and configs), points.npz (the surface samples that were scored: generated_g<G>
+    and reconstructed, [shapes, N, 3] float16, NaN for a mesh without surface; names). Everything heavy
+    (DINOv2 weights, latent shards, checkpoints, the meshes as PLY) stays in --work.
 """
 from __future__ import annotations
 
@@ -51,10 +51,13 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars (ours, the pipeline's, transformers') in the log
+from d3ds2.models.conditioner import DINOV2_L_REG_CONFIG  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN_NAME = "gen"
-DINO_CONFIGS = {  # transformers Dinov2WithRegistersConfig kwargs (random weights)
-    "large": None,  # DINOv2-L/14-reg architecture: d3ds2.models.conditioner.DINOV2_L_REG_CONFIG
+DINO_CONFIGS = {  # transformers Dinov2WithRegistersConfig kwargs of the random-weight encoder
+    "large": DINOV2_L_REG_CONFIG,  # the official encoder's architecture (DINOv2-L/14 with registers)
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=518, patch_size=14,
                  num_register_tokens=4),
 }
@@ -218,36 +221,26 @@ def reference_data(data: Path, view: int) -> tuple[list[str], list[str], np.ndar
     return keys, names, gt["points"], [views[k] for k in keys], cells
 
 
-def mesh_points(meshes: list, n: int) -> list:
-    from d3ds2.eval.retrieval import surface_points
+def score(meshes: list, names: list[str], ref_points: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Chamfer matrix of meshes (as many surface samples as the references hold) vs the reference point sets,
+    the retrieval summary, and the samples [S, N, 3] (NaN for a mesh without faces, which scores +inf against
+    every reference)."""
+    from d3ds2.eval.retrieval import chamfer_matrix, retrieval, surface_points
 
-    return [surface_points(m, n, seed=i) for i, m in enumerate(meshes)]
-
-
-def score(meshes: list, names: list[str], ref_points: np.ndarray) -> dict:
-    """Chamfer matrix of meshes vs reference point sets, retrieval summary."""
-    from d3ds2.eval.retrieval import chamfer_matrix, retrieval
-
-    preds = mesh_points(meshes, ref_points.shape[1])
+    preds = [surface_points(m, ref_points.shape[1], seed=i) for i, m in enumerate(meshes)]
     m = chamfer_matrix(preds, list(ref_points))
     r = retrieval(m)
+    points = np.stack([np.full(ref_points.shape[1:], np.nan, np.float32) if p is None else p for p in preds])
     return {"top1": r["top1"], "hits": int(sum(x == 0 for x in r["rank"])), "names": names, "nearest": r["nearest"],
-            "rank": r["rank"], "faces": [0 if mm is None else len(mm.faces) for mm in meshes],
-            "matrix": np.where(np.isfinite(m), m, np.inf).tolist()}
+            "rank": r["rank"], "faces": [0 if mm is None else len(mm.faces) for mm in meshes], "matrix": m.tolist()}, points
 
 
-def save_meshes(meshes: list, names: list[str], folder: Path, max_faces: int) -> None:
-    """Write each mesh as PLY, decimated to ``max_faces`` (what is kept for looking at; scoring used the full mesh)."""
+def save_meshes(meshes: list, names: list[str], folder: Path) -> None:
+    """Write each mesh with faces as binary PLY (``NN_name.ply``)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, (m, name) in enumerate(zip(meshes, names)):
-        if m is None or len(m.faces) == 0:
-            continue
-        if len(m.faces) > max_faces:
-            try:
-                m = m.simplify_quadric_decimation(face_count=max_faces)
-            except Exception:  # no decimation backend: keep the full mesh
-                pass
-        m.export(folder / f"{i:02d}_{name}.ply")
+        if m is not None and len(m.faces):
+            m.export(folder / f"{i:02d}_{name}.ply")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,6 +319,7 @@ class RetrievalRun:
             "guidance": args.guidance, "view": args.view, "num_shapes": len(gt["keys"]), "vae": str(self.vae),
             "index_threshold": args.index_threshold, "work": str(self.work)})
         self.failed: set[str] = set()
+        self.points: dict[str, np.ndarray] = {}
 
     # --------------------------------------------------------------------------------------------
     def left(self) -> float:
@@ -344,7 +338,7 @@ class RetrievalRun:
         start = time.perf_counter()
         try:
             info = fn() or {}
-            st[name] = {"status": "ok", "seconds": time.perf_counter() - start, **info}
+            st[name] = {"status": "ok", "seconds": info.pop("seconds", time.perf_counter() - start), **info}
         except Exception as e:  # a failed stage is reported in the result files, the run goes on where it can
             self.failed.add(name)
             msg = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e} | {' / '.join(traceback.format_exc().strip().splitlines()[-4:])}"
@@ -355,25 +349,27 @@ class RetrievalRun:
         self.bundle()
 
     def bundle(self) -> None:
-        """logs.tar.gz (stage logs, training CSVs and configs) and meshes.tar.gz (views + kept meshes) in --out."""
+        """logs.tar.gz (stage logs, training CSVs and configs) and points.npz (scored surface samples) in --out."""
         logs = sorted((self.work / "stage_logs").glob("*.log"))
         logs += sorted(self.work.glob("logs/*/*/csv/version_*/metrics.csv")) + sorted(self.work.glob("logs/*/*/config_resolved.yaml"))
-        for name, files in (("logs.tar.gz", logs), ("meshes.tar.gz", sorted(self.work.glob("meshes/*/*")))):
-            if not files:
-                continue
-            tmp = self.out / f".{name}.tmp{os.getpid()}"
+        if logs:
+            tmp = self.out / f"logs.tmp{os.getpid()}.tar.gz"
             with tarfile.open(tmp, "w:gz") as tar:
-                for f in files:
+                for f in logs:
                     tar.add(f, arcname=str(f.relative_to(self.work)))
-            os.replace(tmp, self.out / name)
+            os.replace(tmp, self.out / "logs.tar.gz")
+        if self.points:
+            tmp = self.out / f"points.tmp{os.getpid()}.npz"
+            np.savez_compressed(tmp, names=np.array(self.results.data["retrieval_names"]),
+                                **{k: v.astype(np.float16) for k, v in self.points.items()})
+            os.replace(tmp, self.out / "points.npz")
 
     # --------------------------------------------------------------------------------------------
     def dino(self) -> dict:
         """A random-weight DINOv2-with-registers, seeded, saved so every later stage loads the same one."""
-        from d3ds2.models.conditioner import DINOV2_L_REG_CONFIG, ImageConditioner
+        from d3ds2.models.conditioner import ImageConditioner
 
-        config = DINO_CONFIGS[self.args.dino] or DINOV2_L_REG_CONFIG
-        enc = ImageConditioner(config=config, seed=self.args.seed)
+        enc = ImageConditioner(config=DINO_CONFIGS[self.args.dino], seed=self.args.seed)
         enc.backbone.save_pretrained(self.dino_dir)
         return {"hidden_size": enc.channels, "tokens": enc.num_tokens,
                 "params_M": sum(p.numel() for p in enc.parameters()) / 1e6}
@@ -436,7 +432,7 @@ class RetrievalRun:
         self.results.data["training"][job["stage"]].update({**log, "wall_s": took})
         if took > job["max_time"]:
             self.overhead = max(5.0, took - job["max_time"])
-        return {"wall_s": took, "steps": log.get("steps"), "last_loss": log.get("last_loss")}
+        return {"seconds": took, "steps": log.get("steps"), "last_loss": log.get("last_loss")}
 
     def train_all(self) -> None:
         """The three training stages in the window left after the fixed stages minus --reserve-s. In parallel
@@ -471,21 +467,19 @@ class RetrievalRun:
 
         return ImageTo3DPipeline.from_runs(
             str(self.work / "logs" / self.exps["index_dit"] / RUN_NAME), str(self.work / "logs" / self.exps["sparse_dit"] / RUN_NAME),
-            str(self.vae), backbone=str(self.dino_dir), device=self.device, index_threshold=self.args.index_threshold)
+            str(self.vae), backbone=str(self.dino_dir), device=self.device, index_threshold=self.args.index_threshold,
+            mesh_workers=self.args.mesh_workers)
 
     def generate(self, guidances: list[float], optional: bool = False) -> dict:
         """Every shape from its view ``--view``, batches of --gen-batch, for each guidance value (``optional``:
         only while --min-extra-s of the budget is left); each is scored at once, so a timeout keeps the
         finished ones."""
         import torch
-        from PIL import Image
 
         from d3ds2.pipeline import StageSampling
 
         keys, names, ref_points, views, cells = reference_data(self.data, self.args.view)
-        (self.work / "meshes" / "views").mkdir(parents=True, exist_ok=True)
-        for i, (v, name) in enumerate(zip(views, names)):
-            Image.fromarray(v, "RGBA").save(self.work / "meshes" / "views" / f"{i:02d}_{name}.png")
+        self.results.data["retrieval_names"] = names
         pipe = self._pipeline()
         info: dict = {}
         b = self.args.gen_batch
@@ -505,8 +499,8 @@ class RetrievalRun:
                     if r.name == "index DiT":
                         gen_cells.append(r.info["cells"])
             seconds = time.perf_counter() - start
-            save_meshes(meshes, names, self.work / "meshes" / f"generated_guidance{g:g}", self.args.keep_faces)
-            result = score(meshes, names, ref_points)
+            save_meshes(meshes, names, self.work / "meshes" / f"generated_g{g:g}")
+            result, self.points[f"generated_g{g:g}"] = score(meshes, names, ref_points)
             result.update({"seconds_generate": seconds, "seconds_score": time.perf_counter() - start - seconds,
                            "stage_seconds": times, "peak_gib": peak, "generated_cells_per_batch": gen_cells})
             result["reference_cells"] = [cells[k].get(self.args.resolution) for k in keys]
@@ -522,12 +516,12 @@ class RetrievalRun:
         """Decode the reference latents with the VAE, mesh, score: what the generation could reach at best."""
         import torch
 
-        from d3ds2.geometry.marching_cubes import sparse_marching_cubes
-        from d3ds2.pipeline import load_model, resolve_run
+        from d3ds2.pipeline import extract_meshes, load_model, resolve_run
         from d3ds2.sparse import SparseTensor
         from d3ds2.training.dit_datamodule import read_latent_shard
 
         keys, names, ref_points, _, _ = reference_data(self.data, self.args.view)
+        self.results.data["retrieval_names"] = names
         lat = {s["key"]: s for p in sorted(self.latents.glob("*.tar")) for s in read_latent_shard(p)}
         cfg, ckpt = resolve_run(self.vae)
         vae = load_model(cfg.model.net, ckpt).to(self.device)
@@ -539,10 +533,9 @@ class RetrievalRun:
                                           [torch.from_numpy(s["coords"].astype(np.int32)) for s in chunk]).to(self.device)
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 sdf = vae.decode(z).sdf
-            for feats, coords in sdf.unbind():
-                meshes.append(sparse_marching_cubes(coords.cpu().numpy(), feats[:, 0].float().cpu().numpy(), self.args.resolution))
-        save_meshes(meshes, names, self.work / "meshes" / "reconstructed", self.args.keep_faces)
-        result = score(meshes, names, ref_points)
+            meshes += extract_meshes(sdf, self.args.resolution, 0.0, self.args.mesh_workers)
+        save_meshes(meshes, names, self.work / "meshes" / "reconstructed")
+        result, self.points["reconstructed"] = score(meshes, names, ref_points)
         self.results.data["reconstruction"] = result
         return {"top1": result["top1"], "own_chamfer_mean": float(np.mean(np.diag(np.asarray(result["matrix"]))))}
 
@@ -596,7 +589,6 @@ def main() -> None:
     r.add_argument("--data", required=True, help="folder written by `prepare`")
     r.add_argument("--out", required=True, help="folder of the four result files")
     r.add_argument("--work", default=None, help="folder of everything else (new; default: a fresh temporary folder)")
-    r.add_argument("--keep-faces", type=int, default=8000, help="faces of each mesh kept in meshes.tar.gz")
     r.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget of all stages together")
     r.add_argument("--reserve-s", type=float, default=90.0,
                    help="part of the budget kept for generation, scoring and the reconstruction")
@@ -614,7 +606,8 @@ def main() -> None:
     r.add_argument("--guidance", type=float, nargs="+", default=[3.0, 7.0],
                    help="CFG scales; the first is the headline, the others run while the budget allows")
     r.add_argument("--index-threshold", type=float, default=0.1)
-    r.add_argument("--gen-batch", type=int, default=4, help="shapes per pipeline call")
+    r.add_argument("--gen-batch", type=int, default=4, help="shapes per pipeline call (and VAE decode)")
+    r.add_argument("--mesh-workers", type=int, default=4, help="processes extracting the meshes of a batch")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto")
     r.add_argument("--skip-reconstruct", action="store_true")

@@ -116,3 +116,12 @@ def test_metrics_detect_differences():
     same = mesh_metrics(a, a, 10000)
     shifted = mesh_metrics(a, a.copy().apply_translation((0.05, 0, 0)), 10000)
     assert same["chamfer_l1"] < shifted["chamfer_l1"] and same["fscore@0.01"] > shifted["fscore@0.01"]
+
+
+def test_row_inverse_matches_numpy_unique():
+    from d3ds2.geometry.marching_cubes import _row_inverse
+
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 50, 5000):
+        rows = rng.integers(-3, 4, (n, 3))
+        assert np.array_equal(_row_inverse(rows), np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from d3ds2.pipeline import ImageTo3DPipeline, StageSampling, occupied_cells, refine_cells
+from d3ds2.pipeline import ImageTo3DPipeline, StageSampling, extract_meshes, occupied_cells, refine_cells
 from d3ds2.sparse import SparseTensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,22 +106,32 @@ def test_inference_script_writes_mesh(runs, tmp_path):
     assert len(mesh.faces) > 0 and "peak" in res.stdout
 
 
-def test_mesh_stage_sphere_interior_inside_no_inner_shell():
-    pytest.importorskip("d3ds2.geometry.marching_cubes", reason="needs the sparse marching cubes (data helper)")
-    res, radius = 64, 0.6
+def _sphere_band(res: int, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine voxels of the 8^3 cells near a sphere and its SDF normalised like the VAE's tanh output."""
     g = torch.stack(torch.meshgrid(*[torch.arange(res)] * 3, indexing="ij"), -1).view(-1, 3)
     p = -1 + (g.float() + 0.5) * 2 / res
     sdf = (p.norm(dim=1) - radius) / (2 / res)  # voxel units, negative inside
     cells = torch.unique(g[sdf.abs() < 2] // 8, dim=0)
     fine = (cells[:, None] * 8 + torch.stack(torch.meshgrid(*[torch.arange(8)] * 3, indexing="ij"), -1).view(1, -1, 3)).view(-1, 3)
     pf = -1 + (fine.float() + 0.5) * 2 / res
-    vals = ((pf.norm(dim=1) - radius) / (2 / res) / 4).clamp(-1, 1)  # normalised like the VAE's tanh output
-    x = SparseTensor.from_samples([vals[:, None]], [fine])
+    return fine, ((pf.norm(dim=1) - radius) / (2 / res) / 4).clamp(-1, 1)
+
+
+def test_mesh_stage_sphere_interior_inside_no_inner_shell():
+    pytest.importorskip("d3ds2.geometry.marching_cubes", reason="needs the sparse marching cubes (data helper)")
+    res, radii = 64, (0.6, 0.35)
+    bands = [_sphere_band(res, r) for r in radii]
+    x = SparseTensor.from_samples([v[:, None] for _, v in bands], [c for c, _ in bands])
     pipe = ImageTo3DPipeline.__new__(ImageTo3DPipeline)
-    pipe.mc_level = 0.0
-    (mesh,), _ = pipe._meshes(x, res, None)
-    assert mesh.is_watertight and mesh.body_count == 1  # a single closed surface: no inner shell
-    assert abs(mesh.volume - 4 / 3 * np.pi * radius**3) < 0.03 * 4 / 3 * np.pi * radius**3
+    pipe.mc_level, pipe.mesh_workers = 0.0, 1
+    meshes, _ = pipe._meshes(x, res, None)
+    for mesh, radius in zip(meshes, radii):
+        assert mesh.is_watertight and mesh.body_count == 1  # a single closed surface: no inner shell
+        assert abs(mesh.volume - 4 / 3 * np.pi * radius**3) < 0.03 * 4 / 3 * np.pi * radius**3
+    # the same meshes from two worker processes
+    parallel = extract_meshes(x, res, 0.0, workers=2)
+    for a, b in zip(meshes, parallel):
+        assert np.array_equal(a.faces, b.faces) and np.array_equal(a.vertices, b.vertices)
 
 
 def test_occupied_cells_and_refinement():

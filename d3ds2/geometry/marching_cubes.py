@@ -28,7 +28,9 @@ def sparse_marching_cubes(coords: np.ndarray, sdf: np.ndarray, resolution: int, 
     order = np.argsort(keys)
     keys, values = keys[order], sdf[order]
     span = chunk * CELL
-    blocks = np.unique(coords // span, axis=0)
+    nb = R // span + 1  # blocks per axis; unique of packed block keys (np.unique(axis=0) is far slower)
+    bkeys = np.unique(((coords[:, 0] // span) * nb + coords[:, 1] // span) * nb + coords[:, 2] // span)
+    blocks = np.stack([bkeys // (nb * nb), bkeys // nb % nb, bkeys % nb], 1)
     grid = np.stack(np.meshgrid(*[np.arange(span + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
     verts_all, faces_all, n_verts = [], [], 0
     for b in blocks:
@@ -66,7 +68,7 @@ def sparse_marching_cubes(coords: np.ndarray, sdf: np.ndarray, resolution: int, 
     # merge chunk-border duplicates: values are kept 1e-3 off the level, so distinct MC vertices are at least
     # ~1e-3 voxel apart while the copies of one vertex in two chunks are bit-identical
     q = np.rint(verts * 65536).astype(np.int64)
-    _, inv = np.unique(q, axis=0, return_inverse=True)
+    inv = _row_inverse(q)
     uniq = np.zeros((inv.max() + 1, 3))
     uniq[inv.reshape(-1)] = verts
     faces = inv.reshape(-1)[faces]
@@ -77,6 +79,18 @@ def sparse_marching_cubes(coords: np.ndarray, sdf: np.ndarray, resolution: int, 
     elif not mesh.is_watertight and len(mesh.faces) and _mean_outward(mesh, coords, sdf, R) < 0:
         mesh.invert()
     return mesh
+
+
+def _row_inverse(rows: np.ndarray) -> np.ndarray:
+    """Index of each row of ``rows`` [n, k] among its distinct rows in lexicographic order: what
+    ``np.unique(rows, axis=0, return_inverse=True)[1]`` gives, several times faster (lexsort on the columns)."""
+    order = np.lexsort(rows.T[::-1])
+    ranked = rows[order]
+    new = np.ones(len(rows), bool)
+    new[1:] = (ranked[1:] != ranked[:-1]).any(axis=1)
+    inv = np.empty(len(rows), np.int64)
+    inv[order] = np.cumsum(new) - 1
+    return inv
 
 
 def _mean_outward(mesh: trimesh.Trimesh, coords, sdf, R) -> float:
