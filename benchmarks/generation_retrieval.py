@@ -36,6 +36,7 @@ Two commands, run from the repository root with PYTHONPATH=$PWD:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -137,7 +138,7 @@ def render_markdown(d: dict) -> str:
             j = r["nearest"][i]
             lines.append(f"| {name} | {_fmt(float(m[i, i]))} | {r['names'][j] if j >= 0 else '(no surface)'} | "
                          f"{_fmt(float(m[i, j])) if j >= 0 else '-'} | {r['rank'][i]} | {r['faces'][i]} |")
-        lines += ["", "<details><summary>Chamfer matrix (rows: generated, columns: references)</summary>", "",
+        lines += ["", "<details><summary>Chamfer matrix (rows: the meshes above, columns: the references)</summary>", "",
                   "| | " + " | ".join(str(j) for j in range(len(m))) + " |", "|---" * (len(m) + 1) + "|"]
         lines += [f"| {i} {r['names'][i]} | " + " | ".join(("**%.3f**" if i == j else "%.3f") % v for j, v in enumerate(row)) + " |"
                   for i, row in enumerate(m)]
@@ -490,14 +491,16 @@ class RetrievalRun:
             start, meshes, times, peak, gen_cells = time.perf_counter(), [], {}, 0.0, []
             dense = StageSampling(self.args.dense_steps, self.args.shift, g)
             sparse = StageSampling(self.args.sparse_steps, self.args.shift, g)
-            for c in range(0, len(views), b):
-                with torch.no_grad():
+            # the pipeline's first sparse stage is named 512; its resolution comes from the index grid (here --resolution)
+            log = self.work / "stage_logs" / f"generate_g{g:g}.log"
+            with open(log, "w") as f, contextlib.redirect_stderr(f), torch.no_grad():  # progress bars to the log
+                for c in range(0, len(views), b):
                     meshes += pipe(views[c : c + b], resolution=512, seed=self.args.seed + c, dense=dense, sparse_512=sparse)
-                for r in pipe.reports:
-                    times[r.name] = times.get(r.name, 0.0) + r.seconds
-                    peak = max(peak, r.peak_gib or 0.0)
-                    if r.name == "index DiT":
-                        gen_cells.append(r.info["cells"])
+                    for r in pipe.reports:
+                        times[r.name] = times.get(r.name, 0.0) + r.seconds
+                        peak = max(peak, r.peak_gib or 0.0)
+                        if r.name == "index DiT":
+                            gen_cells.append(r.info["cells"])
             seconds = time.perf_counter() - start
             save_meshes(meshes, names, self.work / "meshes" / f"generated_g{g:g}")
             result, self.points[f"generated_g{g:g}"] = score(meshes, names, ref_points)
