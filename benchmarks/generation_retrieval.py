@@ -311,6 +311,9 @@ class RetrievalRun:
         self.dino_dir = self.work / "dinov2_random"
         self.exps = EXPERIMENTS[args.models]
         self.overhead = 25.0 if self.device.startswith("cuda") else 30.0  # process start-up + teardown per train.py run
+        # DataLoader workers hand batches (condition tokens: ~70 MB) over in /dev/shm: none when it is small
+        shm = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
+        self.loader_workers = None if shm >= 4 * 2**30 and self.device.startswith("cuda") else 0
         device_name = torch.cuda.get_device_name(0) if self.device.startswith("cuda") else "cpu"
         gt = np.load(self.data / "gt_points.npz")
         self.results = Results(self.out, {
@@ -318,7 +321,9 @@ class RetrievalRun:
             "budget_s": args.budget_s, "resolution": args.resolution, "models": args.models, "dino": args.dino,
             "seed": args.seed, "dense_steps": args.dense_steps, "sparse_steps": args.sparse_steps, "shift": args.shift,
             "guidance": args.guidance, "view": args.view, "num_shapes": len(gt["keys"]), "vae": str(self.vae),
-            "index_threshold": args.index_threshold, "work": str(self.work)})
+            "index_threshold": args.index_threshold, "work": str(self.work),
+            "loader_workers": "experiment default" if self.loader_workers is None else self.loader_workers,
+            "dev_shm_free_gib": shm / 2**30})
         self.failed: set[str] = set()
         self.points: dict[str, np.ndarray] = {}
 
@@ -344,8 +349,8 @@ class RetrievalRun:
             self.failed.add(name)
             msg = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e} | {' / '.join(traceback.format_exc().strip().splitlines()[-4:])}"
             st[name] = {"status": "failed", "seconds": time.perf_counter() - start, "error": msg}
-        print(f"=== {name}: {st[name]['status']} in {st[name]['seconds']:.1f} s"
-              + (f": {st[name]['error']}" if "error" in st[name] else ""), flush=True)
+        notes = st[name].get("error") or ", ".join(f"{k} {_fmt(v)}" for k, v in st[name].items() if k not in ("status", "seconds"))
+        print(f"=== {name}: {st[name]['status']} in {st[name]['seconds']:.1f} s" + (f": {notes}" if notes else ""), flush=True)
         self.results.write()
         self.bundle()
 
@@ -417,7 +422,9 @@ class RetrievalRun:
                f"data.train_shards={self.latents / '*.tar'}", "data.cache=true", f"trainer.max_steps={self.args.max_steps}",
                f"+trainer.max_time='{hms(max_time)}'", *self._model_overrides(stage)]
         if not self.device.startswith("cuda"):
-            cmd += ["trainer.accelerator=cpu", "trainer.precision=32", "data.num_workers=0"]
+            cmd += ["trainer.accelerator=cpu", "trainer.precision=32"]
+        if self.loader_workers is not None:
+            cmd += [f"data.num_workers={self.loader_workers}"]
         cmd += self.args.train_args.get(stage, [])
         self.results.data["training"][stage] = {"experiment": exp, "max_time_s": int(max_time)}
         return {"stage": stage, "entry": Entry(cmd, self.work / "stage_logs" / f"{stage}.log"), "wall": wall,
