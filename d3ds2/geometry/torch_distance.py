@@ -3,7 +3,7 @@
 The same queries as `d3ds2.geometry.sparse_sdf.SurfaceDistance` (Embree), so `compute_sparse_sdf` runs on a
 GPU machine where open3d is not installed. Both are exact up to float32 rounding:
 
-- `unsigned`: brute force over triangles with culling. Query points are sorted along a coarse grid curve
+- `unsigned`: brute force over triangles with culling. Query points are sorted along a Morton curve
   and cut into chunks; a chunk meets only the triangles whose bounding box lies within `reach` of the
   chunk's box. A point whose nearest candidate is within `reach` has its exact answer (any triangle within
   that distance is a candidate); the others try again with 4x the reach.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_SORT_GRID = 32  # coarse grid (per axis over [-1, 1]) that orders query points into coherent chunks
+_SORT_BITS = 10  # query points are ordered along the Morton curve of a 2^10 grid over [-1, 1]^3
 
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:
@@ -24,6 +24,15 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     q, r = np.linalg.qr(rng.standard_normal((3, 3)))
     q = q * np.sign(np.diag(r))
     return q if np.linalg.det(q) > 0 else -q
+
+
+def _morton(q: torch.Tensor) -> torch.Tensor:
+    """Morton (z-order) codes [N] int64 of integer coords q [N, 3] in [0, 2^_SORT_BITS)."""
+    code = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    for bit in range(_SORT_BITS):
+        for axis in range(3):
+            code |= ((q[:, axis] >> bit) & 1) << (3 * bit + 2 - axis)
+    return code
 
 
 def _point_triangle_dist2(p: torch.Tensor, tri: dict) -> torch.Tensor:
@@ -84,28 +93,35 @@ class TorchSurfaceDistance:
                               "z_hi": z.amax(1), "x": x, "y": y, "z": z, "area2": area2})
 
     def _sorted(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """points [N, 3] -> (points on device, indices [N] ordering them along a coarse grid curve)."""
+        """points [N, 3] -> (points on device, indices [N] ordering them along a Morton curve), so that
+        consecutive chunks are compact in space."""
         p = torch.as_tensor(np.ascontiguousarray(points, np.float32), device=self.device)
-        q = ((p + 1.0) * (_SORT_GRID / 2)).long().clamp(0, _SORT_GRID - 1)
-        return p, torch.argsort((q[:, 0] * _SORT_GRID + q[:, 1]) * _SORT_GRID + q[:, 2])
+        side = 1 << _SORT_BITS
+        q = ((p + 1.0) * (side / 2)).long().clamp(0, side - 1)
+        return p, torch.argsort(_morton(q))
 
-    def _min_dist2(self, p: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        """Min squared distance of points p [P, 3] over candidate triangles (indices [K]) -> [P]."""
+    def _nearest(self, p: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min squared distance [P] of points p [P, 3] over candidate triangles (indices [K]), and the
+        index of that triangle [P] (-1 when there is no candidate)."""
         best = torch.full((len(p),), float("inf"), device=self.device)
+        arg = torch.full((len(p),), -1, dtype=torch.long, device=self.device)
         step = max(1, self.pair_budget // max(1, len(p)))
         for start in range(0, len(cand), step):
-            part = _take(self.tri, cand[start : start + step])
-            best = torch.minimum(best, _point_triangle_dist2(p, part).amin(1))
-        return best
+            part = cand[start : start + step]
+            d2, j = _point_triangle_dist2(p, _take(self.tri, part)).min(1)
+            better = d2 < best
+            best, arg = torch.where(better, d2, best), torch.where(better, part[j], arg)
+        return best, arg
 
-    def unsigned(self, points: np.ndarray) -> np.ndarray:
-        """points [N, 3] -> distance [N] float32 (world units).
+    def closest(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """points [N, 3] -> (distance [N] float32 world units, index [N] int64 of the closest face).
 
         Rounds of growing reach (x4 each): a chunk meets the triangles within reach of its box; points whose
         nearest candidate is within reach are final, the others go to the next round (the last round, with a
         reach beyond the [-1, 1]^3 diagonal, takes every triangle)."""
         p, pending = self._sorted(points)
-        out = torch.empty(len(p), device=self.device)
+        dist = torch.empty(len(p), device=self.device)
+        face = torch.empty(len(p), dtype=torch.long, device=self.device)
         reach = self.reach
         while len(pending):
             last = reach > 4.0
@@ -114,13 +130,17 @@ class TorchSurfaceDistance:
                 q = p[idx]
                 lo, hi = q.amin(0) - reach, q.amax(0) + reach
                 near = ((self.lo <= hi) & (self.hi >= lo)).all(1).nonzero()[:, 0]
-                d2 = self._min_dist2(q, near)
+                d2, j = self._nearest(q, near)
                 done = torch.ones_like(d2, dtype=torch.bool) if last else d2 <= reach * reach
-                out[idx[done]] = d2[done].sqrt()
+                dist[idx[done]], face[idx[done]] = d2[done].sqrt(), j[done]
                 unresolved.append(idx[~done])
             pending = torch.cat(unresolved)
             reach *= 4.0
-        return out.cpu().numpy()
+        return dist.cpu().numpy(), face.cpu().numpy()
+
+    def unsigned(self, points: np.ndarray) -> np.ndarray:
+        """points [N, 3] -> distance [N] float32 (world units)."""
+        return self.closest(points)[0]
 
     def inside(self, points: np.ndarray) -> np.ndarray:
         """points [N, 3] -> bool [N], True inside (ray parity, majority over `nsamples` directions)."""
