@@ -4,7 +4,7 @@ import torch
 
 from d3ds2.models.dense_dit import DenseDiT
 from d3ds2.models.dense_vae import DenseShapeVAE
-from d3ds2.models.sparse_dit import ModulatedSparseBlock, SparseCondition, SparseDiT
+from d3ds2.models.sparse_dit import ModulatedSparseBlock, SparseCondition, SparseDiT, TokenLayout
 from d3ds2.sparse import SparseTensor
 
 try:
@@ -83,7 +83,7 @@ def test_adaln_zero_init_blocks_only_add_cross_attention():
     ctx = model.context(cond)
     t_emb = model.t_embedder(torch.tensor([500.0]))
     block: ModulatedSparseBlock = model.blocks[0]
-    out = block(x, t_emb, ctx).feats
+    out = block(x.feats, TokenLayout.of(x), t_emb, ctx)
     # gated branches (self-attention, MLP) are zero at init; only the ungated cross-attention remains
     h = torch.nn.functional.layer_norm(x.feats, (32,), block.norm2.weight, block.norm2.bias, 1e-6)
     expected = x.feats + block.cross_attn(h, x.offsets, 30, ctx)
@@ -157,19 +157,3 @@ def test_dense_vae_roundtrip_shapes_and_coords():
     dense = torch.zeros(2, 8, 8, 8, dtype=torch.bool)
     dense[tuple(coords.long().t())] = True
     assert torch.equal(dense, torch.sigmoid(logits[:, 0]) >= 0.5)
-
-
-def test_per_token_modulation_matches_gather_with_gradients():
-    from d3ds2.models.sparse_dit import per_token
-
-    gen = torch.manual_seed(4)
-    coords = [random_shape(n, 8, gen) for n in (9, 1, 14)]
-    x = SparseTensor.from_samples([torch.zeros(len(c), 1) for c in coords], coords)
-    mod = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(x.num_voxels, 5, dtype=torch.float64)
-    (per_token(mod, x) * g).sum().backward()
-    grad = mod.grad.clone()
-    mod.grad = None
-    (mod[x.batch_ids] * g).sum().backward()
-    torch.testing.assert_close(per_token(mod, x), mod[x.batch_ids])
-    torch.testing.assert_close(grad, mod.grad)
