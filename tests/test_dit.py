@@ -157,3 +157,30 @@ def test_dense_vae_roundtrip_shapes_and_coords():
     dense = torch.zeros(2, 8, 8, 8, dtype=torch.bool)
     dense[tuple(coords.long().t())] = True
     assert torch.equal(dense, torch.sigmoid(logits[:, 0]) >= 0.5)
+
+
+@pytest.mark.skipif(not HAS_SSA, reason="no SSA module")
+def test_ssa_blocks_in_layout_order_match_canonical_order():
+    """The SS-DiT permutes tokens into SSA order once per forward; the same blocks run in the canonical
+    order (SSA permuting inside every call, as its SparseTensor forward does) must give the same output."""
+    import torch.nn.functional as F
+
+    from d3ds2.models.sparse_dit import Context
+
+    gen = torch.manual_seed(5)
+    model = tiny_sparse_dit(attention="ssa", ssa=SSA_TINY, model_channels=64)
+    randomize(model, gen)
+    shapes = [random_shape(n, 8, gen) for n in (41, 17)]
+    x = SparseTensor.from_samples([torch.randn(len(c), 4, dtype=torch.float64, generator=gen) for c in shapes], shapes)
+    t, cond = torch.tensor([300.0, 600.0], dtype=torch.float64), torch.randn(2, 6, 24, dtype=torch.float64, generator=gen)
+    out = model(x, t, cond).feats
+
+    tokens = TokenLayout.of(x)  # canonical order, SSA through its SparseTensor forward
+    h = model.input_layer(x.feats) + model.pos_embedder(x.coords[:, 1:] * model.pe_factor).double()
+    t_emb, ctx = model.t_embedder(t), Context.from_dense(cond)
+    for block in model.blocks:
+        block.self_attention = lambda f, tok, blk=block: blk.self_attn(tok.x.replace(f)).feats
+        h = block(h, tokens, t_emb, ctx)
+    ref = model.out_layer(F.layer_norm(h, (64,), eps=1e-5))
+    torch.testing.assert_close(out, ref)
+    assert not torch.allclose(ref, torch.zeros_like(ref))
