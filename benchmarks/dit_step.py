@@ -174,7 +174,7 @@ def check_modulation(device) -> str:
     w = torch.randn(x.shape, device=device, generator=gen)
 
     def run(fn_ln, fn_res, dtype):
-        leaves = [t.to(dtype).requires_grad_() for t in (x, mods, h)]
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, mods, h)]
         shift, scale, gate = leaves[1].chunk(3, dim=1)
         y = fn_ln(leaves[0], shift, scale, ids)
         out = fn_res(leaves[0], y * leaves[2], gate, ids)
