@@ -127,7 +127,7 @@ def bench_row(model, opt, mode: str, ckpt: bool, n: int, device) -> dict:
             flops, row["flops_error"] = float("nan"), repr(e)[:200]
         row.update(step_ms=step * 1e3, steps=len(times), tokens_per_s=x.num_voxels / step, tflops=flops / step / 1e12,
                    mfu=flops / step / PEAK_BF16, peak_gib=torch.cuda.max_memory_allocated(device) / 2**30,
-                   loss=float(loss))
+                   loss=float(loss.detach()))
     opt.zero_grad(set_to_none=True)
     del x, cond, t, target
     torch.cuda.empty_cache()
