@@ -19,7 +19,7 @@ from d3ds2.models.conditioner import DINOV2_L_REG_CONFIG, ImageConditioner
 from d3ds2.models.dense_dit import DenseDiT
 from d3ds2.models.dense_vae import DenseShapeVAE
 from d3ds2.models.sparse_dit import SparseDiT
-from d3ds2.pipeline import ImageTo3DPipeline, SparseStage, StageSampling
+from d3ds2.pipeline import ImageTo3DPipeline, SparseStage, StageSampling, cast_parameters
 
 
 def sparse_vae():
@@ -50,20 +50,28 @@ def main() -> None:
     dev = torch.device("cuda")
     mode = attention_mode()
     ssa = {"m_cmp": 8, "m_slc": 8, "topk": 8, "compression": "v1"} if mode == "ssa" else None
-    vae512, vae1024 = sparse_vae(), sparse_vae()
-    if vae1024 is not None:
-        vae1024.chunk_size = 32
+    conditioner = ImageConditioner(config=DINOV2_L_REG_CONFIG)  # transformers builds it (CPU)
+    with torch.device(dev):  # random init of the rest on the GPU (seconds, not minutes on the CPU)
+        vae512, vae1024 = sparse_vae(), sparse_vae()
+        if vae1024 is not None:
+            vae1024.chunk_size = 32
+        models = [conditioner, DenseShapeVAE(), DenseDiT(), SparseDiT(attention=mode, ssa=ssa),
+                  vae512 or torch.nn.Identity(), SparseDiT(attention=mode, ssa=ssa, pe_factor=0.5), vae1024 or torch.nn.Identity()]
+    if args.offload:  # the pipeline expects offloaded models on the CPU
+        models = [cast_parameters(m, getattr(torch, args.weights)).cpu() for m in models]
+        torch.cuda.empty_cache()
+    cond, index_vae, index_dit, dit512, vae512, dit1024, vae1024 = models
     zero, one = torch.zeros(16), torch.ones(16)
     pipe = ImageTo3DPipeline(
-        ImageConditioner(config=DINOV2_L_REG_CONFIG), DenseShapeVAE(), DenseDiT(),
-        SparseStage(SparseDiT(attention=mode, ssa=ssa), vae512 or torch.nn.Identity(), zero, one, 512),
-        SparseStage(SparseDiT(attention=mode, ssa=ssa, pe_factor=0.5), vae1024 or torch.nn.Identity(), zero, one, 1024),
+        cond, index_vae, index_dit,
+        SparseStage(dit512, vae512, zero, one, 512), SparseStage(dit1024, vae1024, zero, one, 1024),
         device=dev, offload=args.offload, weights_dtype=args.weights,
     )
     resident = torch.cuda.memory_allocated(dev) / 2**30
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(1, 4, 518, 518)
     images[:, 3] = 1.0
+    torch.cuda.reset_peak_memory_stats(dev)
     with torch.no_grad():
         tokens, masks = pipe._stage("condition", [pipe.conditioner], pipe._condition, images)
         pipe._stage("index DiT + decode", [pipe.index_dit, pipe.index_vae], pipe._index, tokens, StageSampling(50, 6.0, 7.0), gen)

@@ -1,11 +1,13 @@
-"""`python -m data_prep.corpus out=DIR n_procedural=8 seed=0 real=true`: write the demo corpus as mesh files."""
+"""`python -m data_prep.corpus out=DIR n_procedural=8 seed=0 real=pyvista,pymeshfix max_faces=0`: write a corpus
+of mesh files. `real`: comma-separated sources of d3ds2.geometry.corpus.REAL_SOURCES (add `pybullet` for its
+~1,200 meshes), `none` for procedural shapes only; `max_faces` > 0 leaves out larger real meshes."""
 import sys
 
 from d3ds2.geometry.corpus import write_corpus
 
 
 def main(argv: list[str]) -> None:
-    args = {"out": None, "n_procedural": "8", "seed": "0", "real": "true"}
+    args = {"out": None, "n_procedural": "8", "seed": "0", "real": "pyvista,pymeshfix", "max_faces": "0"}
     for a in argv:
         k, sep, v = a.partition("=")
         if not sep or k not in args:
@@ -13,7 +15,12 @@ def main(argv: list[str]) -> None:
         args[k] = v
     if not args["out"]:
         sys.exit("data_prep.corpus: out=DIR is required")
-    paths = write_corpus(args["out"], int(args["n_procedural"]), int(args["seed"]), args["real"].lower() == "true")
+    real = () if args["real"] in ("none", "") else tuple(args["real"].split(","))
+    max_faces = int(args["max_faces"]) or None
+    try:
+        paths = write_corpus(args["out"], int(args["n_procedural"]), int(args["seed"]), real, max_faces)
+    except ValueError as e:
+        sys.exit(f"data_prep.corpus: {e}")
     print(f"wrote {len(paths)} meshes to {args['out']}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -23,7 +24,7 @@ from d3ds2.geometry.mesh_io import MeshLoadError, is_supported, load_mesh
 from d3ds2.geometry.normalize import BadMeshError, clean_mesh, normalise_mesh
 from d3ds2.geometry.render import render_views
 from d3ds2.geometry.sharp_edges import sample_segments, sharp_edges, sharp_voxel_mask
-from d3ds2.geometry.sparse_sdf import SurfaceDistance, compute_sparse_sdf
+from d3ds2.geometry.sparse_sdf import compute_sparse_sdf, surface_distance
 from d3ds2.geometry.watertight import WatertightError, make_watertight
 
 FATAL_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT)
@@ -80,7 +81,7 @@ def build_sample(path: str, cfg) -> tuple[dict, dict]:
     t = time.perf_counter()
     try:
         solid, rebuilt = make_watertight(mesh, cfg.watertight.mode, cfg.watertight.resolution,
-                                         cfg.watertight.offset)
+                                         cfg.watertight.offset, cfg.sdf.backend)
     except WatertightError as e:
         raise SkipMesh(f"watertight failed: {e}") from None
     timings["watertight"] = time.perf_counter() - t
@@ -88,7 +89,7 @@ def build_sample(path: str, cfg) -> tuple[dict, dict]:
     t = time.perf_counter()
     edges = sharp_edges(mesh, cfg.sharp.angle_deg)
     timings["sharp_edges"] = time.perf_counter() - t
-    query = SurfaceDistance(solid.vertices, solid.faces, cfg.sdf.nsamples)
+    query = surface_distance(solid.vertices, solid.faces, cfg.sdf.nsamples, cfg.sdf.backend)
     sdfs, voxel_counts = {}, {}
     for R in cfg.resolutions:
         t = time.perf_counter()
@@ -187,7 +188,9 @@ def run(cfg, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     records = []
     bar = tqdm(total=len(todo), desc=f"data_prep rank {cfg.rank}", unit="mesh", disable=not progress)
-    with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+    # CUDA cannot be used in forked children: start fresh workers when the distance queries run on torch
+    context = multiprocessing.get_context("spawn" if cfg.sdf.backend == "torch" else None)
+    with ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=context) as pool:
         futures = [pool.submit(process_one, p, cfg, samples_dir) for p in todo]
         for fut in as_completed(futures):
             rec = fut.result()

@@ -4,7 +4,7 @@ import torch
 
 from d3ds2.models.dense_dit import DenseDiT
 from d3ds2.models.dense_vae import DenseShapeVAE
-from d3ds2.models.sparse_dit import ModulatedSparseBlock, SparseCondition, SparseDiT
+from d3ds2.models.sparse_dit import ModulatedSparseBlock, SparseCondition, SparseDiT, TokenLayout
 from d3ds2.sparse import SparseTensor
 
 try:
@@ -83,7 +83,7 @@ def test_adaln_zero_init_blocks_only_add_cross_attention():
     ctx = model.context(cond)
     t_emb = model.t_embedder(torch.tensor([500.0]))
     block: ModulatedSparseBlock = model.blocks[0]
-    out = block(x, t_emb, ctx).feats
+    out = block(x.feats, TokenLayout.of(x), t_emb, ctx)
     # gated branches (self-attention, MLP) are zero at init; only the ungated cross-attention remains
     h = torch.nn.functional.layer_norm(x.feats, (32,), block.norm2.weight, block.norm2.bias, 1e-6)
     expected = x.feats + block.cross_attn(h, x.offsets, 30, ctx)
@@ -159,17 +159,28 @@ def test_dense_vae_roundtrip_shapes_and_coords():
     assert torch.equal(dense, torch.sigmoid(logits[:, 0]) >= 0.5)
 
 
-def test_per_token_modulation_matches_gather_with_gradients():
-    from d3ds2.models.sparse_dit import per_token
+@pytest.mark.skipif(not HAS_SSA, reason="no SSA module")
+def test_ssa_blocks_in_layout_order_match_canonical_order():
+    """The SS-DiT permutes tokens into SSA order once per forward; the same blocks run in the canonical
+    order (SSA permuting inside every call, as its SparseTensor forward does) must give the same output."""
+    import torch.nn.functional as F
 
-    gen = torch.manual_seed(4)
-    coords = [random_shape(n, 8, gen) for n in (9, 1, 14)]
-    x = SparseTensor.from_samples([torch.zeros(len(c), 1) for c in coords], coords)
-    mod = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(x.num_voxels, 5, dtype=torch.float64)
-    (per_token(mod, x) * g).sum().backward()
-    grad = mod.grad.clone()
-    mod.grad = None
-    (mod[x.batch_ids] * g).sum().backward()
-    torch.testing.assert_close(per_token(mod, x), mod[x.batch_ids])
-    torch.testing.assert_close(grad, mod.grad)
+    from d3ds2.models.sparse_dit import Context
+
+    gen = torch.manual_seed(5)
+    model = tiny_sparse_dit(attention="ssa", ssa=SSA_TINY, model_channels=64)
+    randomize(model, gen)
+    shapes = [random_shape(n, 8, gen) for n in (41, 17)]
+    x = SparseTensor.from_samples([torch.randn(len(c), 4, dtype=torch.float64, generator=gen) for c in shapes], shapes)
+    t, cond = torch.tensor([300.0, 600.0], dtype=torch.float64), torch.randn(2, 6, 24, dtype=torch.float64, generator=gen)
+    out = model(x, t, cond).feats
+
+    tokens = TokenLayout.of(x)  # canonical order, SSA through its SparseTensor forward
+    h = model.input_layer(x.feats) + model.pos_embedder(x.coords[:, 1:] * model.pe_factor).double()
+    t_emb, ctx = model.t_embedder(t), Context.from_dense(cond)
+    for block in model.blocks:
+        block.self_attention = lambda f, tok, blk=block: blk.self_attn(tok.x.replace(f)).feats
+        h = block(h, tokens, t_emb, ctx)
+    ref = model.out_layer(F.layer_norm(h, (64,), eps=1e-5))
+    torch.testing.assert_close(out, ref)
+    assert not torch.allclose(ref, torch.zeros_like(ref))

@@ -42,6 +42,15 @@ def test_fit_then_exact_resume(tmp_path):
     assert next((resumed / "csv").glob("version_*/metrics.csv")).read_text().count("train/loss") >= 1
 
 
+def test_last_checkpoint_holds_the_final_step(tmp_path):
+    """A run that stops between checkpoint intervals (max_steps or max_time) still ends with its final weights."""
+    _run(_cfg(tmp_path, "trainer.max_steps=8", "callbacks.model_checkpoint.every_n_train_steps=5",
+              "trainer.val_check_interval=5"))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 8
+    assert "ema" in last
+
+
 def test_load_net_weights_reports_mismatch(tmp_path):
     net = ToySparseNet(width=8, depth=2)
     atomic_torch_save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "a.ckpt")

@@ -1,37 +1,71 @@
 """A small real corpus from installed packages, and procedural CSG shapes with sharp edges.
 
-Real meshes ship inside PyPI wheels (no network): pyvista's examples (ant, airplane, nut, sphere) and
-pymeshfix's open Stanford bunny scan. Procedural shapes are manifold3d CSG of boxes, cylinders and spheres:
-watertight by construction, with sharp edges, any number of them from a seed.
+Real meshes ship inside PyPI wheels (no network): pyvista's examples (ant, airplane, nut, sphere),
+pymeshfix's open Stanford bunny scan, and, when asked for, the ~1,200 object and robot-part meshes of
+pybullet's `pybullet_data` (many open or non-manifold: data prep rebuilds them watertight). Procedural
+shapes are manifold3d CSG of boxes, cylinders and spheres: watertight by construction, with sharp edges,
+any number of them from a seed.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 
 import numpy as np
 import trimesh
 
+REAL_SOURCES = ("pyvista", "pymeshfix", "pybullet")
+_MESH_SUFFIXES = (".obj", ".stl", ".ply", ".off")
 
-def real_mesh_paths() -> dict[str, str]:
-    """name -> path of the real meshes shipped in installed packages (those that are installed)."""
+
+def _pybullet_mesh_paths() -> dict[str, str]:
+    """name -> path of the mesh files in pybullet_data, one per distinct file content (sorted by name)."""
+    try:
+        import pybullet_data
+    except ImportError:
+        return {}
+    root = pybullet_data.getDataPath()
+    paths, seen = {}, set()
+    for p in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
+        if not p.lower().endswith(_MESH_SUFFIXES):
+            continue
+        with open(p, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            rel = os.path.splitext(os.path.relpath(p, root))[0]
+            paths["pybullet_" + rel.replace(os.sep, "_")] = p
+    return paths
+
+
+def real_mesh_paths(sources: tuple[str, ...] = ("pyvista", "pymeshfix")) -> dict[str, str]:
+    """name -> path of the real meshes shipped in installed packages, from `sources` (see REAL_SOURCES)."""
+    unknown = set(sources) - set(REAL_SOURCES)
+    if unknown:
+        raise ValueError(f"unknown real mesh sources {sorted(unknown)}; choose from {REAL_SOURCES}")
     paths = {}
-    try:
-        import pyvista.examples as pv_examples
+    if "pybullet" in sources:
+        paths.update(_pybullet_mesh_paths())
+    if "pyvista" in sources:
+        try:
+            import pyvista.examples as pv_examples
 
-        root = os.path.dirname(pv_examples.__file__)
-        for name in ("ant", "airplane", "nut", "sphere"):
-            p = os.path.join(root, f"{name}.ply")
-            if os.path.isfile(p):
-                paths[f"pyvista_{name}"] = p
-    except ImportError:
-        pass
-    try:
-        import pymeshfix.examples as fix_examples
+            root = os.path.dirname(pv_examples.__file__)
+            for name in ("ant", "airplane", "nut", "sphere"):
+                p = os.path.join(root, f"{name}.ply")
+                if os.path.isfile(p):
+                    paths[f"pyvista_{name}"] = p
+        except ImportError:
+            pass
+    if "pymeshfix" in sources:
+        try:
+            import pymeshfix.examples as fix_examples
 
-        if os.path.isfile(fix_examples.bunny_scan):
-            paths["bunny_scan"] = fix_examples.bunny_scan
-    except ImportError:
-        pass
+            if os.path.isfile(fix_examples.bunny_scan):
+                paths["bunny_scan"] = fix_examples.bunny_scan
+        except ImportError:
+            pass
     return paths
 
 
@@ -64,15 +98,22 @@ def procedural_shape(seed: int) -> trimesh.Trimesh:
     return trimesh.Trimesh(np.asarray(mesh.vert_properties)[:, :3], np.asarray(mesh.tri_verts), process=True)
 
 
-def write_corpus(out_dir: str, n_procedural: int = 8, seed: int = 0, real: bool = True) -> list[str]:
-    """Write the real meshes (as .ply copies) and `n_procedural` CSG shapes (.obj) to `out_dir`; return paths."""
+def write_corpus(out_dir: str, n_procedural: int = 8, seed: int = 0,
+                 real: tuple[str, ...] = ("pyvista", "pymeshfix"), max_faces: int | None = None) -> list[str]:
+    """Write the real meshes of `real` sources (binary .ply copies; those with more than `max_faces` faces
+    or that trimesh cannot read are left out) and `n_procedural` CSG shapes (.obj) to `out_dir`; return paths."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    if real:
-        for name, src in sorted(real_mesh_paths().items()):
-            dst = os.path.join(out_dir, f"{name}.ply")
-            trimesh.load(src, process=False).export(dst)
-            written.append(dst)
+    for name, src in sorted(real_mesh_paths(tuple(real)).items()):
+        try:
+            mesh = trimesh.load(src, process=False, force="mesh")
+        except Exception:  # a file of a package that trimesh cannot parse: not part of the corpus
+            continue
+        if len(mesh.faces) == 0 or (max_faces is not None and len(mesh.faces) > max_faces):
+            continue
+        dst = os.path.join(out_dir, f"{name}.ply")
+        mesh.export(dst)
+        written.append(dst)
     for i in range(n_procedural):
         dst = os.path.join(out_dir, f"csg_{seed + i:04d}.obj")
         procedural_shape(seed + i).export(dst)

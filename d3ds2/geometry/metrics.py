@@ -1,7 +1,8 @@
 """Mesh-to-mesh metrics: Chamfer distance, F-score@threshold, normal consistency.
 
 Points are sampled area-uniformly on each surface and measured against the *other surface itself*
-(exact closest point on its triangles, Embree via open3d), not against a second point sample: a
+(exact closest point on its triangles: Embree via open3d where installed, else the PyTorch backend of
+`torch_distance`, CUDA when available), not against a second point sample: a
 point-to-point measure is limited by the sampling density (two samples of the same mesh are ~0.5/sqrt(ρ)
 apart), which would cap F-score at small thresholds even for identical meshes.
 """
@@ -19,8 +20,13 @@ def sample_surface(mesh: trimesh.Trimesh, n: int, seed: int = 0) -> tuple[np.nda
 
 def closest_on_surface(mesh: trimesh.Trimesh, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distance [n] from each point to the mesh surface, and the unit normal [n,3] of the closest face."""
-    import open3d as o3d
+    try:
+        import open3d as o3d
+    except ImportError:
+        from d3ds2.geometry.torch_distance import TorchSurfaceDistance
 
+        dist, face = TorchSurfaceDistance(mesh.vertices, mesh.faces, nsamples=0).closest(points)
+        return dist.astype(np.float64), np.asarray(mesh.face_normals)[face]
     scene = o3d.t.geometry.RaycastingScene()
     scene.add_triangles(
         o3d.core.Tensor(np.ascontiguousarray(mesh.vertices, np.float32)),

@@ -81,6 +81,27 @@ class SurfaceDistance:
         return self.scene.compute_occupancy(pts, nsamples=self.nsamples).numpy() > 0.5
 
 
+def surface_distance(vertices: np.ndarray, faces: np.ndarray, nsamples: int = 3, backend: str = "auto",
+                     device: str | None = None):
+    """The distance/inside query object of a mesh. backend: `open3d` (Embree, CPU), `torch`
+    (`TorchSurfaceDistance`, CUDA when available, else CPU; for machines without open3d) or `auto`
+    (open3d when installed, else torch)."""
+    if backend == "auto":
+        try:
+            import open3d  # noqa: F401
+
+            backend = "open3d"
+        except ImportError:
+            backend = "torch"
+    if backend == "open3d":
+        return SurfaceDistance(vertices, faces, nsamples)
+    if backend == "torch":
+        from d3ds2.geometry.torch_distance import TorchSurfaceDistance
+
+        return TorchSurfaceDistance(vertices, faces, nsamples, device=device)
+    raise ValueError(f"sdf backend {backend!r}: expected auto, open3d or torch")
+
+
 def candidate_cells(query: SurfaceDistance, resolution: int, band: float) -> np.ndarray:
     """Coarse-to-fine culling: cells [K, 3] int32 that may hold a voxel centre within `band` voxels."""
     if resolution % CELL:
@@ -187,7 +208,7 @@ def compute_sparse_sdf(
     """Sparse SDF of a watertight mesh (vertices [V,3] in [-1,1]^3, faces [F,3]) at `resolution`."""
     if trunc < band:
         raise ValueError(f"trunc ({trunc}) must be >= band ({band})")
-    query = query or SurfaceDistance(vertices, faces, nsamples)
+    query = query or surface_distance(vertices, faces, nsamples)
     cand = candidate_cells(query, resolution, band)
     kept_cells, kept_sdf = [], []
     for start in range(0, len(cand), chunk_cells):

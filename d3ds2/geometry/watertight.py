@@ -19,7 +19,7 @@ import numpy as np
 import trimesh
 from scipy import ndimage
 
-from d3ds2.geometry.sparse_sdf import CELL, SurfaceDistance, candidate_cells, cell_voxel_coords, voxel_centres
+from d3ds2.geometry.sparse_sdf import CELL, candidate_cells, cell_voxel_coords, surface_distance, voxel_centres
 
 
 class WatertightError(RuntimeError):
@@ -31,14 +31,16 @@ def is_closed_solid(mesh: trimesh.Trimesh) -> bool:
     return bool(mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0)
 
 
-def rebuild_watertight(mesh: trimesh.Trimesh, resolution: int = 256, offset: float = 0.75) -> trimesh.Trimesh:
-    """The outer `offset`-voxel iso-surface of the mesh's unsigned distance at `resolution` (see module doc)."""
+def rebuild_watertight(mesh: trimesh.Trimesh, resolution: int = 256, offset: float = 0.75,
+                       backend: str = "auto") -> trimesh.Trimesh:
+    """The outer `offset`-voxel iso-surface of the mesh's unsigned distance at `resolution` (see module doc);
+    `backend` of the distance queries as in `surface_distance`."""
     from skimage.measure import marching_cubes
 
     if offset < 0.5:
         raise ValueError(f"offset {offset} voxels < 0.5 lets the flood fill leak through the surface")
     R, h = resolution, 2.0 / resolution
-    query = SurfaceDistance(mesh.vertices, mesh.faces)
+    query = surface_distance(mesh.vertices, mesh.faces, backend=backend)
     band = offset + 2.0
     cells = candidate_cells(query, R, band)
     coords = cell_voxel_coords(cells)
@@ -68,10 +70,10 @@ def rebuild_watertight(mesh: trimesh.Trimesh, resolution: int = 256, offset: flo
 
 
 def make_watertight(mesh: trimesh.Trimesh, mode: str = "auto", resolution: int = 256,
-                    offset: float = 0.75) -> tuple[trimesh.Trimesh, bool]:
+                    offset: float = 0.75, backend: str = "auto") -> tuple[trimesh.Trimesh, bool]:
     """Returns (watertight mesh, rebuilt?) according to `mode` in {auto, always, never}."""
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"watertight mode {mode!r}: expected auto, always or never")
     if mode == "never" or (mode == "auto" and is_closed_solid(mesh)):
         return mesh, False
-    return rebuild_watertight(mesh, resolution, offset), True
+    return rebuild_watertight(mesh, resolution, offset, backend), True

@@ -9,11 +9,14 @@ and v1.0 (sparse conditions, m_cmp 4, compression v2) 520.08M.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from kernels.modulation import gated_residual, modulated_layer_norm
 
 from ..attention import varlen_attention, window_attention
 from ..sparse import SparseTensor
@@ -96,7 +99,8 @@ class GQASelfAttention(nn.Module):
     """Full (per sample) or windowed multi-head self-attention with grouped KV heads over sparse tokens.
 
     Same projection names and shapes as SSA (proj_q/k/v/o, no bias), so 'full'/'window' checkpoints
-    differ from 'ssa' ones only by the SSA-specific parameters. window None = full attention.
+    differ from 'ssa' ones only by the SSA-specific parameters. window None = full attention. The three
+    input projections run as one GEMM (their weights concatenated).
     """
 
     def __init__(self, channels: int, num_heads: int, num_kv_heads: int, window: int | None = None, shift: int = 0):
@@ -114,16 +118,17 @@ class GQASelfAttention(nn.Module):
         self.proj_v = nn.Linear(channels, kv, bias=False)
         self.proj_o = nn.Linear(channels, channels, bias=False)
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
-        n, f = x.num_voxels, x.feats
-        q = self.proj_q(f).view(n, self.num_heads, self.head_dim)
-        k = self.proj_k(f).view(n, self.num_kv_heads, self.head_dim)
-        v = self.proj_v(f).view(n, self.num_kv_heads, self.head_dim)
-        if self.window is None:  # full attention per sample (max length cached on x: no sync per block)
-            o = varlen_attention(q, k, v, x.offsets, x.offsets, max_count(x), max_count(x))
+    def forward(self, h: torch.Tensor, tokens: "TokenLayout") -> torch.Tensor:
+        """h [N, C] in the canonical row order of ``tokens.x`` -> [N, C]."""
+        n, d, kv = h.shape[0], self.head_dim, self.num_kv_heads * self.head_dim
+        weight = torch.cat([self.proj_q.weight, self.proj_k.weight, self.proj_v.weight])
+        q, k, v = F.linear(h, weight).split([self.num_heads * d, kv, kv], dim=1)
+        q, k, v = q.view(n, self.num_heads, d), k.view(n, self.num_kv_heads, d), v.view(n, self.num_kv_heads, d)
+        if self.window is None:  # full attention per sample
+            o = varlen_attention(q, k, v, tokens.offsets, tokens.offsets, tokens.max_len, tokens.max_len)
         else:
-            o = window_attention(q, k, v, x, self.window, self.shift)
-        return x.replace(self.proj_o(o.reshape(n, -1)))
+            o = window_attention(q, k, v, tokens.x, self.window, self.shift)
+        return self.proj_o(o.reshape(n, -1))
 
 
 def build_self_attention(
@@ -188,25 +193,46 @@ def layer_norm32(h: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(h, norm.normalized_shape, w, b, norm.eps)
 
 
-def max_count(x: SparseTensor) -> int:
-    """Tokens of the largest sample of x (cached on x, shared by all blocks)."""
-    return x.cached("max_count", lambda: int(x.counts.max()) if x.batch_size else 0)
+def compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls consuming h run in: the autocast dtype of h's device when autocast is on."""
+    kind = h.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
 
 
-def per_token(values: torch.Tensor, x: SparseTensor) -> torch.Tensor:
-    """Per-sample rows [B, K] -> per-token rows [N, K] (row of each token's sample).
+@dataclass
+class TokenLayout:
+    """The token rows of one forward as every block sees them (built once per forward, no sync per block).
 
-    A product with the cached one-hot [N, B] of the batch indices: its backward is one GEMM, where an index
-    gather's backward (index_put with accumulate) serialises over the thousands of tokens of a sample.
+    x: the input SparseTensor (canonical coords order; its cache holds kernel maps, windows, SSA layout).
+    ssa: the SSA layout when the blocks run in SSA block order (features permuted once on entry and back
+    once on exit, not in every block), else None (canonical order). offsets [B + 1] int32 and batch_ids
+    [N] int32: both orders keep every sample's rows contiguous and in batch order, so they are the same.
+    max_len: tokens of the largest sample.
     """
-    onehot = x.cached(("sample_onehot", values.dtype), lambda: F.one_hot(x.batch_ids, x.batch_size).to(values.dtype))
-    return onehot @ values
+
+    x: SparseTensor
+    offsets: torch.Tensor
+    batch_ids: torch.Tensor
+    max_len: int
+    ssa: Any = None
+
+    @classmethod
+    def of(cls, x: SparseTensor, ssa_attention: nn.Module | None = None) -> "TokenLayout":
+        """Layout of x; ``ssa_attention``: an SSA module whose (cached) layout orders the rows."""
+        offsets = x.cached("offsets_int32", lambda: x.offsets.int())
+        max_len = x.cached("max_count", lambda: int(x.counts.max()) if x.batch_size else 0)
+        if ssa_attention is None:
+            return cls(x, offsets, x.cached("batch_ids_int32", lambda: x.coords[:, 0].contiguous()), max_len)
+        layout = ssa_attention.layout_for(x)
+        return cls(x, offsets, layout.sample_of_token, max_len, layout)
 
 
 class ModulatedSparseBlock(nn.Module):
     """adaLN-Zero block: LN1+modulate -> self-attn -> gate; LN2 (affine) -> cross-attn; LN3+modulate -> MLP -> gate.
 
-    Modulation is per sample ([B, 6C] from the timestep embedding) gathered per token by batch index.
+    Modulation is per sample ([B, 6C] from the timestep embedding); the fused kernels of
+    :mod:`kernels.modulation` apply each token's sample row without a per-token copy. The residual
+    stream stays float32; the normalised inputs of the matmuls come out in the compute dtype.
     """
 
     def __init__(self, channels: int, context_channels: int, num_heads: int, self_attn: nn.Module, mlp_ratio: float = 4.0):
@@ -219,18 +245,21 @@ class ModulatedSparseBlock(nn.Module):
         self.mlp = FeedForward(channels, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
 
-    def forward(self, x: SparseTensor, t_emb: torch.Tensor, ctx: Context) -> SparseTensor:
-        """x feats [N, C] (float32 residual stream), t_emb [B, C] -> same coords, updated feats."""
-        mods = per_token(fp32(self.adaLN_modulation(t_emb)), x)
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=1)
-        feats = x.feats
-        h = layer_norm32(feats, self.norm1) * (1 + scale_a) + shift_a
-        feats = feats + self.self_attn(x.replace(h)).feats * gate_a
-        h = layer_norm32(feats, self.norm2)
-        feats = feats + self.cross_attn(h, x.offsets, max_count(x), ctx)
-        h = layer_norm32(feats, self.norm3) * (1 + scale_m) + shift_m
-        feats = feats + self.mlp(h) * gate_m
-        return x.replace(feats)
+    def self_attention(self, h: torch.Tensor, tokens: TokenLayout) -> torch.Tensor:
+        if tokens.ssa is not None:  # rows already in SSA order
+            return self.self_attn.attend(h, tokens.ssa)
+        return self.self_attn(h, tokens)
+
+    def forward(self, h: torch.Tensor, tokens: TokenLayout, t_emb: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """h [N, C] float32 residual stream (rows in ``tokens`` order), t_emb [B, C] -> updated h [N, C]."""
+        dt, ids = compute_dtype(h), tokens.batch_ids
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(t_emb).chunk(6, dim=1)
+        x = modulated_layer_norm(h, shift_a, scale_a, ids, self.norm1.eps, out_dtype=dt)
+        h = gated_residual(h, self.self_attention(x, tokens), gate_a, ids)
+        x = modulated_layer_norm(h, self.norm2.bias[None], self.norm2.weight[None], None, self.norm2.eps, one=0.0, out_dtype=dt)
+        h = h + self.cross_attn(x, tokens.offsets, tokens.max_len, ctx)
+        x = modulated_layer_norm(h, shift_m, scale_m, ids, self.norm3.eps, out_dtype=dt)
+        return gated_residual(h, self.mlp(x), gate_m, ids)
 
 
 class SparseDiT(nn.Module):
@@ -272,6 +301,7 @@ class SparseDiT(nn.Module):
             raise ValueError("SparseDiT: sparse_conditions needs cond_channels == model_channels (cond_proj is C->C)")
         self.in_channels, self.model_channels = in_channels, model_channels
         self.pe_factor, self.sparse_conditions, self.use_checkpoint = pe_factor, sparse_conditions, use_checkpoint
+        self.attention = attention
         self.t_embedder = TimestepEmbedder(model_channels)
         self.input_layer = nn.Linear(in_channels, model_channels)
         self.pos_embedder = AbsolutePositionEmbedder(model_channels, 3)
@@ -312,14 +342,18 @@ class SparseDiT(nn.Module):
                 f"SparseDiT: batch sizes differ: x has {x.batch_size} samples, t has shape {tuple(t.shape)}, "
                 f"cond has {ctx.batch_size} samples"
             )
-        h = fp32(self.input_layer(x.feats)) + self.pos_embedder(x.coords[:, 1:] * self.pe_factor)
+        ssa = self.blocks[0].self_attn if self.attention == "ssa" else None
+        tokens = TokenLayout.of(x, ssa)
+        feats, pos = x.feats, x.coords[:, 1:]
+        if tokens.ssa is not None:
+            feats, pos = feats[tokens.ssa.perm], tokens.ssa.coords[:, 1:]
+        h = fp32(self.input_layer(feats)) + self.pos_embedder(pos * self.pe_factor)
         t_emb = self.t_embedder(t)
-        h = x.replace(h)
+        ctx = Context(ctx.feats.to(compute_dtype(h)), ctx.offsets, ctx.max_len)  # cast once, not per block
         for block in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
-                run = lambda f, blk=block, xs=h: blk(xs.replace(f), t_emb, ctx).feats  # noqa: E731
-                h = h.replace(checkpoint(run, h.feats, use_reentrant=False))
+                h = checkpoint(block, h, tokens, t_emb, ctx, use_reentrant=False)
             else:
-                h = block(h, t_emb, ctx)
-        out = F.layer_norm(h.feats, (self.model_channels,), eps=1e-5)
-        return x.replace(self.out_layer(out))
+                h = block(h, tokens, t_emb, ctx)
+        out = self.out_layer(F.layer_norm(h, (self.model_channels,), eps=1e-5))
+        return x.replace(out if tokens.ssa is None else out[tokens.ssa.inverse])

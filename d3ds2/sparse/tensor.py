@@ -77,10 +77,12 @@ class SparseTensor:
         """
         validate_coords(coords, feats.shape[0])
         keys = pack_keys(coords)
+        sorted_keys, order = torch.sort(keys)
+        if not (sorted_keys[1:] == sorted_keys[:-1]).any():  # one sort when there is no duplicate
+            out = cls(feats[order], coords[order], batch_size, check=False)
+            out.cache["keys"] = sorted_keys
+            return out
         ukeys, inverse = torch.unique(keys, return_inverse=True)
-        if ukeys.numel() == keys.numel():
-            order = torch.argsort(keys)
-            return cls(feats[order], coords[order], batch_size, check=False)
         if reduce is None:
             raise ValueError(
                 f"coords contain {keys.numel() - ukeys.numel()} duplicate voxels; pass reduce='mean'|'sum'|'max'"

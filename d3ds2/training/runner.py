@@ -36,6 +36,18 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
     return str(ckpt_path)
 
 
+def save_final_checkpoint(trainer: L.Trainer) -> None:
+    """Write ``last.ckpt`` at the end of fit when the last save is older than the final step: a run stopped by
+    ``max_time``, or whose ``max_steps`` is not a multiple of ``every_n_train_steps``, would otherwise leave
+    an older ``last.ckpt`` for evaluation and resume."""
+    cb = trainer.checkpoint_callback
+    if cb is None or not getattr(cb, "save_last", False) or cb.dirpath is None:
+        return
+    if getattr(cb, "_last_global_step_saved", -1) == trainer.global_step or trainer.global_step == 0:
+        return
+    trainer.save_checkpoint(str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"))
+
+
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Instantiate data, model, callbacks, loggers and trainer from ``cfg``; fit and/or test.
 
@@ -64,6 +76,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     )
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+        save_final_checkpoint(trainer)
     if cfg.get("test", False):
         trainer.test(model, datamodule=datamodule)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
