@@ -9,7 +9,7 @@ from d3ds2.attention.ssa import (SSAConfig, SpatialSparseAttention, block_mean, 
                                  spatial_sparse_attention)
 from d3ds2.sparse import SparseTensor
 from kernels.span_attention import plan_spans, span_attention, span_attention_reference
-from kernels.ssa_topk import block_scores_reference, score_topk, shared_score_topk, topk_reference
+from kernels.ssa_topk import block_scores_reference, score_chunks, score_topk, shared_score_topk, topk_reference
 from sparse_helpers import shell
 
 
@@ -96,11 +96,16 @@ def _scoring_inputs(gen, m_cmp, m_slc, hq=8, hkv=2, d=16):
     return lay, q, kc, lse
 
 
-@pytest.mark.parametrize("m_cmp,m_slc,topk", [(4, 4, 3), (2, 4, 5), (4, 4, 9)])
-def test_score_topk_kernel_selects_reference_topk(gen, m_cmp, m_slc, topk):
+@pytest.mark.parametrize("m_cmp,m_slc,topk,kernel,width", [
+    (4, 4, 3, "cols", None), (2, 4, 5, "cols", None), (4, 4, 9, "cols", None), (2, 4, 4, "cols", 16),
+    (1, 4, 4, "cols", 64), (4, 4, 3, "rows", None), (2, 4, 5, "rows", None)])
+def test_score_topk_kernel_selects_reference_topk(gen, m_cmp, m_slc, topk, kernel, width):
     lay, q, kc, lse = _scoring_inputs(gen, m_cmp, m_slc)
-    args = (q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.slots, lay.block_of_cmp)
-    idx, val = score_topk(*args, topk, backend="triton")
+    args = (q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.block_of_cmp)
+    chunks = lay.score_chunks()
+    if width is not None:  # narrow chunks (many per sample) / blocks that fill a whole chunk (1 + 63 slots)
+        chunks = score_chunks(lay.block_of_cmp, lay.sample_block_offsets, (m_slc // m_cmp) ** 3, width=width)
+    idx, val = score_topk(*args, topk, chunks=chunks, slots=lay.slots, backend="triton", kernel=kernel)
     scores = block_scores_reference(q.double(), kc.double(), lse.double(), lay.sample_of_token,
                                     lay.sample_block_offsets, lay.block_of_cmp)
     idx_ref, val_ref = topk_reference(scores, topk)
@@ -113,6 +118,24 @@ def test_score_topk_kernel_selects_reference_topk(gen, m_cmp, m_slc, topk):
     # top-k larger than a sample's block count: every block of that sample, then -1
     per_sample = (lay.sample_block_offsets[1:] - lay.sample_block_offsets[:-1]).long()
     assert torch.equal((idx >= 0).sum(-1)[:, 0], per_sample[lay.sample_of_token.long()].clamp(max=topk))
+
+
+@pytest.mark.parametrize("m_cmp,m_slc,width", [(2, 4, 64), (2, 4, 16), (1, 4, 64), (2, 8, 64)])
+def test_score_chunks_cover_whole_blocks_within_width(gen, m_cmp, m_slc, width):
+    lay = build_ssa_layout(_coords(gen), m_cmp, m_slc)
+    per_block = (m_slc // m_cmp) ** 3
+    ch = score_chunks(lay.block_of_cmp, lay.sample_block_offsets, per_block, width=width)
+    cmp, blk, soff = ch.chunk_cmp.long(), ch.chunk_block.long(), ch.sample_chunk_offsets.long()
+    nc, m = lay.cmp_counts.numel(), int(lay.sample_block_offsets[-1])
+    # chunks tile the compressed tokens and the blocks in order, each within `width` tokens
+    assert cmp[0] == 0 and cmp[-1] == nc and blk[0] == 0 and blk[-1] == m
+    assert bool((cmp[1:] > cmp[:-1]).all()) and bool((blk[1:] > blk[:-1]).all())
+    assert int((cmp[1:] - cmp[:-1]).max()) <= width
+    # a chunk holds exactly the tokens of its blocks (no block is split), and stays in one sample
+    block_first = torch.searchsorted(lay.block_of_cmp.long(), torch.arange(m + 1))
+    assert torch.equal(block_first[blk], cmp)
+    sbo = lay.sample_block_offsets.long()
+    assert torch.equal(blk[soff], sbo)
 
 
 def test_shared_score_topk_kernel_matches_reference(gen):

@@ -26,7 +26,7 @@ from torch import nn
 from d3ds2.sparse import SparseGroupNorm, SparseTensor, SubMConv3d, pack_keys
 from d3ds2.sparse.serialize import Partition, window_partition
 from kernels.span_attention import SpanPlan, default_block_m, plan_spans, span_attention
-from kernels.ssa_topk import score_topk, shared_score_topk
+from kernels.ssa_topk import ScoreChunks, score_chunks, score_topk, shared_score_topk
 
 _AXIS = 2 ** 14  # block coordinates per axis representable in the sort key
 
@@ -107,6 +107,16 @@ class SSALayout:
             self.cache[key] = plan_spans(self.block_of_token.view(-1, 1, 1), self.block_offsets,
                                          default_block_m(group, 1), query_offsets=self.block_offsets)
         return self.cache[key]
+
+    def score_chunks(self) -> ScoreChunks | None:
+        """Chunk table of the block scoring when a selection block holds several compressed tokens
+        (m_cmp < m_slc); None when m_cmp == m_slc (cached)."""
+        if self.m_cmp == self.m_slc:
+            return None
+        if "score_chunks" not in self.cache:
+            self.cache["score_chunks"] = score_chunks(self.block_of_cmp, self.sample_block_offsets,
+                                                      (self.m_slc // self.m_cmp) ** 3)
+        return self.cache["score_chunks"]
 
     @property
     def batch_size(self) -> int:
@@ -257,8 +267,8 @@ def select_blocks(q, k_cmp, lse, layout: SSALayout, topk: int, shared: bool = Fa
                                    layout.sample_block_offsets, layout.slots, layout.block_of_cmp, topk,
                                    backend=backend)
         return idx[layout.cmp_of_token]
-    idx, _ = score_topk(q, k_cmp, lse, layout.sample_of_token, layout.sample_block_offsets, layout.slots,
-                        layout.block_of_cmp, topk, backend=backend)
+    idx, _ = score_topk(q, k_cmp, lse, layout.sample_of_token, layout.sample_block_offsets, layout.block_of_cmp,
+                        topk, chunks=layout.score_chunks(), backend=backend)
     return idx
 
 
