@@ -136,18 +136,19 @@ if triton is not None:
         """
         cols = tl.arange(0, TOPK_P)
         ccols = tl.arange(0, BS)
-        cmax = tl.max(cand, 1)
-        rmin = tl.min(run_val, 1)
-        while tl.max(tl.where((cmax > rmin) & (cmax >= 0), 1, 0), 0) > 0:
-            carg = tl.argmax(cand, 1, tie_break_left=True)
-            rarg = tl.argmin(run_val, 1, tie_break_left=True)
+        # cheap test first (plain max/min): most tiles of a settled top-k insert nothing
+        if tl.max(((tl.max(cand, 1) > tl.min(run_val, 1)) & (tl.max(cand, 1) >= 0)).to(tl.int32), 0) > 0:
+            cmax, carg = tl.max(cand, 1, return_indices=True, return_indices_tie_break_left=True)
+            rmin, rarg = tl.min(run_val, 1, return_indices=True, return_indices_tie_break_left=True)
             take = (cmax > rmin) & (cmax >= 0)
-            hit = take[:, None] & (cols[None, :] == rarg[:, None])
-            run_val = tl.where(hit, cmax[:, None], run_val)
-            run_idx = tl.where(hit, (blk0 + carg)[:, None], run_idx)
-            cand = tl.where(take[:, None] & (ccols[None, :] == carg[:, None]), -1.0, cand)
-            cmax = tl.max(cand, 1)
-            rmin = tl.min(run_val, 1)
+            while tl.max(take.to(tl.int32), 0) > 0:
+                hit = take[:, None] & (cols[None, :] == rarg[:, None])
+                run_val = tl.where(hit, cmax[:, None], run_val)
+                run_idx = tl.where(hit, (blk0 + carg)[:, None], run_idx)
+                cand = tl.where(take[:, None] & (ccols[None, :] == carg[:, None]), -1.0, cand)
+                cmax, carg = tl.max(cand, 1, return_indices=True, return_indices_tie_break_left=True)
+                rmin, rarg = tl.min(run_val, 1, return_indices=True, return_indices_tie_break_left=True)
+                take = (cmax > rmin) & (cmax >= 0)
         return run_val, run_idx
 
     @triton.jit

@@ -58,24 +58,37 @@ def _random_spans(gen, n_spans, n_keys):
     return torch.cat([torch.tensor([0]), cuts, torch.tensor([n_keys])]).int()
 
 
-@pytest.mark.parametrize("hq,hkv,d,topk", [(8, 2, 16, 3), (2, 1, 32, 1), (4, 2, 16, 12)])
-def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, topk):
+@pytest.mark.parametrize("hq,hkv,d,topk,spans,permuted", [
+    (8, 2, 16, 3, "random", False), (2, 1, 32, 1, "random", True), (4, 2, 16, 12, "random", False),
+    (4, 2, 16, 2, "shared", False), (2, 1, 16, 2, "shared", True)])
+def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, topk, spans, permuted):
+    """random: each query picks random spans (1-key span, padded slot, topk > #spans); shared: every query
+    picks the same two long spans, so whole chunks run the kernels' unmasked path. permuted: plan rows
+    are q rows in a shuffled order (q_index)."""
     import kernels.span_attention as sa
 
     monkeypatch.setattr(sa, "PAIRS_PER_ITEM", 5)  # several dK/dV work items per chunk (atomics)
     nq, nk, n_spans = 37, 61, 9
-    soff = _random_spans(gen, n_spans, nk)
-    soff[3] = soff[2] + 1 if soff[3] > soff[2] + 1 else soff[3]  # a 1-key span (still increasing)
-    idx = torch.stack([torch.randperm(n_spans, generator=gen)[: min(topk, n_spans)] for _ in range(nq * hkv)])
-    idx = torch.cat([idx, idx.new_full((nq * hkv, max(0, topk - n_spans)), -1)], 1).view(nq, hkv, topk).int()
-    idx[5, 0, 0] = -1  # a padded slot
+    if spans == "random":
+        soff = _random_spans(gen, n_spans, nk)
+        soff[3] = soff[2] + 1 if soff[3] > soff[2] + 1 else soff[3]  # a 1-key span (still increasing)
+        idx = torch.stack([torch.randperm(n_spans, generator=gen)[: min(topk, n_spans)] for _ in range(nq * hkv)])
+        idx = torch.cat([idx, idx.new_full((nq * hkv, max(0, topk - n_spans)), -1)], 1).view(nq, hkv, topk).int()
+        idx[5, 0, 0] = -1  # a padded slot
+    else:
+        soff = torch.tensor([0, 40, nk], dtype=torch.int32)
+        idx = torch.tensor([0, 1], dtype=torch.int32).expand(nq, hkv, 2).contiguous()
     q = torch.randn(nq, hq, d, generator=gen)
     k, v = (torch.randn(nk, hkv, d, generator=gen) for _ in range(2))
-    plan = plan_spans(idx, soff, block_m=max(1, 16 // (hq // hkv)))
+    q_index = torch.randperm(nq, generator=gen) if permuted else None
+    bm = max(1, 16 // (hq // hkv))
+    plan = plan_spans(idx, soff, block_m=bm)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    o, lse = span_attention(*leaves, plan, backend="triton", block_k=16, block_q=max(1, 16 // (hq // hkv)))
+    o, lse = span_attention(*leaves, plan, backend="triton", block_k=16, block_q=2, block_kv=16, q_index=q_index)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    o_ref, lse_ref = span_attention_reference(*ref_leaves, idx, soff)
+    rows = torch.arange(nq) if q_index is None else q_index  # plan row i is q row rows[i]
+    o_ref, lse_ref = span_attention_reference(ref_leaves[0][rows], *ref_leaves[1:], idx, soff)
+    o, lse = o[rows], lse[rows]
     _close(o, o_ref)
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))  # a query with no key: lse = -inf
     _close(lse.nan_to_num(neginf=0.0), lse_ref.nan_to_num(neginf=0.0))
@@ -84,6 +97,36 @@ def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, t
     o_ref.backward(g.double())
     for a, b in zip(leaves, ref_leaves):
         _close(a.grad, b.grad)
+
+
+def test_span_backward_gated_and_accumulated(gen):
+    """span_backward for gate * attention: dq added to an existing dq, dk/dv to fp32 accumulators,
+    delta.sum(1) = the gate's gradient; against autograd through the float64 reference."""
+    from kernels.span_attention import LOG2E, span_backward, span_forward
+
+    nq, nk, hq, hkv, d = 29, 50, 4, 2, 16
+    soff = _random_spans(gen, 6, nk)
+    idx = torch.stack([torch.randperm(6, generator=gen)[:2] for _ in range(nq * hkv)]).view(nq, hkv, 2).int()
+    q = torch.randn(nq, hq, d, generator=gen)
+    k, v = (torch.randn(nk, hkv, d, generator=gen) for _ in range(2))
+    gate = torch.rand(nq, generator=gen)
+    q_index = torch.randperm(nq, generator=gen)
+    plan = plan_spans(idx, soff, block_m=4)
+    o, lse2 = span_forward(q, k, v, plan, d ** -0.5, 16, q_index.int())
+    dq0, dk0, dv0 = (torch.randn(t.shape, generator=gen) for t in (q, k, v))
+    dout = torch.randn(q.shape, generator=gen)
+    dq, dk, dv, delta = span_backward(dout, q, k, v, o, lse2, plan, d ** -0.5, 16, 4, 16, q_index=q_index.int(),
+                                      gate=gate, dq=dq0.clone(), dk=dk0.clone(), dv=dv0.clone())
+    leaves = [t.double().requires_grad_() for t in (q, k, v, gate)]
+    o_ref, lse_ref = span_attention_reference(leaves[0][q_index], leaves[1], leaves[2], idx, soff)
+    inverse = torch.argsort(q_index)
+    _close(o, o_ref[inverse])
+    _close(lse2 / LOG2E, lse_ref[inverse])
+    (leaves[3][:, None, None] * o_ref[inverse]).backward(dout.double())
+    _close(dq, dq0 + leaves[0].grad)
+    _close(dk, dk0 + leaves[1].grad)
+    _close(dv, dv0 + leaves[2].grad)
+    _close(delta.sum(1), leaves[3].grad)
 
 
 def _scoring_inputs(gen, m_cmp, m_slc, hq=8, hkv=2, d=16):
