@@ -221,6 +221,27 @@ def test_functional_ssa_triton_matches_torch(gen, cfg):
         _close(a.grad, b.grad)
 
 
+def test_triton_ssa_saves_one_copy_of_each_activation(gen):
+    """The Triton path keeps q and the three branch outputs as its only [N, Hq, D] saved tensors (no
+    gated copies, no per-branch copies of q), plus k/v, compressed k/v, gates and three LSEs."""
+    cfg = SSAConfig(m_cmp=2, m_slc=4, m_win=4, topk=3, window_shift=2)
+    lay = build_ssa_layout(_coords(gen), cfg.m_cmp, cfg.m_slc)
+    n, hq, hkv, d = lay.num_tokens, 4, 2, 16
+    q = torch.randn(n, hq, d, generator=gen, requires_grad=True)
+    k, v = (torch.randn(n, hkv, d, generator=gen, requires_grad=True) for _ in range(2))
+    kc = block_mean(k.view(n, -1), lay).view(-1, hkv, d)
+    vc = block_mean(v.view(n, -1), lay).view(-1, hkv, d)
+    gates = torch.rand(n, 3, generator=gen, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = spatial_sparse_attention(q, k, v, kc.detach(), vc.detach(), gates, lay, cfg)
+    big = [t for t in saved if t.shape == q.shape]
+    assert len(big) == 4, [tuple(t.shape) for t in saved]
+    assert sum(t.numel() for t in saved) == 4 * q.numel() + 2 * k.numel() + 2 * kc.numel() + gates.numel() + 3 * n * hq
+    out.sum().backward()
+    assert all(t.grad is not None for t in (q, k, v, gates))
+
+
 def _dense_ssa(module, x):
     """Brute-force SSA from the coords (float64, O(N^2)): the definition of the module's output."""
     cfg = module.config
