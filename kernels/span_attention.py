@@ -14,12 +14,19 @@ Kernel design (Triton, fp16/bf16/fp32, head dim 16..128):
 - forward and dQ: one program per (tile of BM consecutive queries x G heads sharing a KV head); rows =
   BM * G so ``tl.dot`` runs on tensor cores. The program loops over the *union* of the spans its queries
   selected (precomputed, sorted, deduplicated: O(N * TOPK) ints) in BK-key chunks; rows of queries that
-  did not select a span are masked. Online softmax in base 2.
+  did not select a span and keys past its end are masked, and chunks where every row selected the span
+  and every key is inside it skip the masking. Online softmax in base 2, the scale folded into the
+  exponent's FMA.
 - dK/dV: one program per work item = (BK-key chunk of a span, KV head, up to 1024 of the queries that
   selected the span); the queries come from a CSR list built by one argsort of ``idx`` (the identity for
   spans = samples/windows) and are gathered BQ at a time; dK/dV accumulate in fp32 registers and are
   added with fp32 atomics (a span chosen by many queries is split over many items: balanced grid).
   delta = rowsum(o * dO) is computed by the dQ kernel, which runs first.
+- ``q_index``: plan row i may be q row q_index[i] (a permutation), so a plan built over regrouped queries
+  (shifted windows) reads q and writes o, lse, dQ in place without copies.
+- :func:`span_backward` differentiates gate[:, None, None] * o for a per-row gate by subtracting
+  log2(gate) from the log-sum-exp (the probabilities become the gated ones), and can add dQ / dK / dV to
+  existing buffers: several gated branches over one q share one dQ (used by SSA).
 """
 from __future__ import annotations
 
