@@ -28,6 +28,7 @@ CONFIGS = {
     "v1.0@1024 (cmp 4, slc 8, top-8)": SSAConfig(m_cmp=4, m_slc=8, m_win=8, topk=8),
     "v1.0@512 (cmp 4, slc 8, top-32)": SSAConfig(m_cmp=4, m_slc=8, m_win=8, topk=32),
     "v1.1 shared top-k": SSAConfig(m_cmp=8, m_slc=8, m_win=8, topk=8, shared_topk=True),
+    "v1.1 window shift 4": SSAConfig(m_cmp=8, m_slc=8, m_win=8, topk=8, window_shift=4),
 }
 
 
@@ -74,14 +75,16 @@ def bench_few(fn, reps=3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def peak_gib(fn) -> float:
+def peak_gib(fn) -> tuple[float, float]:
+    """(peak allocated GiB during fn, GiB already allocated before it: the inputs)."""
     if DEV == "cpu":
-        return float("nan")
+        return float("nan"), float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
+    return torch.cuda.max_memory_allocated() / 2**30, base / 2**30
 
 
 def smooth_features(coords, channels, gen, wavelength=24.0):
@@ -186,9 +189,10 @@ def bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args,
     f = lambda: inp.ssa(cfg)
     t_f = bench(f)
     t_fb = bench(fwd_bwd(f, inp.leaves))
-    mem = peak_gib(fwd_bwd(f, inp.leaves))
+    mem, base = peak_gib(fwd_bwd(f, inp.leaves))
+    mem_f, _ = peak_gib(f)
     rows_whole.append((n, batch, name, t_f, t_fb, flash_f, flash_fb, flash_f / t_f, flash_fb / t_fb,
-                       mem, tpb, lay.cmp_counts.numel()))
+                       mem, tpb, lay.cmp_counts.numel(), base, mem_f))
     print(rows_whole[-1], flush=True)
     if batch == 1 and n_target == max(args.sizes):
         kc, vc = inp.compress()
@@ -244,7 +248,8 @@ def run_sizes(args, report):
             n = len(coords)
             flash_f, flash_fb = dense_flash(sizes)
             for name, cfg in configs.items():
-                if args.quick and ("shared" in name or "top-32" in name or "v1.0" in name) and batch == 4:
+                extra = any(w in name for w in ("shared", "top-32", "v1.0", "shift"))
+                if args.quick and extra and batch == 4:
                     continue
                 try:
                     bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args, rows_whole,
@@ -269,11 +274,12 @@ def run_sizes(args, report):
                     torch.cuda.empty_cache()
     report.append("### Whole SSA attention (q/k/v + v1 compression params + gates -> gated output) vs dense flash\n")
     report.append("| N | batch | config | SSA fwd ms | SSA fwd+bwd ms | flash fwd ms | flash fwd+bwd ms | "
-                  "speed-up fwd | speed-up fwd+bwd | peak GiB (fwd+bwd) | tokens/8³ block | N_cmp |")
-    report.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                  "speed-up fwd | speed-up fwd+bwd | peak GiB (fwd+bwd) | inputs GiB | peak GiB (fwd) | "
+                  "tokens/8³ block | N_cmp |")
+    report.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows_whole:
         report.append(f"| {r[0]:,} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.1f} | {r[6]:.1f} | "
-                      f"{r[7]:.1f}x | {r[8]:.1f}x | {r[9]:.2f} | {r[10]:.0f} | {r[11]:,} |")
+                      f"{r[7]:.1f}x | {r[8]:.1f}x | {r[9]:.2f} | {r[12]:.2f} | {r[13]:.2f} | {r[10]:.0f} | {r[11]:,} |")
     report.append("\n### Branches at the largest N, batch 1 (ms)\n")
     report.append("| N | config | branch | fwd ms | fwd+bwd ms |")
     report.append("|---|---|---|---|---|")

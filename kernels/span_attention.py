@@ -59,7 +59,8 @@ class SpanPlan:
     """Index structures for one ``idx``.
 
     idx [Nq, Hi, TOPK] int32; span_offsets [S+1] int32; block_m queries per forward tile;
-    union [Hi, T, BM*TOPK] int32 sorted unique spans of each tile (padding -1), union_count [Hi, T];
+    union [Hi, T, BM*TOPK] int32 sorted unique spans of each tile (padding -1), union_count [Hi, T],
+    union_full [Hi, T, BM*TOPK] int8: 1 where every query of the tile selected that span;
     pair_offsets [Hi*S+1] int32 / pair_query [P] int32: the queries that selected each (head, span).
     """
 
@@ -68,6 +69,7 @@ class SpanPlan:
     block_m: int
     union: torch.Tensor
     union_count: torch.Tensor
+    union_full: torch.Tensor
     pair_offsets: torch.Tensor | None = None
     pair_query: torch.Tensor | None = None
     query_offsets: torch.Tensor | None = None
@@ -87,8 +89,9 @@ class SpanPlan:
         return self.pair_offsets, self.pair_query
 
 
-def _tile_unions(idx: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique span ids of each tile of ``block_m`` queries: ([Hi, T, BM*TOPK] padded -1, [Hi, T])."""
+def _tile_unions(idx: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sorted unique span ids of each tile of ``block_m`` queries: ([Hi, T, BM*TOPK] padded -1, [Hi, T], and
+    [Hi, T, BM*TOPK] int8 flags: every query of the tile selected the span, so the kernels need no mask)."""
     n, hi, topk = idx.shape
     t = (n + block_m - 1) // block_m
     big = torch.iinfo(torch.int32).max
@@ -99,10 +102,15 @@ def _tile_unions(idx: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.T
     s = x.sort(dim=-1).values
     dup = torch.zeros_like(s, dtype=torch.bool)
     dup[..., 1:] = s[..., 1:] == s[..., :-1]
+    # selections per unique span (a query lists a span at most once): runs of the sorted ids, in order
+    run = (~dup).cumsum(-1) - 1
+    per_span = torch.zeros_like(run).scatter_add_(-1, run, torch.ones_like(run))
     s = torch.where(dup, big, s).sort(dim=-1).values
     count = (s != big).sum(-1).to(torch.int32)
+    queries = (n - torch.arange(t, device=idx.device) * block_m).clamp(max=block_m)  # queries per tile
+    full = ((per_span == queries.view(1, t, 1)) & (s != big)).to(torch.int8).contiguous()
     s = torch.where(s == big, -1, s).to(torch.int32).contiguous()
-    return s, count.contiguous()
+    return s, count.contiguous(), full
 
 
 def _build_pairs(idx: torch.Tensor, n_spans: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,13 +133,18 @@ def plan_spans(idx: torch.Tensor, span_offsets: torch.Tensor, block_m: int,
 
     ``query_offsets`` [S+1]: pass it when every query selects exactly one span and the queries of span s
     are the contiguous range query_offsets[s]:query_offsets[s+1] (samples, windows); it replaces a sort.
+    A query lists a span at most once per head (-1 pads may repeat).
     """
     if idx.dim() != 3:
         raise ValueError(f"span_attention: idx must be [Nq, Hi, TOPK], got shape {tuple(idx.shape)}")
     idx = idx.to(torch.int32).contiguous()
-    union, count = _tile_unions(idx, block_m)
+    if idx.shape[2] > 1:
+        srt = idx.sort(-1).values
+        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+            raise ValueError("span_attention: idx lists a span twice for one (query, head); give each span once")
+    union, count, full = _tile_unions(idx, block_m)
     return SpanPlan(idx=idx, span_offsets=span_offsets.to(torch.int32).contiguous(), block_m=block_m,
-                    union=union, union_count=count, query_offsets=query_offsets)
+                    union=union, union_count=count, union_full=full, query_offsets=query_offsets)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +199,7 @@ if triton is not None:
             return qi
 
     @triton.jit
-    def _span_fwd_kernel(Q, K, V, O, LSE, QIDX, IDX, UNION, UCNT, SOFF, n_q, n_tiles, sm_scale_log2,
+    def _span_fwd_kernel(Q, K, V, O, LSE, QIDX, IDX, UNION, UCNT, UFULL, SOFF, n_q, n_tiles, sm_scale_log2,
                          HQ: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, G: tl.constexpr,
                          D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, UMAX: tl.constexpr,
                          BM: tl.constexpr, BK: tl.constexpr, HAS_QIDX: tl.constexpr):
@@ -211,7 +224,7 @@ if triton is not None:
         for u in range(0, n_u):
             span = tl.load(UNION + (hi * n_tiles + tile) * UMAX + u)
             row_sel = tl.sum((sel == span).to(tl.int32), axis=1) > 0
-            some_out = tl.max((row_sel == 0).to(tl.int32), 0)  # a row of the tile did not select the span
+            all_rows = tl.load(UFULL + (hi * n_tiles + tile) * UMAX + u)  # every row selected the span
             k_lo = tl.load(SOFF + span)
             k_hi = tl.load(SOFF + span + 1)
             for k0 in range(k_lo, k_hi, BK):
@@ -219,7 +232,7 @@ if triton is not None:
                 kmask = kn < k_hi
                 kt = tl.load(K + (kn[None, :] * HKV + kvh) * D + d[:, None], mask=kmask[None, :], other=0.0)
                 s = tl.dot(q, kt)
-                if (k0 + BK > k_hi) | (some_out > 0):  # masking only where some row or key is out
+                if (k0 + BK > k_hi) | (all_rows == 0):  # masking only where some row or key is out
                     s = tl.where(row_sel[:, None] & kmask[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)
                 alpha = tl.math.exp2(m_i - m_new)
@@ -236,7 +249,7 @@ if triton is not None:
         tl.store(LSE + qrow * HQ + hq, lse2, mask=rmask)
 
     @triton.jit
-    def _span_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, QIDX, IDX, UNION, UCNT, SOFF, n_q, n_tiles,
+    def _span_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, QIDX, IDX, UNION, UCNT, UFULL, SOFF, n_q, n_tiles,
                             sm_scale, sm_scale_log2,
                             HQ: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, G: tl.constexpr,
                             D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, UMAX: tl.constexpr,
@@ -268,7 +281,7 @@ if triton is not None:
         for u in range(0, n_u):
             span = tl.load(UNION + (hi * n_tiles + tile) * UMAX + u)
             row_sel = tl.sum((sel == span).to(tl.int32), axis=1) > 0
-            some_out = tl.max((row_sel == 0).to(tl.int32), 0)  # a row of the tile did not select the span
+            all_rows = tl.load(UFULL + (hi * n_tiles + tile) * UMAX + u)  # every row selected the span
             k_lo = tl.load(SOFF + span)
             k_hi = tl.load(SOFF + span + 1)
             for k0 in range(k_lo, k_hi, BK):
@@ -277,7 +290,7 @@ if triton is not None:
                 kt = tl.load(K + (kn[None, :] * HKV + kvh) * D + d[:, None], mask=kmask[None, :], other=0.0)
                 vt = tl.load(V + (kn[None, :] * HKV + kvh) * D + d[:, None], mask=kmask[None, :], other=0.0)
                 p = tl.math.exp2(tl.dot(q, kt) * sm_scale_log2 - lse2[:, None])
-                if (k0 + BK > k_hi) | (some_out > 0):
+                if (k0 + BK > k_hi) | (all_rows == 0):
                     p = tl.where(row_sel[:, None] & kmask[None, :], p, 0.0)
                 dp = tl.dot(do, vt)
                 ds = p * (dp - delta[:, None])
@@ -389,7 +402,8 @@ def span_forward(q, k, v, plan: SpanPlan, scale: float, block_k: int = 64, q_ind
     bm = plan.block_m
     qidx = plan.idx if q_index is None else q_index
     _span_fwd_kernel[(n_tiles, hkv)](
-        q, k, v, o, lse2, qidx, plan.idx, plan.union, plan.union_count, plan.span_offsets, nq, n_tiles,
+        q, k, v, o, lse2, qidx, plan.idx, plan.union, plan.union_count, plan.union_full, plan.span_offsets, nq,
+        n_tiles,
         scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk),
         UMAX=plan.union.shape[2], BM=bm, BK=block_k, HAS_QIDX=q_index is not None,
         num_warps=_num_warps(bm * g, d), num_stages=2)
@@ -457,7 +471,7 @@ def span_backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: i
     n_tiles = plan.union.shape[1]
     bm = plan.block_m
     _span_bwd_dq_kernel[(n_tiles, hkv)](
-        q, k, v, o, do, lse2, delta, dq, qidx, plan.idx, plan.union, plan.union_count,
+        q, k, v, o, do, lse2, delta, dq, qidx, plan.idx, plan.union, plan.union_count, plan.union_full,
         plan.span_offsets, nq, n_tiles, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d, TOPK=topk,
         TOPK_P=triton.next_power_of_2(topk), UMAX=plan.union.shape[2], BM=bm, BK=block_k, ACC=acc,
         HAS_QIDX=q_index is not None, num_warps=_num_warps(bm * g, d), num_stages=2)

@@ -99,6 +99,26 @@ def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, t
         _close(a.grad, b.grad)
 
 
+def test_tile_unions_flag_spans_selected_by_every_query(gen):
+    """plan_spans: per tile, the sorted unique spans and a flag where every query of the tile chose the span."""
+    n, hi, topk, bm, n_spans = 23, 2, 3, 4, 5
+    idx = torch.stack([torch.randperm(n_spans, generator=gen)[:topk] for _ in range(n * hi)]).view(n, hi, topk).int()
+    idx[::3, :, 0] = -1
+    idx[4:8] = torch.tensor([1, 3, -1], dtype=torch.int32)  # tile 1: spans 1 and 3 chosen by all its queries
+    plan = plan_spans(idx, torch.arange(n_spans + 1, dtype=torch.int32), bm)
+    for h in range(hi):
+        for t in range((n + bm - 1) // bm):
+            sel = idx[t * bm:(t + 1) * bm, h]
+            spans = sorted(set(sel[sel >= 0].tolist()))
+            c = int(plan.union_count[h, t])
+            assert plan.union[h, t, :c].tolist() == spans and bool((plan.union[h, t, c:] == -1).all())
+            full = [int(all(sp in row.tolist() for row in sel)) for sp in spans]
+            assert plan.union_full[h, t, :c].tolist() == full and not bool(plan.union_full[h, t, c:].any())
+    assert plan.union_full[:, 1, :2].tolist() == [[1, 1], [1, 1]]
+    with pytest.raises(ValueError, match="twice"):
+        plan_spans(torch.tensor([[[2, 2]]], dtype=torch.int32), torch.arange(4, dtype=torch.int32), 1)
+
+
 def test_span_backward_gated_and_accumulated(gen):
     """span_backward for gate * attention: dq added to an existing dq, dk/dv to fp32 accumulators,
     delta.sum(1) = the gate's gradient; against autograd through the float64 reference."""

@@ -327,10 +327,13 @@ class _SSATriton(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, o_cmp, o_slc, o_win, lse_cmp, lse_slc, lse_win)
         ctx.plans, ctx.q_index, ctx.scale = (cmp_plan, slc_plan, win_plan), q_index, scale
         ctx.mark_non_differentiable(o_cmp, o_slc, o_win, idx)
+        ctx.set_materialize_grads(False)  # no zero gradients for the four inspection outputs (3 x [N, Hq, D])
         return out, o_cmp, o_slc, o_win, idx
 
     @staticmethod
     def backward(ctx, dout, *_):
+        if dout is None:
+            return (None,) * 8
         q, k, v, k_cmp, v_cmp, gates, o_cmp, o_slc, o_win, lse_cmp, lse_slc, lse_win = ctx.saved_tensors
         (cmp_plan, slc_plan, win_plan), q_index, scale = ctx.plans, ctx.q_index, ctx.scale
         dout = dout.contiguous()
