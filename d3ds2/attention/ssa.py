@@ -304,10 +304,11 @@ def ssa_window_attention(q, k, v, layout: SSALayout, window: int, shift: int, ba
 class _SSATriton(torch.autograd.Function):
     """The three branches and the gating as one autograd node (Triton kernels).
 
-    Saves only what the backward kernels read: q, k, v, k_cmp, v_cmp, gates, each branch's output and
-    log-sum-exp. The backward feeds the upstream gradient to every branch with the branch's gate folded
-    into its log-sum-exp (no gated copies of dO) and accumulates dQ in place, so its peak is q, the
-    three branch outputs, the output, dO and dQ.
+    Keeps for the backward only what its kernels read: q, k, v, k_cmp, v_cmp, gates, the compressed and
+    selection outputs and their log-sum-exps; the window output (the cheapest branch) is recomputed in
+    the backward. The backward feeds the upstream gradient to every branch with the branch's gate folded
+    into its log-sum-exp (no gated copies of dO), accumulates dQ in place and lets each branch output go
+    once its branch is done, so its peak is q, two branch outputs, the output, dO and dQ.
     """
 
     @staticmethod
@@ -320,12 +321,13 @@ class _SSATriton(torch.autograd.Function):
         idx = select_blocks(q, k_cmp, lse_cmp * LN2, layout, config.topk, config.shared_topk, "triton")
         slc_plan = selection_plan(idx, layout, group)
         o_slc, lse_slc = span_forward(q, k, v, slc_plan, scale, SELECTION_BLOCK_K)
-        win_plan, q_index = layout.window_plan(config.m_win, config.window_shift, group)
-        kw, vw = (k, v) if q_index is None else (k[q_index.long()], v[q_index.long()])
-        o_win, lse_win = span_forward(q, kw, vw, win_plan, scale, SELECTION_BLOCK_K, q_index)
+        o_win, _ = _window_forward(q, k, v, layout, config, scale)
         out = gated_sum(gates, o_cmp, o_slc, o_win)
-        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, o_cmp, o_slc, o_win, lse_cmp, lse_slc, lse_win)
-        ctx.plans, ctx.q_index, ctx.scale = (cmp_plan, slc_plan, win_plan), q_index, scale
+        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, lse_cmp, lse_slc)
+        # the branch outputs are non-differentiable outputs (no grad_fn, so no reference cycle): held in a
+        # list that the backward empties, so each can be freed as soon as its branch is done
+        ctx.branch_outputs = [o_cmp, o_slc]
+        ctx.layout, ctx.config, ctx.plans, ctx.scale = layout, config, (cmp_plan, slc_plan), scale
         ctx.mark_non_differentiable(o_cmp, o_slc, o_win, idx)
         ctx.set_materialize_grads(False)  # no zero gradients for the four inspection outputs (3 x [N, Hq, D])
         return out, o_cmp, o_slc, o_win, idx
@@ -334,27 +336,41 @@ class _SSATriton(torch.autograd.Function):
     def backward(ctx, dout, *_):
         if dout is None:
             return (None,) * 8
-        q, k, v, k_cmp, v_cmp, gates, o_cmp, o_slc, o_win, lse_cmp, lse_slc, lse_win = ctx.saved_tensors
-        (cmp_plan, slc_plan, win_plan), q_index, scale = ctx.plans, ctx.q_index, ctx.scale
+        q, k, v, k_cmp, v_cmp, gates, lse_cmp, lse_slc = ctx.saved_tensors
+        (cmp_plan, slc_plan), scale = ctx.plans, ctx.scale
+        o_cmp, o_slc = ctx.branch_outputs
+        ctx.branch_outputs = None
         dout = dout.contiguous()
         dgates = torch.empty(gates.shape, device=gates.device, dtype=torch.float32)
         dq, dkc, dvc, delta = span_backward(dout, q, k_cmp, v_cmp, o_cmp, lse_cmp, cmp_plan, scale, gate=gates[:, 0])
         dgates[:, 0] = delta.sum(1)
+        del o_cmp
         dq, dk, dv, delta = span_backward(dout, q, k, v, o_slc, lse_slc, slc_plan, scale, SELECTION_BLOCK_K,
                                           gate=gates[:, 1], dq=dq)
         dgates[:, 1] = delta.sum(1)
+        del o_slc
+        o_win, (win_plan, q_index, kw, vw, lse_win) = _window_forward(q, k, v, ctx.layout, ctx.config, scale)
         if q_index is None:
             dq, dk, dv, delta = span_backward(dout, q, k, v, o_win, lse_win, win_plan, scale, SELECTION_BLOCK_K,
                                               gate=gates[:, 2], dq=dq, dk=dk, dv=dv)
         else:  # keys in the windows' grouping: their gradients come back in that order
             perm = q_index.long()
-            dq, dkw, dvw, delta = span_backward(dout, q, k[perm], v[perm], o_win, lse_win, win_plan, scale,
+            dq, dkw, dvw, delta = span_backward(dout, q, kw, vw, o_win, lse_win, win_plan, scale,
                                                 SELECTION_BLOCK_K, q_index=q_index, gate=gates[:, 2], dq=dq)
             dk.index_add_(0, perm, dkw)
             dv.index_add_(0, perm, dvw)
         dgates[:, 2] = delta.sum(1)
         return (dq, dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
                 dgates.to(gates.dtype), None, None)
+
+
+def _window_forward(q, k, v, layout: SSALayout, config: SSAConfig, scale: float):
+    """Window branch kernels (no autograd): (o [N, Hq, D], (plan, q_index, k and v in the windows'
+    grouping, lse2))."""
+    plan, q_index = layout.window_plan(config.m_win, config.window_shift, q.shape[1] // k.shape[1])
+    kw, vw = (k, v) if q_index is None else (k[q_index.long()], v[q_index.long()])
+    o, lse2 = span_forward(q, kw, vw, plan, scale, SELECTION_BLOCK_K, q_index)
+    return o, (plan, q_index, kw, vw, lse2)
 
 
 def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, layout: SSALayout, config: SSAConfig,
