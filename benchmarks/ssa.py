@@ -201,12 +201,12 @@ def bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args,
         idx = select_blocks(inp.q.detach(), kc.detach(), lse, lay, cfg.topk, cfg.shared_topk)
         def score_args(**kw):
             return score_topk(inp.q.detach(), kc.detach(), lse, lay.sample_of_token, lay.sample_block_offsets,
-                              lay.block_of_cmp, cfg.topk, chunks=lay.score_chunks(), slots=lay.slots, **kw)[0]
+                              lay.block_of_cmp, cfg.topk, chunks=lay.score_chunks(), **kw)[0]
 
-        if not cfg.shared_topk:  # the kernels must agree (up to near-ties) before their times mean anything
+        if not cfg.shared_topk:  # the tile shapes must agree (up to near-ties) before their times mean anything
             same = lambda a, b: (a.sort(-1).values == b.sort(-1).values).all(-1).float().mean().item()
-            rows_agree.append((name, same(idx, score_args(kernel="rows")), same(idx, score_args(block_m=4))))
-            print("top-k agreement cols vs rows, cols bm8 vs bm4:", rows_agree[-1], flush=True)
+            rows_agree.append((name, same(idx, score_args(block_m=4))))
+            print("top-k agreement 8 vs 4 queries/tile:", rows_agree[-1], flush=True)
         br = {
             "compression (v1, PE, mean)": (lambda: inp.compress()[0] + inp.compress()[1], inp.leaves),
             "compressed attention": (lambda: compressed_attention(inp.q, kc_d, vc_d, lay)[0],
@@ -214,8 +214,7 @@ def bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args,
             "block scoring + top-k": (lambda: select_blocks(inp.q.detach(), kc.detach(), lse, lay,
                                                             cfg.topk, cfg.shared_topk), None),
             **({} if cfg.shared_topk else {
-                "block scoring + top-k (cols kernel, 4 queries/tile)": (lambda: score_args(block_m=4), None),
-                "block scoring + top-k (previous rows kernel)": (lambda: score_args(kernel="rows"), None)}),
+                "block scoring + top-k (4 queries/tile)": (lambda: score_args(block_m=4), None)}),
             "selection attention": (lambda: selection_attention(inp.q, inp.k, inp.v, idx, lay),
                                     [inp.q, inp.k, inp.v]),
             "window attention": (lambda: ssa_window_attention(inp.q, inp.k, inp.v, lay, cfg.m_win,
@@ -285,12 +284,12 @@ def run_sizes(args, report):
     report.append("|---|---|---|---|---|")
     for r in rows_branch:
         report.append(f"| {r[0]:,} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.3f} |")
-    report.append("\n### Top-k agreement of the scoring kernels at the largest N (fraction of (query, KV head) "
-                  "with the same blocks)\n")
-    report.append("| config | cols vs previous rows kernel | cols 8 vs 4 queries/tile |")
-    report.append("|---|---|---|")
+    report.append("\n### Top-k agreement of the scoring tile shapes at the largest N (fraction of (query, KV "
+                  "head) with the same blocks)\n")
+    report.append("| config | 8 vs 4 queries/tile |")
+    report.append("|---|---|")
     for r in rows_agree:
-        report.append(f"| {r[0]} | {r[1]:.4f} | {r[2]:.4f} |")
+        report.append(f"| {r[0]} | {r[1]:.4f} |")
     report.append("\n### Selection branch alone\n")
     report.append("| N | selection | keys/query | fwd ms | fwd+bwd ms | effective fwd TFLOP/s |")
     report.append("|---|---|---|---|---|---|")

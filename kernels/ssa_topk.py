@@ -7,7 +7,7 @@ Definitions (per sample; Hq = G * Hkv):
   selection block b, of p[i, h, c];
 - idx[i, kvh] = the top-k selection blocks of i's sample by score (k = min(topk, #blocks); -1 pads).
 
-Kernel ("cols", the default): one program per (tile of BM queries x G heads, KV head). It walks the
+Kernel: one program per (tile of BM queries x G heads, KV head). It walks the
 selection blocks of its queries' samples in *chunks*: runs of whole selection blocks whose compressed
 tokens (contiguous in the layout) fill at most BC slots, so no slot is spent on an empty compression
 sub-block. Per chunk, scores are computed transposed, s^T = k_cmp[chunk] @ q^T ([BC, BM*G]), so that
@@ -17,12 +17,10 @@ compressed tokens (m_cmp < m_slc), a 0/1 token-to-block matrix sums the tokens o
 scores are merged into a running top-k held in registers (insertion rounds that stop once no
 candidate beats the kept minimum). Extra memory: the outputs, O(N * Hkv * topk), and the chunk table.
 
-The older "rows" kernel (queries x heads on the rows, reductions in registers, a slot table [M, RS]
-with -1 for empty sub-blocks when m_cmp < m_slc) is kept for comparison in the benchmark.
-
 The shared variant (one top-k per query block, e.g. per m_cmp^3 block) sums the scores of the queries
 of a block before the top-k: one program per (query block, KV head); it walks the selection blocks
-through the slot table.
+through a slot table [M, RS] of compressed-token indices (RS = (m_slc / m_cmp)^3, -1 for empty
+sub-blocks).
 """
 from __future__ import annotations
 
@@ -152,7 +150,7 @@ if triton is not None:
         return run_val, run_idx
 
     @triton.jit
-    def _score_topk_cols_kernel(Q, KC, LSE, SAMPLE, SBOFF, SCHOFF, CH_CMP, CH_BLK, BLK_OF_CMP, OUT_IDX, OUT_VAL,
+    def _score_topk_kernel(Q, KC, LSE, SAMPLE, SBOFF, SCHOFF, CH_CMP, CH_BLK, BLK_OF_CMP, OUT_IDX, OUT_VAL,
                                 n_q, sm_scale_log2, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                                 D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, CHUNKED: tl.constexpr,
                                 BM: tl.constexpr, BC: tl.constexpr, PDT: tl.constexpr):
@@ -227,97 +225,6 @@ if triton is not None:
         tl.store(OUT_VAL + out, tl.where(run_idx >= 0, run_val, -1.0), mask=omask)
 
     @triton.jit
-    def _score_topk_kernel(Q, KC, LSE, SAMPLE, SBOFF, OUT_IDX, OUT_VAL, n_q, sm_scale_log2,
-                           HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                           TOPK: tl.constexpr, TOPK_P: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-        """One compressed token per selection block (m_cmp == m_slc): block id == compressed-token id."""
-        tile = tl.program_id(0)
-        kvh = tl.program_id(1)
-        R: tl.constexpr = BM * G
-        r = tl.arange(0, R)
-        qi = tile * BM + r // G
-        hq = kvh * G + r % G
-        rmask = qi < n_q
-        d = tl.arange(0, D)
-        ccols = tl.arange(0, BC)
-        q = tl.load(Q + (qi[:, None] * HQ + hq[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + qi * HQ + hq, mask=rmask, other=0.0)
-        qb = tile * BM + tl.arange(0, BM)
-        qbm = qb < n_q
-        smp = tl.load(SAMPLE + qb, mask=qbm, other=0)
-        b_lo = tl.where(qbm, tl.load(SBOFF + smp, mask=qbm, other=0), 2147483647)
-        b_hi = tl.where(qbm, tl.load(SBOFF + smp + 1, mask=qbm, other=0), 0)
-        c_lo = tl.min(b_lo, 0)
-        c_hi = tl.max(b_hi, 0)
-        cols = tl.arange(0, TOPK_P)
-        run_val = tl.where(cols[None, :] < TOPK, tl.full([BM, TOPK_P], -2.0, tl.float32), float("inf"))
-        run_idx = tl.full([BM, TOPK_P], -1, tl.int32)
-        # tiles visited in a strided order: block scores vary smoothly in space, so a sorted sweep keeps
-        # inserting into the running top-k; a scrambled order lets it settle after a few tiles
-        n_t = tl.cdiv(c_hi - c_lo, BC)
-        stride = tl.where(n_t % 97 == 0, 1, 97)
-        for t in range(0, n_t):
-            c0 = c_lo + ((t * stride) % n_t) * BC
-            cn = c0 + ccols
-            kt = tl.load(KC + (cn[None, :] * HKV + kvh) * D + d[:, None], mask=cn[None, :] < c_hi, other=0.0)
-            s = tl.dot(q, kt) * sm_scale_log2
-            p = tl.math.exp2(s - lse2[:, None])
-            pb = tl.sum(tl.reshape(p, [BM, G, BC]), axis=1)  # [BM, BC] summed over the group's heads
-            own = (cn[None, :] >= b_lo[:, None]) & (cn[None, :] < b_hi[:, None])
-            run_val, run_idx = _merge_topk(tl.where(own, pb, -1.0), c0, run_val, run_idx, TOPK_P, BC)
-        out = (qb[:, None] * HKV + kvh) * TOPK + cols[None, :]
-        omask = qbm[:, None] & (cols[None, :] < TOPK)
-        tl.store(OUT_IDX + out, run_idx, mask=omask)
-        tl.store(OUT_VAL + out, tl.where(run_idx >= 0, run_val, -1.0), mask=omask)
-
-    @triton.jit
-    def _score_topk_slots_kernel(Q, KC, LSE, SAMPLE, SBOFF, SLOTS, OUT_IDX, OUT_VAL, n_q, sm_scale_log2,
-                           HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                           TOPK: tl.constexpr, TOPK_P: tl.constexpr, RS: tl.constexpr,
-                           BM: tl.constexpr, BS: tl.constexpr):
-        """Selection blocks BS at a time through the slot table (m_cmp < m_slc): BS * RS slots per dot."""
-        tile = tl.program_id(0)
-        kvh = tl.program_id(1)
-        R: tl.constexpr = BM * G
-        r = tl.arange(0, R)
-        qi = tile * BM + r // G
-        hq = kvh * G + r % G
-        rmask = qi < n_q
-        d = tl.arange(0, D)
-        q = tl.load(Q + (qi[:, None] * HQ + hq[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + qi * HQ + hq, mask=rmask, other=0.0)
-        qb = tile * BM + tl.arange(0, BM)
-        qbm = qb < n_q
-        smp = tl.load(SAMPLE + qb, mask=qbm, other=0)
-        b_lo = tl.where(qbm, tl.load(SBOFF + smp, mask=qbm, other=0), 2147483647)
-        b_hi = tl.where(qbm, tl.load(SBOFF + smp + 1, mask=qbm, other=0), 0)
-        lo = tl.min(b_lo, 0)
-        hi = tl.max(b_hi, 0)
-        cols = tl.arange(0, TOPK_P)
-        run_val = tl.where(cols[None, :] < TOPK, tl.full([BM, TOPK_P], -2.0, tl.float32), float("inf"))
-        run_idx = tl.full([BM, TOPK_P], -1, tl.int32)
-        SL: tl.constexpr = BS * RS
-        for b0 in range(lo, hi, BS):
-            sl = b0 * RS + tl.arange(0, SL)
-            ci = tl.load(SLOTS + sl, mask=sl < hi * RS, other=-1)
-            kt = tl.load(KC + (ci[None, :] * HKV + kvh) * D + d[:, None], mask=ci[None, :] >= 0, other=0.0)
-            s = tl.dot(q, kt) * sm_scale_log2
-            p = tl.where(ci[None, :] >= 0, tl.math.exp2(s - lse2[:, None]), 0.0)
-            pq = tl.sum(tl.reshape(p, [BM, G, SL]), axis=1)
-            if RS > 1:
-                pb = tl.sum(tl.reshape(pq, [BM, BS, RS]), axis=2)
-            else:
-                pb = pq
-            blk = b0 + tl.arange(0, BS)
-            own = (blk[None, :] >= b_lo[:, None]) & (blk[None, :] < b_hi[:, None])
-            cand = tl.where(own, pb, -1.0)
-            run_val, run_idx = _merge_topk(cand, b0, run_val, run_idx, TOPK_P, BS)
-        out = (qb[:, None] * HKV + kvh) * TOPK + cols[None, :]
-        omask = qbm[:, None] & (cols[None, :] < TOPK)
-        tl.store(OUT_IDX + out, run_idx, mask=omask)
-        tl.store(OUT_VAL + out, tl.where(run_idx >= 0, run_val, -1.0), mask=omask)
-
-    @triton.jit
     def _shared_score_topk_kernel(Q, KC, LSE, QOFF, SAMPLE_OF_QB, SBOFF, SLOTS, OUT_IDX, OUT_VAL,
                                   sm_scale_log2, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                                   D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
@@ -369,14 +276,14 @@ def _block_s(rs: int) -> int:
 
 
 def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, block_of_cmp, topk: int,
-               scale: float | None = None, *, chunks: ScoreChunks | None = None, slots=None,
-               backend: str = "auto", block_m: int | None = None, kernel: str = "cols"):
+               scale: float | None = None, *, chunks: ScoreChunks | None = None, backend: str = "auto",
+               block_m: int | None = None):
     """Top-k selection blocks per (query, KV head): (idx int32 [Nq, Hkv, topk] (-1 pads), scores fp32).
 
     See the module docstring for the definition. block_of_cmp [Nc] selection block of each compressed
     token (non-decreasing). ``chunks`` (:func:`score_chunks`) is required when a selection block holds
     several compressed tokens (m_cmp < m_slc); None means one token per block (block id == token id).
-    ``kernel='rows'`` runs the older kernel (then ``slots`` [M, RS] is needed when m_cmp < m_slc).
+    ``block_m``: queries per program (default 128 rows of queries x heads).
     Indices are global selection-block ids (into sample_block_offsets' numbering), unsorted.
     """
     nq, hq, d = q.shape
@@ -388,37 +295,21 @@ def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, block_of_cm
         return topk_reference(block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets,
                                                      block_of_cmp, scale), topk)
     g = hq // hkv
+    bm = block_m or max(1, 128 // g)
     out_idx = torch.empty((nq, hkv, topk), device=q.device, dtype=torch.int32)
     out_val = torch.empty((nq, hkv, topk), device=q.device, dtype=torch.float32)
     lse2 = (lse.float() * LOG2E).contiguous()
     i32 = lambda t: t.to(torch.int32).contiguous()
-    if kernel == "cols":
-        bm = block_m or max(1, 128 // g)
-        if chunks is None:  # the chunk-table arguments are unused
-            ch = (sample_block_offsets, sample_block_offsets, sample_block_offsets)
-        else:
-            ch = (chunks.sample_chunk_offsets, chunks.chunk_cmp, chunks.chunk_block)
-        width = 64 if chunks is None else chunks.width
-        _score_topk_cols_kernel[(triton.cdiv(nq, bm), hkv)](
-            q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query), i32(sample_block_offsets),
-            *(i32(t) for t in ch), i32(block_of_cmp), out_idx, out_val, nq, scale * LOG2E, HQ=hq, HKV=hkv, G=g,
-            D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk), CHUNKED=chunks is not None, BM=bm, BC=width,
-            PDT=tl.float32 if INTERPRET else tl.float16, num_warps=4, num_stages=2)
-        return out_idx, out_val
-    if kernel != "rows":
-        raise ValueError(f"score_topk: kernel must be 'cols' or 'rows', got {kernel!r}")
-    rs = 1 if slots is None else slots.shape[1]
-    bm = block_m or max(1, 64 // g)
-    grid = (triton.cdiv(nq, bm), hkv)
-    common = dict(HQ=hq, HKV=hkv, G=g, D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk), BM=bm,
-                  num_warps=4 if bm * g <= 64 else 8, num_stages=2)
-    if rs == 1:
-        _score_topk_kernel[grid](q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query),
-                                 i32(sample_block_offsets), out_idx, out_val, nq, scale * LOG2E, BC=64, **common)
+    if chunks is None:  # the chunk-table arguments are unused
+        ch = (sample_block_offsets, sample_block_offsets, sample_block_offsets)
     else:
-        _score_topk_slots_kernel[grid](q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query),
-                                       i32(sample_block_offsets), i32(slots), out_idx, out_val, nq,
-                                       scale * LOG2E, RS=rs, BS=_block_s(rs), **common)
+        ch = (chunks.sample_chunk_offsets, chunks.chunk_cmp, chunks.chunk_block)
+    width = 64 if chunks is None else chunks.width
+    _score_topk_kernel[(triton.cdiv(nq, bm), hkv)](
+        q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query), i32(sample_block_offsets),
+        *(i32(t) for t in ch), i32(block_of_cmp), out_idx, out_val, nq, scale * LOG2E, HQ=hq, HKV=hkv, G=g,
+        D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk), CHUNKED=chunks is not None, BM=bm, BC=width,
+        PDT=tl.float32 if INTERPRET else tl.float16, num_warps=4, num_stages=2)
     return out_idx, out_val
 
 

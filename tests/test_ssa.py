@@ -159,16 +159,15 @@ def _scoring_inputs(gen, m_cmp, m_slc, hq=8, hkv=2, d=16):
     return lay, q, kc, lse
 
 
-@pytest.mark.parametrize("m_cmp,m_slc,topk,kernel,width", [
-    (4, 4, 3, "cols", None), (2, 4, 5, "cols", None), (4, 4, 9, "cols", None), (2, 4, 4, "cols", 16),
-    (1, 4, 4, "cols", 64), (4, 4, 3, "rows", None), (2, 4, 5, "rows", None)])
-def test_score_topk_kernel_selects_reference_topk(gen, m_cmp, m_slc, topk, kernel, width):
+@pytest.mark.parametrize("m_cmp,m_slc,topk,width", [(4, 4, 3, None), (2, 4, 5, None), (4, 4, 9, None),
+                                                    (2, 4, 4, 16), (1, 4, 4, 64)])
+def test_score_topk_kernel_selects_reference_topk(gen, m_cmp, m_slc, topk, width):
     lay, q, kc, lse = _scoring_inputs(gen, m_cmp, m_slc)
     args = (q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.block_of_cmp)
     chunks = lay.score_chunks()
     if width is not None:  # narrow chunks (many per sample) / blocks that fill a whole chunk (1 + 63 slots)
         chunks = score_chunks(lay.block_of_cmp, lay.sample_block_offsets, (m_slc // m_cmp) ** 3, width=width)
-    idx, val = score_topk(*args, topk, chunks=chunks, slots=lay.slots, backend="triton", kernel=kernel)
+    idx, val = score_topk(*args, topk, chunks=chunks, backend="triton")
     scores = block_scores_reference(q.double(), kc.double(), lse.double(), lay.sample_of_token,
                                     lay.sample_block_offsets, lay.block_of_cmp)
     idx_ref, val_ref = topk_reference(scores, topk)
