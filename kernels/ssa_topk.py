@@ -96,6 +96,8 @@ def score_chunks(block_of_cmp: torch.Tensor, sample_block_offsets: torch.Tensor,
     grouped by which window of ``width - per_block + 1`` compressed tokens (counted from the sample's
     first) their first token falls in, so a chunk never spans more than ``width`` tokens.
     """
+    if width < 16 or width & (width - 1):
+        raise ValueError(f"score_chunks: width must be a power of two >= 16 (the kernel's tile), got {width}")
     if per_block > width:
         raise ValueError(f"score_chunks: a block of {per_block} compressed tokens does not fit {width} slots")
     dev = block_of_cmp.device
