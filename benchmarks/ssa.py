@@ -3,7 +3,8 @@
 Tokens = voxels of a noisy sphere shell (about 70 tokens per occupied 8^3 block); 32 q heads, 2 KV heads,
 head dim 32, bf16. Times: triton.testing.do_bench medians. Writes a markdown report.
 
-    python benchmarks/ssa.py --out ssa_bench.md [--sizes 16384 32768 65536 131072] [--quick]
+    python benchmarks/ssa.py --out ssa_bench.md [--sizes 16384 32768 65536 131072] [--batches 1 4]
+                             [--configs v1.1 v1.0@1024] [--quick]
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ CONFIGS = {
     "v1.0@1024 (cmp 4, slc 8, top-8)": SSAConfig(m_cmp=4, m_slc=8, m_win=8, topk=8),
     "v1.0@512 (cmp 4, slc 8, top-32)": SSAConfig(m_cmp=4, m_slc=8, m_win=8, topk=32),
     "v1.1 shared top-k": SSAConfig(m_cmp=8, m_slc=8, m_win=8, topk=8, shared_topk=True),
+    "v1.1 window shift 4": SSAConfig(m_cmp=8, m_slc=8, m_win=8, topk=8, window_shift=4),
 }
 
 
@@ -57,14 +59,32 @@ def bench(fn, warmup=25, rep=100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def peak_gib(fn) -> float:
+def bench_few(fn, reps=3) -> float:
+    """Median of ``reps`` timed calls after one warm-up (for calls of a second: dense attention at large N)."""
     if DEV == "cpu":
-        return float("nan")
+        return bench(fn)
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def peak_gib(fn) -> tuple[float, float]:
+    """(peak allocated GiB during fn, GiB already allocated before it: the inputs)."""
+    if DEV == "cpu":
+        return float("nan"), float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
+    return torch.cuda.max_memory_allocated() / 2**30, base / 2**30
 
 
 def smooth_features(coords, channels, gen, wavelength=24.0):
@@ -139,8 +159,8 @@ def dense_flash(coords_list_sizes, dtype=None):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k.repeat_interleave(HQ // HKV, 1),
                                                       v.repeat_interleave(HQ // HKV, 1))
-        fwd += bench(f, 5, 30)
-        fb += bench(fwd_bwd(f, [q, k, v]), 5, 30)
+        fwd += bench_few(f)
+        fb += bench_few(fwd_bwd(f, [q, k, v]))
     return fwd, fb
 
 
@@ -161,28 +181,40 @@ def nearest_block_idx(layout, topk):
     return nb[layout.block_of_token.long()].unsqueeze(1).expand(-1, HKV, -1).contiguous()
 
 
-def bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args, rows_whole, rows_branch, rows_sel):
+def bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args, rows_whole, rows_branch, rows_sel,
+                 rows_agree):
     inp = Inputs(coords, cfg)
     lay = inp.layout
     tpb = n / (lay.block_offsets.numel() - 1)
     f = lambda: inp.ssa(cfg)
     t_f = bench(f)
     t_fb = bench(fwd_bwd(f, inp.leaves))
-    mem = peak_gib(fwd_bwd(f, inp.leaves))
+    mem, base = peak_gib(fwd_bwd(f, inp.leaves))
+    mem_f, _ = peak_gib(f)
     rows_whole.append((n, batch, name, t_f, t_fb, flash_f, flash_fb, flash_f / t_f, flash_fb / t_fb,
-                       mem, tpb, lay.cmp_counts.numel()))
+                       mem, tpb, lay.cmp_counts.numel(), base, mem_f))
     print(rows_whole[-1], flush=True)
     if batch == 1 and n_target == max(args.sizes):
         kc, vc = inp.compress()
         kc_d, vc_d = kc.detach().requires_grad_(), vc.detach().requires_grad_()
         o_c, lse = compressed_attention(inp.q, kc_d, vc_d, lay)
         idx = select_blocks(inp.q.detach(), kc.detach(), lse, lay, cfg.topk, cfg.shared_topk)
+        def score_args(**kw):
+            return score_topk(inp.q.detach(), kc.detach(), lse, lay.sample_of_token, lay.sample_block_offsets,
+                              lay.block_of_cmp, cfg.topk, chunks=lay.score_chunks(), **kw)[0]
+
+        if not cfg.shared_topk:  # the tile shapes must agree (up to near-ties) before their times mean anything
+            same = lambda a, b: (a.sort(-1).values == b.sort(-1).values).all(-1).float().mean().item()
+            rows_agree.append((name, same(idx, score_args(block_m=4))))
+            print("top-k agreement 8 vs 4 queries/tile:", rows_agree[-1], flush=True)
         br = {
             "compression (v1, PE, mean)": (lambda: inp.compress()[0] + inp.compress()[1], inp.leaves),
             "compressed attention": (lambda: compressed_attention(inp.q, kc_d, vc_d, lay)[0],
                                      [inp.q, kc_d, vc_d]),
             "block scoring + top-k": (lambda: select_blocks(inp.q.detach(), kc.detach(), lse, lay,
                                                             cfg.topk, cfg.shared_topk), None),
+            **({} if cfg.shared_topk else {
+                "block scoring + top-k (4 queries/tile)": (lambda: score_args(block_m=4), None)}),
             "selection attention": (lambda: selection_attention(inp.q, inp.k, inp.v, idx, lay),
                                     [inp.q, inp.k, inp.v]),
             "window attention": (lambda: ssa_window_attention(inp.q, inp.k, inp.v, lay, cfg.m_win,
@@ -201,9 +233,11 @@ def bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args,
 
 
 def run_sizes(args, report):
-    rows_whole, rows_branch, rows_sel = [], [], []
+    rows_whole, rows_branch, rows_sel, rows_agree = [], [], [], []
+    configs = {name: cfg for name, cfg in CONFIGS.items()
+               if not args.configs or any(name.startswith(c) for c in args.configs)}
     for n_target in args.sizes:
-        for batch in (1, 4):
+        for batch in args.batches:
             if batch == 1:
                 coords = shell_coords(n_target)
             else:
@@ -212,12 +246,13 @@ def run_sizes(args, report):
             sizes = torch.bincount(coords[:, 0].long()).tolist()
             n = len(coords)
             flash_f, flash_fb = dense_flash(sizes)
-            for name, cfg in CONFIGS.items():
-                if args.quick and ("shared" in name or "top-32" in name) and batch == 4:
+            for name, cfg in configs.items():
+                extra = any(w in name for w in ("shared", "top-32", "v1.0", "shift"))
+                if args.quick and extra and batch == 4:
                     continue
                 try:
                     bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args, rows_whole,
-                                 rows_branch, rows_sel)
+                                 rows_branch, rows_sel, rows_agree)
                 except Exception:  # report the failure, keep the other rows
                     traceback.print_exc()
                 if DEV == "cuda":
@@ -238,16 +273,23 @@ def run_sizes(args, report):
                     torch.cuda.empty_cache()
     report.append("### Whole SSA attention (q/k/v + v1 compression params + gates -> gated output) vs dense flash\n")
     report.append("| N | batch | config | SSA fwd ms | SSA fwd+bwd ms | flash fwd ms | flash fwd+bwd ms | "
-                  "speed-up fwd | speed-up fwd+bwd | peak GiB (fwd+bwd) | tokens/8³ block | N_cmp |")
-    report.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                  "speed-up fwd | speed-up fwd+bwd | peak GiB (fwd+bwd) | inputs GiB | peak GiB (fwd) | "
+                  "tokens/8³ block | N_cmp |")
+    report.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows_whole:
         report.append(f"| {r[0]:,} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.1f} | {r[6]:.1f} | "
-                      f"{r[7]:.1f}x | {r[8]:.1f}x | {r[9]:.2f} | {r[10]:.0f} | {r[11]:,} |")
+                      f"{r[7]:.1f}x | {r[8]:.1f}x | {r[9]:.2f} | {r[12]:.2f} | {r[13]:.2f} | {r[10]:.0f} | {r[11]:,} |")
     report.append("\n### Branches at the largest N, batch 1 (ms)\n")
     report.append("| N | config | branch | fwd ms | fwd+bwd ms |")
     report.append("|---|---|---|---|---|")
     for r in rows_branch:
         report.append(f"| {r[0]:,} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.3f} |")
+    report.append("\n### Top-k agreement of the scoring tile shapes at the largest N (fraction of (query, KV "
+                  "head) with the same blocks)\n")
+    report.append("| config | 8 vs 4 queries/tile |")
+    report.append("|---|---|")
+    for r in rows_agree:
+        report.append(f"| {r[0]} | {r[1]:.4f} |")
     report.append("\n### Selection branch alone\n")
     report.append("| N | selection | keys/query | fwd ms | fwd+bwd ms | effective fwd TFLOP/s |")
     report.append("|---|---|---|---|---|---|")
@@ -279,8 +321,8 @@ def tune(args, report):
             cases.append(("window", lay.block_of_token.view(-1, 1, 1), lay.block_offsets, lay.block_offsets, 4,
                           bk, bq, inp.k, inp.v))
     for bm in (4, 8):
-        fn = lambda: score_topk(inp.q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.slots,
-                                lay.block_of_cmp, 8, block_m=bm)
+        fn = lambda: score_topk(inp.q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.block_of_cmp, 8,
+                                block_m=bm)
         report.append(f"| score + top-k | {bm} ({bm * g} rows) | - | - | {bench(fn):.3f} | - |")
         print(report[-1], flush=True)
     for bq in (4, 8):
@@ -302,8 +344,10 @@ def tune(args, report):
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="1 = one shell, 4 = four of mixed sizes")
+    p.add_argument("--configs", nargs="*", default=None, help="config name prefixes (default: all)")
     p.add_argument("--out", default="ssa_bench.md")
-    p.add_argument("--quick", action="store_true", help="skip batch-4 runs of the extra configs")
+    p.add_argument("--quick", action="store_true", help="batch 4: only the v1.1 configs")
     p.add_argument("--tune", action="store_true", help="only time kernel tile shapes at the largest size")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU run (TRITON_INTERPRET=1) to check the script")
     args = p.parse_args()

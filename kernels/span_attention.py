@@ -14,12 +14,19 @@ Kernel design (Triton, fp16/bf16/fp32, head dim 16..128):
 - forward and dQ: one program per (tile of BM consecutive queries x G heads sharing a KV head); rows =
   BM * G so ``tl.dot`` runs on tensor cores. The program loops over the *union* of the spans its queries
   selected (precomputed, sorted, deduplicated: O(N * TOPK) ints) in BK-key chunks; rows of queries that
-  did not select a span are masked. Online softmax in base 2.
+  did not select a span and keys past its end are masked, and chunks where every row selected the span
+  and every key is inside it skip the masking. Online softmax in base 2, the scale folded into the
+  exponent's FMA.
 - dK/dV: one program per work item = (BK-key chunk of a span, KV head, up to 1024 of the queries that
   selected the span); the queries come from a CSR list built by one argsort of ``idx`` (the identity for
   spans = samples/windows) and are gathered BQ at a time; dK/dV accumulate in fp32 registers and are
   added with fp32 atomics (a span chosen by many queries is split over many items: balanced grid).
   delta = rowsum(o * dO) is computed by the dQ kernel, which runs first.
+- ``q_index``: plan row i may be q row q_index[i] (a permutation), so a plan built over regrouped queries
+  (shifted windows) reads q and writes o, lse, dQ in place without copies.
+- :func:`span_backward` differentiates gate[:, None, None] * o for a per-row gate by subtracting
+  log2(gate) from the log-sum-exp (the probabilities become the gated ones), and can add dQ / dK / dV to
+  existing buffers: several gated branches over one q share one dQ (used by SSA).
 """
 from __future__ import annotations
 
@@ -52,7 +59,8 @@ class SpanPlan:
     """Index structures for one ``idx``.
 
     idx [Nq, Hi, TOPK] int32; span_offsets [S+1] int32; block_m queries per forward tile;
-    union [Hi, T, BM*TOPK] int32 sorted unique spans of each tile (padding -1), union_count [Hi, T];
+    union [Hi, T, BM*TOPK] int32 sorted unique spans of each tile (padding -1), union_count [Hi, T],
+    union_full [Hi, T, BM*TOPK] int8: 1 where every query of the tile selected that span;
     pair_offsets [Hi*S+1] int32 / pair_query [P] int32: the queries that selected each (head, span).
     """
 
@@ -61,6 +69,7 @@ class SpanPlan:
     block_m: int
     union: torch.Tensor
     union_count: torch.Tensor
+    union_full: torch.Tensor
     pair_offsets: torch.Tensor | None = None
     pair_query: torch.Tensor | None = None
     query_offsets: torch.Tensor | None = None
@@ -80,8 +89,9 @@ class SpanPlan:
         return self.pair_offsets, self.pair_query
 
 
-def _tile_unions(idx: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique span ids of each tile of ``block_m`` queries: ([Hi, T, BM*TOPK] padded -1, [Hi, T])."""
+def _tile_unions(idx: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sorted unique span ids of each tile of ``block_m`` queries: ([Hi, T, BM*TOPK] padded -1, [Hi, T], and
+    [Hi, T, BM*TOPK] int8 flags: every query of the tile selected the span, so the kernels need no mask)."""
     n, hi, topk = idx.shape
     t = (n + block_m - 1) // block_m
     big = torch.iinfo(torch.int32).max
@@ -92,10 +102,15 @@ def _tile_unions(idx: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.T
     s = x.sort(dim=-1).values
     dup = torch.zeros_like(s, dtype=torch.bool)
     dup[..., 1:] = s[..., 1:] == s[..., :-1]
+    # selections per unique span (a query lists a span at most once): runs of the sorted ids, in order
+    run = (~dup).cumsum(-1) - 1
+    per_span = torch.zeros_like(run).scatter_add_(-1, run, torch.ones_like(run))
     s = torch.where(dup, big, s).sort(dim=-1).values
     count = (s != big).sum(-1).to(torch.int32)
+    queries = (n - torch.arange(t, device=idx.device) * block_m).clamp(max=block_m)  # queries per tile
+    full = ((per_span == queries.view(1, t, 1)) & (s != big)).to(torch.int8).contiguous()
     s = torch.where(s == big, -1, s).to(torch.int32).contiguous()
-    return s, count.contiguous()
+    return s, count.contiguous(), full
 
 
 def _build_pairs(idx: torch.Tensor, n_spans: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,13 +133,18 @@ def plan_spans(idx: torch.Tensor, span_offsets: torch.Tensor, block_m: int,
 
     ``query_offsets`` [S+1]: pass it when every query selects exactly one span and the queries of span s
     are the contiguous range query_offsets[s]:query_offsets[s+1] (samples, windows); it replaces a sort.
+    A query lists a span at most once per head (-1 pads may repeat).
     """
     if idx.dim() != 3:
         raise ValueError(f"span_attention: idx must be [Nq, Hi, TOPK], got shape {tuple(idx.shape)}")
     idx = idx.to(torch.int32).contiguous()
-    union, count = _tile_unions(idx, block_m)
+    if idx.shape[2] > 1:
+        srt = idx.sort(-1).values
+        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+            raise ValueError("span_attention: idx lists a span twice for one (query, head); give each span once")
+    union, count, full = _tile_unions(idx, block_m)
     return SpanPlan(idx=idx, span_offsets=span_offsets.to(torch.int32).contiguous(), block_m=block_m,
-                    union=union, union_count=count, query_offsets=query_offsets)
+                    union=union, union_count=count, union_full=full, query_offsets=query_offsets)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,10 +191,18 @@ def span_attention_reference(q, k, v, idx, span_offsets, scale=None):
 if triton is not None:
 
     @triton.jit
-    def _span_fwd_kernel(Q, K, V, O, LSE, IDX, UNION, UCNT, SOFF, n_q, n_tiles, sm_scale_log2,
+    def _query_rows(QIDX, qi, rmask, HAS_QIDX: tl.constexpr):
+        """Row of each plan query in q/o/lse/dO/dQ: QIDX[qi] (a permutation of the rows) or qi itself."""
+        if HAS_QIDX:
+            return tl.load(QIDX + qi, mask=rmask, other=0)
+        else:
+            return qi
+
+    @triton.jit
+    def _span_fwd_kernel(Q, K, V, O, LSE, QIDX, IDX, UNION, UCNT, UFULL, SOFF, n_q, n_tiles, sm_scale_log2,
                          HQ: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, G: tl.constexpr,
                          D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, UMAX: tl.constexpr,
-                         BM: tl.constexpr, BK: tl.constexpr):
+                         BM: tl.constexpr, BK: tl.constexpr, HAS_QIDX: tl.constexpr):
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         hi = kvh % HI
@@ -183,46 +211,51 @@ if triton is not None:
         qi = tile * BM + r // G
         hq = kvh * G + r % G
         rmask = qi < n_q
+        qrow = _query_rows(QIDX, qi, rmask, HAS_QIDX)
         d = tl.arange(0, D)
-        q = tl.load(Q + (qi[:, None] * HQ + hq[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
+        q = tl.load(Q + (qrow[:, None] * HQ + hq[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
         t = tl.arange(0, TOPK_P)
         sel = tl.load(IDX + (qi[:, None] * HI + hi) * TOPK + t[None, :],
                       mask=rmask[:, None] & (t[None, :] < TOPK), other=-1)
-        m_i = tl.full([R], -1.0e30, tl.float32)
+        m_i = tl.full([R], -1.0e30, tl.float32)  # running max of the scaled (log2) scores
         l_i = tl.zeros([R], tl.float32)
         acc = tl.zeros([R, D], tl.float32)
         n_u = tl.load(UCNT + hi * n_tiles + tile)
         for u in range(0, n_u):
             span = tl.load(UNION + (hi * n_tiles + tile) * UMAX + u)
             row_sel = tl.sum((sel == span).to(tl.int32), axis=1) > 0
+            all_rows = tl.load(UFULL + (hi * n_tiles + tile) * UMAX + u)  # every row selected the span
             k_lo = tl.load(SOFF + span)
             k_hi = tl.load(SOFF + span + 1)
             for k0 in range(k_lo, k_hi, BK):
                 kn = k0 + tl.arange(0, BK)
                 kmask = kn < k_hi
                 kt = tl.load(K + (kn[None, :] * HKV + kvh) * D + d[:, None], mask=kmask[None, :], other=0.0)
-                s = tl.dot(q, kt) * sm_scale_log2
-                s = tl.where(row_sel[:, None] & kmask[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                s = tl.dot(q, kt)
+                if (k0 + BK > k_hi) | (all_rows == 0):  # masking only where some row or key is out
+                    s = tl.where(row_sel[:, None] & kmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)
                 alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
+                p = tl.math.exp2(s * sm_scale_log2 - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
                 vv = tl.load(V + (kn[:, None] * HKV + kvh) * D + d[None, :], mask=kmask[:, None], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
                 m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
-        tl.store(O + (qi[:, None] * HQ + hq[:, None]) * D + d[None, :], o.to(O.dtype.element_ty),
+        tl.store(O + (qrow[:, None] * HQ + hq[:, None]) * D + d[None, :], o.to(O.dtype.element_ty),
                  mask=rmask[:, None])
         lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
-        tl.store(LSE + qi * HQ + hq, lse2, mask=rmask)
+        tl.store(LSE + qrow * HQ + hq, lse2, mask=rmask)
 
     @triton.jit
-    def _span_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, UNION, UCNT, SOFF, n_q, n_tiles,
+    def _span_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, QIDX, IDX, UNION, UCNT, UFULL, SOFF, n_q, n_tiles,
                             sm_scale, sm_scale_log2,
                             HQ: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, G: tl.constexpr,
                             D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, UMAX: tl.constexpr,
-                            BM: tl.constexpr, BK: tl.constexpr):
+                            BM: tl.constexpr, BK: tl.constexpr, HAS_QIDX: tl.constexpr, ACC: tl.constexpr):
+        """dQ (added to DQ if ACC) and DELTA = rowsum(o * dO). LSE may carry a gate: LSE - log2(gate) makes
+        p the gated probabilities, hence dQ, dK, dV those of gate * o."""
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         hi = kvh % HI
@@ -231,14 +264,15 @@ if triton is not None:
         qi = tile * BM + r // G
         hq = kvh * G + r % G
         rmask = qi < n_q
+        qrow = _query_rows(QIDX, qi, rmask, HAS_QIDX)
         d = tl.arange(0, D)
-        rows = (qi[:, None] * HQ + hq[:, None]) * D + d[None, :]
+        rows = (qrow[:, None] * HQ + hq[:, None]) * D + d[None, :]
         q = tl.load(Q + rows, mask=rmask[:, None], other=0.0)
         do = tl.load(DO + rows, mask=rmask[:, None], other=0.0)
         o = tl.load(O + rows, mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + qi * HQ + hq, mask=rmask, other=0.0)
+        lse2 = tl.load(LSE + qrow * HQ + hq, mask=rmask, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # rowsum(o * do), reused by dK/dV
-        tl.store(DELTA + qi * HQ + hq, delta, mask=rmask)
+        tl.store(DELTA + qrow * HQ + hq, delta, mask=rmask)
         t = tl.arange(0, TOPK_P)
         sel = tl.load(IDX + (qi[:, None] * HI + hi) * TOPK + t[None, :],
                       mask=rmask[:, None] & (t[None, :] < TOPK), other=-1)
@@ -247,6 +281,7 @@ if triton is not None:
         for u in range(0, n_u):
             span = tl.load(UNION + (hi * n_tiles + tile) * UMAX + u)
             row_sel = tl.sum((sel == span).to(tl.int32), axis=1) > 0
+            all_rows = tl.load(UFULL + (hi * n_tiles + tile) * UMAX + u)  # every row selected the span
             k_lo = tl.load(SOFF + span)
             k_hi = tl.load(SOFF + span + 1)
             for k0 in range(k_lo, k_hi, BK):
@@ -254,19 +289,23 @@ if triton is not None:
                 kmask = kn < k_hi
                 kt = tl.load(K + (kn[None, :] * HKV + kvh) * D + d[:, None], mask=kmask[None, :], other=0.0)
                 vt = tl.load(V + (kn[None, :] * HKV + kvh) * D + d[:, None], mask=kmask[None, :], other=0.0)
-                s = tl.dot(q, kt) * sm_scale_log2
-                valid = row_sel[:, None] & kmask[None, :]
-                p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
+                p = tl.math.exp2(tl.dot(q, kt) * sm_scale_log2 - lse2[:, None])
+                if (k0 + BK > k_hi) | (all_rows == 0):
+                    p = tl.where(row_sel[:, None] & kmask[None, :], p, 0.0)
                 dp = tl.dot(do, vt)
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
-        tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask[:, None])
+        dq = dq * sm_scale
+        if ACC:
+            dq += tl.load(DQ + rows, mask=rmask[:, None], other=0.0).to(tl.float32)
+        tl.store(DQ + rows, dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
-    def _span_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CH_SPAN, CH_START, SOFF, PQ,
+    def _span_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QIDX, CH_SPAN, CH_START, SOFF, PQ,
                               IT_CHUNK, IT_HEAD, IT_LO, IT_HI, sm_scale, sm_scale_log2,
                               HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                              D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+                              D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_QIDX: tl.constexpr):
+        """dK/dV of one key chunk from up to a work item's worth of selecting queries (fp32 atomics)."""
         item = tl.program_id(0)
         c = tl.load(IT_CHUNK + item)
         kvh = tl.load(IT_HEAD + item)
@@ -277,6 +316,7 @@ if triton is not None:
         k_hi = tl.load(SOFF + span + 1)
         kn = k0 + tl.arange(0, BK)
         kmask = kn < k_hi
+        part_keys = k0 + BK > k_hi
         d = tl.arange(0, D)
         kv_off = (kn[:, None] * HKV + kvh) * D + d[None, :]
         k = tl.load(K + kv_off, mask=kmask[:, None], other=0.0)
@@ -289,21 +329,37 @@ if triton is not None:
         for j0 in range(j_lo, j_hi, BQ):
             jj = j0 + r // G
             jm = jj < j_hi
-            qi = tl.load(PQ + jj, mask=jm, other=0)
-            rows = (qi[:, None] * HQ + hq[:, None]) * D + d[None, :]
+            qrow = _query_rows(QIDX, tl.load(PQ + jj, mask=jm, other=0), jm, HAS_QIDX)
+            rows = (qrow[:, None] * HQ + hq[:, None]) * D + d[None, :]
             q = tl.load(Q + rows, mask=jm[:, None], other=0.0)
             do = tl.load(DO + rows, mask=jm[:, None], other=0.0)
-            lse2 = tl.load(LSE + qi * HQ + hq, mask=jm, other=0.0)
-            delta = tl.load(DELTA + qi * HQ + hq, mask=jm, other=0.0)
-            st = tl.dot(k, tl.trans(q)) * sm_scale_log2
-            valid = kmask[:, None] & jm[None, :]
-            pt = tl.where(valid, tl.math.exp2(st - lse2[None, :]), 0.0)
+            lse2 = tl.load(LSE + qrow * HQ + hq, mask=jm, other=0.0)
+            delta = tl.load(DELTA + qrow * HQ + hq, mask=jm, other=0.0)
+            pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * sm_scale_log2 - lse2[None, :])
+            if (j0 + BQ > j_hi) | part_keys:
+                pt = tl.where(kmask[:, None] & jm[None, :], pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do)
             dpt = tl.dot(v, tl.trans(do))
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q)
         tl.atomic_add(DK + kv_off, dk * sm_scale, mask=kmask[:, None])
         tl.atomic_add(DV + kv_off, dv, mask=kmask[:, None])
+
+    @triton.jit
+    def _gated_sum_kernel(A, B, C, GA, GB, GC, OUT, n_rows, W: tl.constexpr, BR: tl.constexpr):
+        """OUT[n] = GA[n] * A[n] + GB[n] * B[n] + GC[n] * C[n] over rows of W elements (fp32 math)."""
+        n = tl.program_id(0) * BR + tl.arange(0, BR)
+        nm = n < n_rows
+        w = tl.arange(0, W)
+        off = n[:, None] * W + w[None, :]
+        m = nm[:, None]
+        ga = tl.load(GA + n, mask=nm, other=0.0).to(tl.float32)[:, None]
+        gb = tl.load(GB + n, mask=nm, other=0.0).to(tl.float32)[:, None]
+        gc = tl.load(GC + n, mask=nm, other=0.0).to(tl.float32)[:, None]
+        out = ga * tl.load(A + off, mask=m, other=0.0).to(tl.float32)
+        out += gb * tl.load(B + off, mask=m, other=0.0).to(tl.float32)
+        out += gc * tl.load(C + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(OUT + off, out.to(OUT.dtype.element_ty), mask=m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +386,12 @@ def _check(q, k, v, plan):
         raise ValueError("span_attention: tensors over 2^31 elements are not supported (int32 offsets)")
 
 
-def _forward(q, k, v, plan: SpanPlan, scale: float, block_k: int):
+def span_forward(q, k, v, plan: SpanPlan, scale: float, block_k: int = 64, q_index: torch.Tensor | None = None):
+    """Forward kernel launch (no autograd): (o like q, lse2 [Nq, Hq] fp32 in log2 units).
+
+    Plan row i is q row ``q_index[i]`` (a permutation of the rows; None = identity); o and lse2 are
+    written in q's row order.
+    """
     nq, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -339,10 +400,13 @@ def _forward(q, k, v, plan: SpanPlan, scale: float, block_k: int):
     lse2 = torch.empty((nq, hq), device=q.device, dtype=torch.float32)
     n_tiles = plan.union.shape[1]
     bm = plan.block_m
+    qidx = plan.idx if q_index is None else q_index
     _span_fwd_kernel[(n_tiles, hkv)](
-        q, k, v, o, lse2, plan.idx, plan.union, plan.union_count, plan.span_offsets, nq, n_tiles,
+        q, k, v, o, lse2, qidx, plan.idx, plan.union, plan.union_count, plan.union_full, plan.span_offsets, nq,
+        n_tiles,
         scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk),
-        UMAX=plan.union.shape[2], BM=bm, BK=block_k, num_warps=_num_warps(bm * g, d), num_stages=2)
+        UMAX=plan.union.shape[2], BM=bm, BK=block_k, HAS_QIDX=q_index is not None,
+        num_warps=_num_warps(bm * g, d), num_stages=2)
     return o, lse2
 
 
@@ -382,41 +446,72 @@ def _work_items(plan: SpanPlan, ch_span: torch.Tensor, hkv: int, per_item: int):
 PAIRS_PER_ITEM = 1024  # queries per dK/dV work item
 
 
-def _backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: int, block_q: int, block_kv: int):
+def span_backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: int = 64, block_q: int | None = None,
+                  block_kv: int = 64, *, q_index: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                  dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None):
+    """Backward kernel launches (no autograd) for the output ``gate[:, None, None] * o`` (gate [Nq] per q
+    row, None = 1) with upstream gradient ``do``. Returns (dq, dk, dv, delta):
+
+    dq like q, added to the given ``dq`` when there is one (else new); dk / dv fp32 [Nk, Hkv, D], added to
+    the given fp32 accumulators (else new); delta [Nq, Hq] fp32 = rowsum(o * do), so that the gate's
+    gradient is delta.sum(1). ``q_index`` as in :func:`span_forward`.
+    """
     nq, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     hi, topk = plan.idx.shape[1], plan.idx.shape[2]
+    block_q = block_q or max(1, 128 // g)
     do = do.contiguous()
     delta = torch.empty((nq, hq), device=q.device, dtype=torch.float32)
-    dq = torch.empty_like(q)
+    acc = dq is not None
+    dq = torch.empty_like(q) if dq is None else dq
+    qidx = plan.idx if q_index is None else q_index
+    if gate is not None:  # p * gate = exp2(s - (lse2 - log2(gate))): the kernels then differentiate gate * o
+        lse2 = lse2 - torch.log2(gate.float())[:, None]
     n_tiles = plan.union.shape[1]
     bm = plan.block_m
     _span_bwd_dq_kernel[(n_tiles, hkv)](
-        q, k, v, o, do, lse2, delta, dq, plan.idx, plan.union, plan.union_count, plan.span_offsets, nq,
-        n_tiles, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d, TOPK=topk,
-        TOPK_P=triton.next_power_of_2(topk), UMAX=plan.union.shape[2], BM=bm, BK=block_k,
-        num_warps=_num_warps(bm * g, d), num_stages=2)
+        q, k, v, o, do, lse2, delta, dq, qidx, plan.idx, plan.union, plan.union_count, plan.union_full,
+        plan.span_offsets, nq, n_tiles, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d, TOPK=topk,
+        TOPK_P=triton.next_power_of_2(topk), UMAX=plan.union.shape[2], BM=bm, BK=block_k, ACC=acc,
+        HAS_QIDX=q_index is not None, num_warps=_num_warps(bm * g, d), num_stages=2)
     _, pq = plan.pairs()
     ch_span, ch_start = _chunks(plan.span_offsets, block_kv)
-    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32) if dk is None else dk
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32) if dv is None else dv
     it_chunk, it_head, it_lo, it_hi = _work_items(plan, ch_span, hkv, PAIRS_PER_ITEM)
     if it_chunk.numel():
         _span_bwd_dkdv_kernel[(it_chunk.numel(),)](
-            q, k, v, do, lse2, delta, dk, dv, ch_span, ch_start, plan.span_offsets, pq,
+            q, k, v, do, lse2, delta, dk, dv, qidx, ch_span, ch_start, plan.span_offsets, pq,
             it_chunk, it_head, it_lo, it_hi, scale, scale * LOG2E, HQ=hq, HKV=hkv, G=g, D=d,
-            BQ=block_q, BK=block_kv, num_warps=_num_warps(block_q * g, d), num_stages=2)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+            BQ=block_q, BK=block_kv, HAS_QIDX=q_index is not None, num_warps=_num_warps(block_q * g, d),
+            num_stages=2)
+    return dq, dk, dv, delta
+
+
+def gated_sum(gates: torch.Tensor, *branches: torch.Tensor) -> torch.Tensor:
+    """sum_i gates[:, i] * branches[i] for three branches [N, H, D] and gates [N, 3] (fp32 math, one pass;
+    no autograd)."""
+    a, b, c = (t.contiguous() for t in branches)
+    n = a.shape[0]
+    w = a[0].numel()
+    out = torch.empty_like(a)
+    if n == 0:
+        return out
+    g = gates.contiguous()
+    br = max(1, 4096 // w)
+    _gated_sum_kernel[(triton.cdiv(n, br),)](a, b, c, g[:, 0].contiguous(), g[:, 1].contiguous(),
+                                             g[:, 2].contiguous(), out, n, W=w, BR=br, num_warps=4)
+    return out
 
 
 class _SpanAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, block_k, block_q, block_kv):
+    def forward(ctx, q, k, v, plan, scale, block_k, block_q, block_kv, q_index):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse2 = _forward(q, k, v, plan, scale, block_k)
+        o, lse2 = span_forward(q, k, v, plan, scale, block_k, q_index)
         ctx.save_for_backward(q, k, v, o, lse2)
-        ctx.plan, ctx.scale, ctx.blocks = plan, scale, (block_k, block_q, block_kv)
+        ctx.plan, ctx.scale, ctx.blocks, ctx.q_index = plan, scale, (block_k, block_q, block_kv), q_index
         lse = lse2 * LN2
         ctx.mark_non_differentiable(lse)
         return o, lse
@@ -424,8 +519,8 @@ class _SpanAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, lse2 = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse2, ctx.plan, ctx.scale, *ctx.blocks)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv, _ = span_backward(do, q, k, v, o, lse2, ctx.plan, ctx.scale, *ctx.blocks, q_index=ctx.q_index)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def default_block_m(group: int, topk: int) -> int:
@@ -434,23 +529,36 @@ def default_block_m(group: int, topk: int) -> int:
 
 
 def span_attention(q, k, v, plan: SpanPlan, scale: float | None = None, *, backend: str = "auto",
-                   block_k: int = 64, block_q: int | None = None, block_kv: int = 64):
+                   block_k: int = 64, block_q: int | None = None, block_kv: int = 64,
+                   q_index: torch.Tensor | None = None):
     """Attention of each query to the keys of its selected spans. Returns (o [Nq,Hq,D], lse [Nq,Hq]).
 
     backend: 'triton' (CUDA or TRITON_INTERPRET=1), 'torch' (the reference), 'auto' (triton if usable).
     Gradients flow to q, k, v (not through lse). Tiles: block_k keys per step of the forward and dQ
     kernels; the dK/dV kernel takes block_kv keys x block_q queries (default 128 rows = queries x heads).
+    ``q_index`` [Nq] (a permutation): plan row i is q row q_index[i] (o and lse stay in q's row order);
+    it lets a plan built over regrouped queries (e.g. shifted windows) run without copying q.
     """
     _check(q, k, v, plan)
+    if q_index is not None and (q_index.dim() != 1 or q_index.numel() != q.shape[0]):
+        raise ValueError(f"span_attention: q_index must be a permutation of the {q.shape[0]} rows of q, "
+                         f"got shape {tuple(q_index.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "auto":
         backend = "triton" if triton_usable(q) else "torch"
     if backend == "torch":
-        return span_attention_reference(q, k, v, plan.idx, plan.span_offsets, scale)
+        if q_index is None:
+            return span_attention_reference(q, k, v, plan.idx, plan.span_offsets, scale)
+        qi = q_index.long()
+        o, lse = span_attention_reference(q[qi], k, v, plan.idx, plan.span_offsets, scale)
+        inverse = torch.empty_like(qi)
+        inverse[qi] = torch.arange(qi.numel(), device=qi.device)
+        return o[inverse], lse[inverse]
     if backend != "triton":
         raise ValueError(f"span_attention: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if not triton_usable(q):
         raise RuntimeError("span_attention: the triton backend needs CUDA tensors or TRITON_INTERPRET=1")
     g = q.shape[1] // k.shape[1]
     block_q = block_q or max(1, 128 // g)
-    return _SpanAttention.apply(q, k, v, plan, scale, block_k, block_q, block_kv)
+    q_index = None if q_index is None else q_index.to(torch.int32).contiguous()
+    return _SpanAttention.apply(q, k, v, plan, scale, block_k, block_q, block_kv, q_index)

@@ -7,24 +7,28 @@ Definitions (per sample; Hq = G * Hkv):
   selection block b, of p[i, h, c];
 - idx[i, kvh] = the top-k selection blocks of i's sample by score (k = min(topk, #blocks); -1 pads).
 
-Compressed tokens are located through a *slot table* [M, RS]: selection block b owns the RS slots
-slots[b] (RS = (m_slc / m_cmp)^3), each holding the index of a compressed token inside it, or -1.
-
-Kernel: one program per (tile of BM queries x G heads, KV head); it walks the selection blocks of the
-tile's samples (64 at a time when RS = 1, in a strided order; 64 / RS at a time through the slot table
-otherwise), computes the probabilities with one ``tl.dot``, sums them over heads and slots in
-registers, and merges the block scores into a running top-k held in registers (insertion rounds that
-stop once no candidate beats the kept minimum). Extra memory: the outputs, O(N * Hkv * topk).
+Kernel: one program per (tile of BM queries x G heads, KV head). It walks the
+selection blocks of its queries' samples in *chunks*: runs of whole selection blocks whose compressed
+tokens (contiguous in the layout) fill at most BC slots, so no slot is spent on an empty compression
+sub-block. Per chunk, scores are computed transposed, s^T = k_cmp[chunk] @ q^T ([BC, BM*G]), so that
+the two sums are tensor-core products instead of register shuffles: p^T @ S sums the G heads of each
+query (S [BM*G, BM] is the 0/1 head-to-query matrix) and, when a selection block holds several
+compressed tokens (m_cmp < m_slc), a 0/1 token-to-block matrix sums the tokens of each block. The block
+scores are merged into a running top-k held in registers (insertion rounds that stop once no
+candidate beats the kept minimum). Extra memory: the outputs, O(N * Hkv * topk), and the chunk table.
 
 The shared variant (one top-k per query block, e.g. per m_cmp^3 block) sums the scores of the queries
 of a block before the top-k: one program per (query block, KV head); it walks the selection blocks
-through a slot table [M, (m_slc / m_cmp)^3] of compressed-token indices (-1 for empty sub-blocks).
+through a slot table [M, RS] of compressed-token indices (RS = (m_slc / m_cmp)^3, -1 for empty
+sub-blocks).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from kernels.span_attention import LOG2E, triton_usable
+from kernels.span_attention import INTERPRET, LOG2E, triton_usable
 
 try:
     import triton
@@ -69,6 +73,54 @@ def topk_reference(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch
     return ind.to(torch.int32), val
 
 
+@dataclass(frozen=True)
+class ScoreChunks:
+    """Runs of whole selection blocks of one sample whose compressed tokens fill at most ``width`` slots.
+
+    sample_chunk_offsets [B+1] int32: chunks of sample s are sample_chunk_offsets[s]:[s+1];
+    chunk_cmp [C+1] int32: compressed tokens of chunk j are chunk_cmp[j]:chunk_cmp[j+1];
+    chunk_block [C+1] int32: selection blocks of chunk j are chunk_block[j]:chunk_block[j+1].
+    """
+
+    width: int
+    sample_chunk_offsets: torch.Tensor
+    chunk_cmp: torch.Tensor
+    chunk_block: torch.Tensor
+
+
+def score_chunks(block_of_cmp: torch.Tensor, sample_block_offsets: torch.Tensor, per_block: int,
+                 width: int = 64) -> ScoreChunks:
+    """Chunks for :func:`score_topk` when a selection block holds up to ``per_block`` compressed tokens.
+
+    block_of_cmp [Nc] (non-decreasing: the compressed tokens of a block are contiguous); blocks are
+    grouped by which window of ``width - per_block + 1`` compressed tokens (counted from the sample's
+    first) their first token falls in, so a chunk never spans more than ``width`` tokens.
+    """
+    if width < 16 or width & (width - 1):
+        raise ValueError(f"score_chunks: width must be a power of two >= 16 (the kernel's tile), got {width}")
+    if per_block > width:
+        raise ValueError(f"score_chunks: a block of {per_block} compressed tokens does not fit {width} slots")
+    dev = block_of_cmp.device
+    m = int(sample_block_offsets[-1])
+    counts = torch.bincount(block_of_cmp.long(), minlength=m)
+    first = torch.zeros(m + 1, dtype=torch.int64, device=dev)
+    first[1:] = counts.cumsum(0)
+    sbo = sample_block_offsets.long()
+    sample_of_block = torch.repeat_interleave(torch.arange(sbo.numel() - 1, device=dev), sbo[1:] - sbo[:-1])
+    sample_first = first[sbo[:-1]]
+    window = (first[:-1] - sample_first[sample_of_block]) // (width - per_block + 1)
+    key = sample_of_block * (first[-1] + 1) + window
+    _, block_counts = torch.unique_consecutive(key, return_counts=True)
+    chunk_block = torch.zeros(block_counts.numel() + 1, dtype=torch.int64, device=dev)
+    chunk_block[1:] = block_counts.cumsum(0)
+    sample_of_chunk = sample_of_block[chunk_block[:-1]]
+    per_sample = torch.bincount(sample_of_chunk, minlength=sbo.numel() - 1)
+    sample_chunk_offsets = torch.zeros(sbo.numel(), dtype=torch.int64, device=dev)
+    sample_chunk_offsets[1:] = per_sample.cumsum(0)
+    i32 = lambda t: t.to(torch.int32).contiguous()
+    return ScoreChunks(width, i32(sample_chunk_offsets), i32(first[chunk_block]), i32(chunk_block))
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -84,25 +136,32 @@ if triton is not None:
         """
         cols = tl.arange(0, TOPK_P)
         ccols = tl.arange(0, BS)
-        cmax = tl.max(cand, 1)
-        rmin = tl.min(run_val, 1)
-        while tl.max(tl.where((cmax > rmin) & (cmax >= 0), 1, 0), 0) > 0:
-            carg = tl.argmax(cand, 1, tie_break_left=True)
-            rarg = tl.argmin(run_val, 1, tie_break_left=True)
+        # cheap test first (plain max/min): most tiles of a settled top-k insert nothing
+        if tl.max(((tl.max(cand, 1) > tl.min(run_val, 1)) & (tl.max(cand, 1) >= 0)).to(tl.int32), 0) > 0:
+            cmax, carg = tl.max(cand, 1, return_indices=True, return_indices_tie_break_left=True)
+            rmin, rarg = tl.min(run_val, 1, return_indices=True, return_indices_tie_break_left=True)
             take = (cmax > rmin) & (cmax >= 0)
-            hit = take[:, None] & (cols[None, :] == rarg[:, None])
-            run_val = tl.where(hit, cmax[:, None], run_val)
-            run_idx = tl.where(hit, (blk0 + carg)[:, None], run_idx)
-            cand = tl.where(take[:, None] & (ccols[None, :] == carg[:, None]), -1.0, cand)
-            cmax = tl.max(cand, 1)
-            rmin = tl.min(run_val, 1)
+            while tl.max(take.to(tl.int32), 0) > 0:
+                hit = take[:, None] & (cols[None, :] == rarg[:, None])
+                run_val = tl.where(hit, cmax[:, None], run_val)
+                run_idx = tl.where(hit, (blk0 + carg)[:, None], run_idx)
+                cand = tl.where(take[:, None] & (ccols[None, :] == carg[:, None]), -1.0, cand)
+                cmax, carg = tl.max(cand, 1, return_indices=True, return_indices_tie_break_left=True)
+                rmin, rarg = tl.min(run_val, 1, return_indices=True, return_indices_tie_break_left=True)
+                take = (cmax > rmin) & (cmax >= 0)
         return run_val, run_idx
 
     @triton.jit
-    def _score_topk_kernel(Q, KC, LSE, SAMPLE, SBOFF, OUT_IDX, OUT_VAL, n_q, sm_scale_log2,
-                           HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                           TOPK: tl.constexpr, TOPK_P: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-        """One compressed token per selection block (m_cmp == m_slc): block id == compressed-token id."""
+    def _score_topk_kernel(Q, KC, LSE, SAMPLE, SBOFF, SCHOFF, CH_CMP, CH_BLK, BLK_OF_CMP, OUT_IDX, OUT_VAL,
+                                n_q, sm_scale_log2, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                                D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, CHUNKED: tl.constexpr,
+                                BM: tl.constexpr, BC: tl.constexpr, PDT: tl.constexpr):
+        """Scores computed transposed ([BC compressed tokens, BM*G rows]); head and sub-block sums as dots.
+
+        CHUNKED: chunks from the chunk table (SCHOFF, CH_CMP, CH_BLK; blocks of several compressed tokens).
+        Otherwise one compressed token per selection block (block id == token id) and a chunk is BC
+        consecutive blocks of the tile's samples.
+        """
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         R: tl.constexpr = BM * G
@@ -111,79 +170,57 @@ if triton is not None:
         hq = kvh * G + r % G
         rmask = qi < n_q
         d = tl.arange(0, D)
-        ccols = tl.arange(0, BC)
         q = tl.load(Q + (qi[:, None] * HQ + hq[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
+        qt = tl.trans(q)
         lse2 = tl.load(LSE + qi * HQ + hq, mask=rmask, other=0.0)
-        qb = tile * BM + tl.arange(0, BM)
+        qcol = tl.arange(0, BM)
+        head_sum = ((r[:, None] // G) == qcol[None, :]).to(PDT)  # [R, BM]: row (query, head) -> query
+        qb = tile * BM + qcol
         qbm = qb < n_q
         smp = tl.load(SAMPLE + qb, mask=qbm, other=0)
         b_lo = tl.where(qbm, tl.load(SBOFF + smp, mask=qbm, other=0), 2147483647)
         b_hi = tl.where(qbm, tl.load(SBOFF + smp + 1, mask=qbm, other=0), 0)
-        c_lo = tl.min(b_lo, 0)
-        c_hi = tl.max(b_hi, 0)
+        if CHUNKED:
+            lo = tl.min(tl.where(qbm, tl.load(SCHOFF + smp, mask=qbm, other=0), 2147483647), 0)
+            hi = tl.max(tl.where(qbm, tl.load(SCHOFF + smp + 1, mask=qbm, other=0), 0), 0)
+            n_t = hi - lo
+        else:
+            lo = tl.min(b_lo, 0)
+            hi = tl.max(b_hi, 0)
+            n_t = tl.cdiv(hi - lo, BC)
         cols = tl.arange(0, TOPK_P)
+        ccols = tl.arange(0, BC)
         run_val = tl.where(cols[None, :] < TOPK, tl.full([BM, TOPK_P], -2.0, tl.float32), float("inf"))
         run_idx = tl.full([BM, TOPK_P], -1, tl.int32)
-        # tiles visited in a strided order: block scores vary smoothly in space, so a sorted sweep keeps
-        # inserting into the running top-k; a scrambled order lets it settle after a few tiles
-        n_t = tl.cdiv(c_hi - c_lo, BC)
+        # chunks visited in a strided order: block scores vary smoothly in space, so a sorted sweep keeps
+        # inserting into the running top-k; a scrambled order lets it settle after a few chunks
         stride = tl.where(n_t % 97 == 0, 1, 97)
         for t in range(0, n_t):
-            c0 = c_lo + ((t * stride) % n_t) * BC
-            cn = c0 + ccols
-            kt = tl.load(KC + (cn[None, :] * HKV + kvh) * D + d[:, None], mask=cn[None, :] < c_hi, other=0.0)
-            s = tl.dot(q, kt) * sm_scale_log2
-            p = tl.math.exp2(s - lse2[:, None])
-            pb = tl.sum(tl.reshape(p, [BM, G, BC]), axis=1)  # [BM, BC] summed over the group's heads
-            own = (cn[None, :] >= b_lo[:, None]) & (cn[None, :] < b_hi[:, None])
-            run_val, run_idx = _merge_topk(tl.where(own, pb, -1.0), c0, run_val, run_idx, TOPK_P, BC)
-        out = (qb[:, None] * HKV + kvh) * TOPK + cols[None, :]
-        omask = qbm[:, None] & (cols[None, :] < TOPK)
-        tl.store(OUT_IDX + out, run_idx, mask=omask)
-        tl.store(OUT_VAL + out, tl.where(run_idx >= 0, run_val, -1.0), mask=omask)
-
-    @triton.jit
-    def _score_topk_slots_kernel(Q, KC, LSE, SAMPLE, SBOFF, SLOTS, OUT_IDX, OUT_VAL, n_q, sm_scale_log2,
-                           HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                           TOPK: tl.constexpr, TOPK_P: tl.constexpr, RS: tl.constexpr,
-                           BM: tl.constexpr, BS: tl.constexpr):
-        """Selection blocks BS at a time through the slot table (m_cmp < m_slc): BS * RS slots per dot."""
-        tile = tl.program_id(0)
-        kvh = tl.program_id(1)
-        R: tl.constexpr = BM * G
-        r = tl.arange(0, R)
-        qi = tile * BM + r // G
-        hq = kvh * G + r % G
-        rmask = qi < n_q
-        d = tl.arange(0, D)
-        q = tl.load(Q + (qi[:, None] * HQ + hq[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + qi * HQ + hq, mask=rmask, other=0.0)
-        qb = tile * BM + tl.arange(0, BM)
-        qbm = qb < n_q
-        smp = tl.load(SAMPLE + qb, mask=qbm, other=0)
-        b_lo = tl.where(qbm, tl.load(SBOFF + smp, mask=qbm, other=0), 2147483647)
-        b_hi = tl.where(qbm, tl.load(SBOFF + smp + 1, mask=qbm, other=0), 0)
-        lo = tl.min(b_lo, 0)
-        hi = tl.max(b_hi, 0)
-        cols = tl.arange(0, TOPK_P)
-        run_val = tl.where(cols[None, :] < TOPK, tl.full([BM, TOPK_P], -2.0, tl.float32), float("inf"))
-        run_idx = tl.full([BM, TOPK_P], -1, tl.int32)
-        SL: tl.constexpr = BS * RS
-        for b0 in range(lo, hi, BS):
-            sl = b0 * RS + tl.arange(0, SL)
-            ci = tl.load(SLOTS + sl, mask=sl < hi * RS, other=-1)
-            kt = tl.load(KC + (ci[None, :] * HKV + kvh) * D + d[:, None], mask=ci[None, :] >= 0, other=0.0)
-            s = tl.dot(q, kt) * sm_scale_log2
-            p = tl.where(ci[None, :] >= 0, tl.math.exp2(s - lse2[:, None]), 0.0)
-            pq = tl.sum(tl.reshape(p, [BM, G, SL]), axis=1)
-            if RS > 1:
-                pb = tl.sum(tl.reshape(pq, [BM, BS, RS]), axis=2)
+            tt = (t * stride) % n_t
+            if CHUNKED:
+                c0 = tl.load(CH_CMP + lo + tt)
+                c1 = tl.load(CH_CMP + lo + tt + 1)
+                blk0 = tl.load(CH_BLK + lo + tt)
+                b_end = tl.load(CH_BLK + lo + tt + 1)
             else:
-                pb = pq
-            blk = b0 + tl.arange(0, BS)
-            own = (blk[None, :] >= b_lo[:, None]) & (blk[None, :] < b_hi[:, None])
-            cand = tl.where(own, pb, -1.0)
-            run_val, run_idx = _merge_topk(cand, b0, run_val, run_idx, TOPK_P, BS)
+                c0 = lo + tt * BC
+                c1 = hi
+                blk0 = c0
+                b_end = hi
+            cn = c0 + ccols
+            cm = cn < c1
+            k = tl.load(KC + (cn[:, None] * HKV + kvh) * D + d[None, :], mask=cm[:, None], other=0.0)
+            pt = tl.math.exp2(tl.dot(k, qt) * sm_scale_log2 - lse2[None, :])  # [BC, R]
+            pq = tl.dot(pt.to(PDT), head_sum)  # [BC, BM]: summed over each query's G heads
+            if CHUNKED:
+                j = tl.where(cm, tl.load(BLK_OF_CMP + cn, mask=cm, other=0) - blk0, -1)
+                token_to_block = (ccols[:, None] == j[None, :]).to(PDT)  # [BC blocks, BC tokens]
+                pb = tl.trans(tl.dot(token_to_block, pq.to(PDT)))  # [BM, BC blocks]
+            else:
+                pb = tl.trans(pq)
+            blk = blk0 + ccols
+            own = (blk[None, :] >= b_lo[:, None]) & (blk[None, :] < b_hi[:, None]) & (blk[None, :] < b_end)
+            run_val, run_idx = _merge_topk(tl.where(own, pb, -1.0), blk0, run_val, run_idx, TOPK_P, BC)
         out = (qb[:, None] * HKV + kvh) * TOPK + cols[None, :]
         omask = qbm[:, None] & (cols[None, :] < TOPK)
         tl.store(OUT_IDX + out, run_idx, mask=omask)
@@ -240,12 +277,15 @@ def _block_s(rs: int) -> int:
     return max(16, 64 // rs)
 
 
-def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, slots, block_of_cmp, topk: int,
-               scale: float | None = None, *, backend: str = "auto", block_m: int | None = None):
+def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, block_of_cmp, topk: int,
+               scale: float | None = None, *, chunks: ScoreChunks | None = None, backend: str = "auto",
+               block_m: int | None = None):
     """Top-k selection blocks per (query, KV head): (idx int32 [Nq, Hkv, topk] (-1 pads), scores fp32).
 
-    See the module docstring for the definition. slots [M, RS] compressed token of each sub-block of a
-    selection block (-1: empty; RS = 1 when m_cmp == m_slc); block_of_cmp [Nc] (for the reference).
+    See the module docstring for the definition. block_of_cmp [Nc] selection block of each compressed
+    token (non-decreasing). ``chunks`` (:func:`score_chunks`) is required when a selection block holds
+    several compressed tokens (m_cmp < m_slc); None means one token per block (block id == token id).
+    ``block_m``: queries per program (default 128 rows of queries x heads).
     Indices are global selection-block ids (into sample_block_offsets' numbering), unsorted.
     """
     nq, hq, d = q.shape
@@ -257,22 +297,21 @@ def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, slots, bloc
         return topk_reference(block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets,
                                                      block_of_cmp, scale), topk)
     g = hq // hkv
-    rs = slots.shape[1]
-    bm = block_m or max(1, 64 // g)
+    bm = block_m or max(1, 128 // g)
     out_idx = torch.empty((nq, hkv, topk), device=q.device, dtype=torch.int32)
     out_val = torch.empty((nq, hkv, topk), device=q.device, dtype=torch.float32)
     lse2 = (lse.float() * LOG2E).contiguous()
-    grid = (triton.cdiv(nq, bm), hkv)
     i32 = lambda t: t.to(torch.int32).contiguous()
-    common = dict(HQ=hq, HKV=hkv, G=g, D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk), BM=bm,
-                  num_warps=4 if bm * g <= 64 else 8, num_stages=2)
-    if rs == 1:
-        _score_topk_kernel[grid](q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query),
-                                 i32(sample_block_offsets), out_idx, out_val, nq, scale * LOG2E, BC=64, **common)
+    if chunks is None:  # the chunk-table arguments are unused
+        ch = (sample_block_offsets, sample_block_offsets, sample_block_offsets)
     else:
-        _score_topk_slots_kernel[grid](q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query),
-                                       i32(sample_block_offsets), i32(slots), out_idx, out_val, nq,
-                                       scale * LOG2E, RS=rs, BS=_block_s(rs), **common)
+        ch = (chunks.sample_chunk_offsets, chunks.chunk_cmp, chunks.chunk_block)
+    width = 64 if chunks is None else chunks.width
+    _score_topk_kernel[(triton.cdiv(nq, bm), hkv)](
+        q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query), i32(sample_block_offsets),
+        *(i32(t) for t in ch), i32(block_of_cmp), out_idx, out_val, nq, scale * LOG2E, HQ=hq, HKV=hkv, G=g,
+        D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk), CHUNKED=chunks is not None, BM=bm, BC=width,
+        PDT=tl.float32 if INTERPRET else tl.float16, num_warps=4, num_stages=2)
     return out_idx, out_val
 
 

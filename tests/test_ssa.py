@@ -9,7 +9,7 @@ from d3ds2.attention.ssa import (SSAConfig, SpatialSparseAttention, block_mean, 
                                  spatial_sparse_attention)
 from d3ds2.sparse import SparseTensor
 from kernels.span_attention import plan_spans, span_attention, span_attention_reference
-from kernels.ssa_topk import block_scores_reference, score_topk, shared_score_topk, topk_reference
+from kernels.ssa_topk import block_scores_reference, score_chunks, score_topk, shared_score_topk, topk_reference
 from sparse_helpers import shell
 
 
@@ -58,24 +58,37 @@ def _random_spans(gen, n_spans, n_keys):
     return torch.cat([torch.tensor([0]), cuts, torch.tensor([n_keys])]).int()
 
 
-@pytest.mark.parametrize("hq,hkv,d,topk", [(8, 2, 16, 3), (2, 1, 32, 1), (4, 2, 16, 12)])
-def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, topk):
+@pytest.mark.parametrize("hq,hkv,d,topk,spans,permuted", [
+    (8, 2, 16, 3, "random", False), (2, 1, 32, 1, "random", True), (4, 2, 16, 12, "random", False),
+    (4, 2, 16, 2, "shared", False), (2, 1, 16, 2, "shared", True)])
+def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, topk, spans, permuted):
+    """random: each query picks random spans (1-key span, padded slot, topk > #spans); shared: every query
+    picks the same two long spans, so whole chunks run the kernels' unmasked path. permuted: plan rows
+    are q rows in a shuffled order (q_index)."""
     import kernels.span_attention as sa
 
     monkeypatch.setattr(sa, "PAIRS_PER_ITEM", 5)  # several dK/dV work items per chunk (atomics)
     nq, nk, n_spans = 37, 61, 9
-    soff = _random_spans(gen, n_spans, nk)
-    soff[3] = soff[2] + 1 if soff[3] > soff[2] + 1 else soff[3]  # a 1-key span (still increasing)
-    idx = torch.stack([torch.randperm(n_spans, generator=gen)[: min(topk, n_spans)] for _ in range(nq * hkv)])
-    idx = torch.cat([idx, idx.new_full((nq * hkv, max(0, topk - n_spans)), -1)], 1).view(nq, hkv, topk).int()
-    idx[5, 0, 0] = -1  # a padded slot
+    if spans == "random":
+        soff = _random_spans(gen, n_spans, nk)
+        soff[3] = soff[2] + 1 if soff[3] > soff[2] + 1 else soff[3]  # a 1-key span (still increasing)
+        idx = torch.stack([torch.randperm(n_spans, generator=gen)[: min(topk, n_spans)] for _ in range(nq * hkv)])
+        idx = torch.cat([idx, idx.new_full((nq * hkv, max(0, topk - n_spans)), -1)], 1).view(nq, hkv, topk).int()
+        idx[5, 0, 0] = -1  # a padded slot
+    else:
+        soff = torch.tensor([0, 40, nk], dtype=torch.int32)
+        idx = torch.tensor([0, 1], dtype=torch.int32).expand(nq, hkv, 2).contiguous()
     q = torch.randn(nq, hq, d, generator=gen)
     k, v = (torch.randn(nk, hkv, d, generator=gen) for _ in range(2))
-    plan = plan_spans(idx, soff, block_m=max(1, 16 // (hq // hkv)))
+    q_index = torch.randperm(nq, generator=gen) if permuted else None
+    bm = max(1, 16 // (hq // hkv))
+    plan = plan_spans(idx, soff, block_m=bm)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    o, lse = span_attention(*leaves, plan, backend="triton", block_k=16, block_q=max(1, 16 // (hq // hkv)))
+    o, lse = span_attention(*leaves, plan, backend="triton", block_k=16, block_q=2, block_kv=16, q_index=q_index)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    o_ref, lse_ref = span_attention_reference(*ref_leaves, idx, soff)
+    rows = torch.arange(nq) if q_index is None else q_index  # plan row i is q row rows[i]
+    o_ref, lse_ref = span_attention_reference(ref_leaves[0][rows], *ref_leaves[1:], idx, soff)
+    o, lse = o[rows], lse[rows]
     _close(o, o_ref)
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))  # a query with no key: lse = -inf
     _close(lse.nan_to_num(neginf=0.0), lse_ref.nan_to_num(neginf=0.0))
@@ -84,6 +97,56 @@ def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, t
     o_ref.backward(g.double())
     for a, b in zip(leaves, ref_leaves):
         _close(a.grad, b.grad)
+
+
+def test_tile_unions_flag_spans_selected_by_every_query(gen):
+    """plan_spans: per tile, the sorted unique spans and a flag where every query of the tile chose the span."""
+    n, hi, topk, bm, n_spans = 23, 2, 3, 4, 5
+    idx = torch.stack([torch.randperm(n_spans, generator=gen)[:topk] for _ in range(n * hi)]).view(n, hi, topk).int()
+    idx[::3, :, 0] = -1
+    idx[4:8] = torch.tensor([1, 3, -1], dtype=torch.int32)  # tile 1: spans 1 and 3 chosen by all its queries
+    plan = plan_spans(idx, torch.arange(n_spans + 1, dtype=torch.int32), bm)
+    for h in range(hi):
+        for t in range((n + bm - 1) // bm):
+            sel = idx[t * bm:(t + 1) * bm, h]
+            spans = sorted(set(sel[sel >= 0].tolist()))
+            c = int(plan.union_count[h, t])
+            assert plan.union[h, t, :c].tolist() == spans and bool((plan.union[h, t, c:] == -1).all())
+            full = [int(all(sp in row.tolist() for row in sel)) for sp in spans]
+            assert plan.union_full[h, t, :c].tolist() == full and not bool(plan.union_full[h, t, c:].any())
+    assert plan.union_full[:, 1, :2].tolist() == [[1, 1], [1, 1]]
+    with pytest.raises(ValueError, match="twice"):
+        plan_spans(torch.tensor([[[2, 2]]], dtype=torch.int32), torch.arange(4, dtype=torch.int32), 1)
+
+
+def test_span_backward_gated_and_accumulated(gen):
+    """span_backward for gate * attention: dq added to an existing dq, dk/dv to fp32 accumulators,
+    delta.sum(1) = the gate's gradient; against autograd through the float64 reference."""
+    from kernels.span_attention import LOG2E, span_backward, span_forward
+
+    nq, nk, hq, hkv, d = 29, 50, 4, 2, 16
+    soff = _random_spans(gen, 6, nk)
+    idx = torch.stack([torch.randperm(6, generator=gen)[:2] for _ in range(nq * hkv)]).view(nq, hkv, 2).int()
+    q = torch.randn(nq, hq, d, generator=gen)
+    k, v = (torch.randn(nk, hkv, d, generator=gen) for _ in range(2))
+    gate = torch.rand(nq, generator=gen)
+    q_index = torch.randperm(nq, generator=gen)
+    plan = plan_spans(idx, soff, block_m=4)
+    o, lse2 = span_forward(q, k, v, plan, d ** -0.5, 16, q_index.int())
+    dq0, dk0, dv0 = (torch.randn(t.shape, generator=gen) for t in (q, k, v))
+    dout = torch.randn(q.shape, generator=gen)
+    dq, dk, dv, delta = span_backward(dout, q, k, v, o, lse2, plan, d ** -0.5, 16, 4, 16, q_index=q_index.int(),
+                                      gate=gate, dq=dq0.clone(), dk=dk0.clone(), dv=dv0.clone())
+    leaves = [t.double().requires_grad_() for t in (q, k, v, gate)]
+    o_ref, lse_ref = span_attention_reference(leaves[0][q_index], leaves[1], leaves[2], idx, soff)
+    inverse = torch.argsort(q_index)
+    _close(o, o_ref[inverse])
+    _close(lse2 / LOG2E, lse_ref[inverse])
+    (leaves[3][:, None, None] * o_ref[inverse]).backward(dout.double())
+    _close(dq, dq0 + leaves[0].grad)
+    _close(dk, dk0 + leaves[1].grad)
+    _close(dv, dv0 + leaves[2].grad)
+    _close(delta.sum(1), leaves[3].grad)
 
 
 def _scoring_inputs(gen, m_cmp, m_slc, hq=8, hkv=2, d=16):
@@ -96,11 +159,15 @@ def _scoring_inputs(gen, m_cmp, m_slc, hq=8, hkv=2, d=16):
     return lay, q, kc, lse
 
 
-@pytest.mark.parametrize("m_cmp,m_slc,topk", [(4, 4, 3), (2, 4, 5), (4, 4, 9)])
-def test_score_topk_kernel_selects_reference_topk(gen, m_cmp, m_slc, topk):
+@pytest.mark.parametrize("m_cmp,m_slc,topk,width", [(4, 4, 3, None), (2, 4, 5, None), (4, 4, 9, None),
+                                                    (2, 4, 4, 16), (1, 4, 4, 64)])
+def test_score_topk_kernel_selects_reference_topk(gen, m_cmp, m_slc, topk, width):
     lay, q, kc, lse = _scoring_inputs(gen, m_cmp, m_slc)
-    args = (q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.slots, lay.block_of_cmp)
-    idx, val = score_topk(*args, topk, backend="triton")
+    args = (q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.block_of_cmp)
+    chunks = lay.score_chunks()
+    if width is not None:  # narrow chunks (many per sample) / blocks that fill a whole chunk (1 + 63 slots)
+        chunks = score_chunks(lay.block_of_cmp, lay.sample_block_offsets, (m_slc // m_cmp) ** 3, width=width)
+    idx, val = score_topk(*args, topk, chunks=chunks, backend="triton")
     scores = block_scores_reference(q.double(), kc.double(), lse.double(), lay.sample_of_token,
                                     lay.sample_block_offsets, lay.block_of_cmp)
     idx_ref, val_ref = topk_reference(scores, topk)
@@ -113,6 +180,24 @@ def test_score_topk_kernel_selects_reference_topk(gen, m_cmp, m_slc, topk):
     # top-k larger than a sample's block count: every block of that sample, then -1
     per_sample = (lay.sample_block_offsets[1:] - lay.sample_block_offsets[:-1]).long()
     assert torch.equal((idx >= 0).sum(-1)[:, 0], per_sample[lay.sample_of_token.long()].clamp(max=topk))
+
+
+@pytest.mark.parametrize("m_cmp,m_slc,width", [(2, 4, 64), (2, 4, 16), (1, 4, 64), (2, 8, 64)])
+def test_score_chunks_cover_whole_blocks_within_width(gen, m_cmp, m_slc, width):
+    lay = build_ssa_layout(_coords(gen), m_cmp, m_slc)
+    per_block = (m_slc // m_cmp) ** 3
+    ch = score_chunks(lay.block_of_cmp, lay.sample_block_offsets, per_block, width=width)
+    cmp, blk, soff = ch.chunk_cmp.long(), ch.chunk_block.long(), ch.sample_chunk_offsets.long()
+    nc, m = lay.cmp_counts.numel(), int(lay.sample_block_offsets[-1])
+    # chunks tile the compressed tokens and the blocks in order, each within `width` tokens
+    assert cmp[0] == 0 and cmp[-1] == nc and blk[0] == 0 and blk[-1] == m
+    assert bool((cmp[1:] > cmp[:-1]).all()) and bool((blk[1:] > blk[:-1]).all())
+    assert int((cmp[1:] - cmp[:-1]).max()) <= width
+    # a chunk holds exactly the tokens of its blocks (no block is split), and stays in one sample
+    block_first = torch.searchsorted(lay.block_of_cmp.long(), torch.arange(m + 1))
+    assert torch.equal(block_first[blk], cmp)
+    sbo = lay.sample_block_offsets.long()
+    assert torch.equal(blk[soff], sbo)
 
 
 def test_shared_score_topk_kernel_matches_reference(gen):
@@ -153,6 +238,48 @@ def test_functional_ssa_triton_matches_torch(gen, cfg):
     ref.backward(g.double())
     for a, b in zip(leaves, ref_leaves):
         _close(a.grad, b.grad)
+
+
+def test_triton_ssa_memory_design(gen):
+    """The Triton path saves q as its only [N, Hq, D] tensor (plus k/v, compressed k/v, gates and two LSEs);
+    the forward allocates the three branch outputs and the output, the backward only dQ and the
+    recomputed window output (no gated dO copies, no zero gradients for the inspection outputs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountActivations(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.made = shape, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made = func.overloadpacket in (torch.ops.aten.empty_like, torch.ops.aten.empty, torch.ops.aten.zeros,
+                                           torch.ops.aten.zeros_like, torch.ops.aten.empty_strided,
+                                           torch.ops.aten.new_zeros, torch.ops.aten.new_empty, torch.ops.aten.mul,
+                                           torch.ops.aten.add, torch.ops.aten.clone, torch.ops.aten.index)
+            if made and isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape:
+                self.made.append(func.overloadpacket.__name__)
+            return out
+
+    cfg = SSAConfig(m_cmp=2, m_slc=4, m_win=4, topk=3, window_shift=2)
+    lay = build_ssa_layout(_coords(gen), cfg.m_cmp, cfg.m_slc)
+    n, hq, hkv, d = lay.num_tokens, 4, 2, 16
+    q = torch.randn(n, hq, d, generator=gen, requires_grad=True)
+    k, v = (torch.randn(n, hkv, d, generator=gen, requires_grad=True) for _ in range(2))
+    kc = block_mean(k.detach().view(n, -1), lay).view(-1, hkv, d)
+    vc = block_mean(v.detach().view(n, -1), lay).view(-1, hkv, d)
+    gates = torch.rand(n, 3, generator=gen, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with CountActivations(tuple(q.shape)) as fwd:
+            out = spatial_sparse_attention(q, k, v, kc, vc, gates, lay, cfg)
+    assert [tuple(t.shape) for t in saved].count(tuple(q.shape)) == 1
+    assert sum(t.numel() for t in saved) == q.numel() + 2 * k.numel() + 2 * kc.numel() + gates.numel() + 2 * n * hq
+    assert len(fwd.made) == 4, fwd.made
+    with CountActivations(tuple(q.shape)) as bwd:
+        out.backward(torch.randn(out.shape, generator=gen))
+    assert len(bwd.made) == 2, bwd.made
+    assert all(t.grad is not None for t in (q, k, v, gates))
 
 
 def _dense_ssa(module, x):

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from d3ds2.sparse import SparseGroupNorm, SparseTensor, SubMConv3d, pack_keys
-from d3ds2.sparse.serialize import Partition, window_partition
-from kernels.span_attention import SpanPlan, default_block_m, plan_spans, span_attention
-from kernels.ssa_topk import score_topk, shared_score_topk
+from d3ds2.sparse.serialize import window_partition
+from kernels.span_attention import (LN2, SpanPlan, default_block_m, gated_sum, plan_spans, span_attention,
+                                    span_backward, span_forward, triton_usable)
+from kernels.ssa_topk import ScoreChunks, score_chunks, score_topk, shared_score_topk
 
 _AXIS = 2 ** 14  # block coordinates per axis representable in the sort key
 
@@ -108,6 +109,16 @@ class SSALayout:
                                          default_block_m(group, 1), query_offsets=self.block_offsets)
         return self.cache[key]
 
+    def score_chunks(self) -> ScoreChunks | None:
+        """Chunk table of the block scoring when a selection block holds several compressed tokens
+        (m_cmp < m_slc); None when m_cmp == m_slc (cached)."""
+        if self.m_cmp == self.m_slc:
+            return None
+        if "score_chunks" not in self.cache:
+            self.cache["score_chunks"] = score_chunks(self.block_of_cmp, self.sample_block_offsets,
+                                                      (self.m_slc // self.m_cmp) ** 3)
+        return self.cache["score_chunks"]
+
     @property
     def batch_size(self) -> int:
         return self.sample_token_offsets.numel() - 1
@@ -124,14 +135,20 @@ class SSALayout:
             self.cache["coarse"] = (perm, inverse, c[perm].int().contiguous())
         return self.cache["coarse"]
 
-    def window_plan(self, window: int, shift: int, group: int) -> tuple[Partition, SpanPlan]:
-        """Window partition of the sorted tokens and its span plan (cached)."""
+    def window_plan(self, window: int, shift: int, group: int) -> tuple[SpanPlan, torch.Tensor | None]:
+        """Plan of the window branch and the query order it runs in: (plan, q_index [N] int32 or None).
+
+        When the windows are the selection blocks (window == m_slc, shift 0) the tokens are already
+        grouped (q_index None); otherwise plan row i is token q_index[i] of the windows' grouping and the
+        keys are k[q_index] (cached)."""
+        if window == self.m_slc and shift == 0:
+            return self.block_window_plan(group), None
         key = ("window", window, shift, group)
         if key not in self.cache:
             part = window_partition(self.coords, window, shift, self.sample_token_offsets.numel() - 1)
             plan = plan_spans(part.segment_of_token.view(-1, 1, 1), part.offsets, default_block_m(group, 1),
                               query_offsets=part.offsets)
-            self.cache[key] = (part, plan)
+            self.cache[key] = (plan, part.perm.to(torch.int32))
         return self.cache[key]
 
 
@@ -257,34 +274,119 @@ def select_blocks(q, k_cmp, lse, layout: SSALayout, topk: int, shared: bool = Fa
                                    layout.sample_block_offsets, layout.slots, layout.block_of_cmp, topk,
                                    backend=backend)
         return idx[layout.cmp_of_token]
-    idx, _ = score_topk(q, k_cmp, lse, layout.sample_of_token, layout.sample_block_offsets, layout.slots,
-                        layout.block_of_cmp, topk, backend=backend)
+    idx, _ = score_topk(q, k_cmp, lse, layout.sample_of_token, layout.sample_block_offsets, layout.block_of_cmp,
+                        topk, chunks=layout.score_chunks(), backend=backend)
     return idx
+
+
+SELECTION_BLOCK_K = 32  # keys per step of the selection and window kernels (blocks of ~70 tokens)
+
+
+def selection_plan(idx, layout: SSALayout, group: int) -> SpanPlan:
+    """Plan of the selection branch for the chosen blocks idx [N, Hkv, topk]."""
+    return plan_spans(idx, layout.block_offsets, default_block_m(group, idx.shape[-1]))
 
 
 def selection_attention(q, k, v, idx, layout: SSALayout, backend: str = "auto"):
     """Attention of each (query, KV head) to all tokens of its selected blocks -> o [N, Hq, D]."""
-    g = q.shape[1] // k.shape[1]
-    plan = plan_spans(idx, layout.block_offsets, default_block_m(g, idx.shape[-1]))
-    return span_attention(q, k, v, plan, backend=backend, block_k=32)[0]
+    plan = selection_plan(idx, layout, q.shape[1] // k.shape[1])
+    return span_attention(q, k, v, plan, backend=backend, block_k=SELECTION_BLOCK_K)[0]
 
 
 def ssa_window_attention(q, k, v, layout: SSALayout, window: int, shift: int, backend: str = "auto"):
-    """Window branch; reuses the selection blocks as windows when window == m_slc and shift == 0."""
-    g = q.shape[1] // k.shape[1]
-    if window == layout.m_slc and shift == 0:
-        return span_attention(q, k, v, layout.block_window_plan(g), backend=backend, block_k=32)[0]
-    part, plan = layout.window_plan(window, shift, g)
-    perm = part.perm
-    return span_attention(q[perm], k[perm], v[perm], plan, backend=backend, block_k=32)[0][part.inverse]
+    """Window branch -> o [N, Hq, D]; runs over the windows' grouping of the tokens without copying q."""
+    plan, q_index = layout.window_plan(window, shift, q.shape[1] // k.shape[1])
+    if q_index is not None:
+        k, v = k[q_index.long()], v[q_index.long()]
+    return span_attention(q, k, v, plan, backend=backend, block_k=SELECTION_BLOCK_K, q_index=q_index)[0]
+
+
+class _SSATriton(torch.autograd.Function):
+    """The three branches and the gating as one autograd node (Triton kernels).
+
+    Keeps for the backward only what its kernels read: q, k, v, k_cmp, v_cmp, gates, the compressed and
+    selection outputs and their log-sum-exps; the window output (the cheapest branch) is recomputed in
+    the backward. The backward feeds the upstream gradient to every branch with the branch's gate folded
+    into its log-sum-exp (no gated copies of dO), accumulates dQ in place and lets each branch output go
+    once its branch is done, so its peak is q, two branch outputs, the output, dO and dQ.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_cmp, v_cmp, gates, layout: SSALayout, config: SSAConfig):
+        q, k, v, k_cmp, v_cmp = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp))
+        group = q.shape[1] // k.shape[1]
+        scale = q.shape[-1] ** -0.5
+        cmp_plan = layout.compressed_plan(group)
+        o_cmp, lse_cmp = span_forward(q, k_cmp, v_cmp, cmp_plan, scale)
+        idx = select_blocks(q, k_cmp, lse_cmp * LN2, layout, config.topk, config.shared_topk, "triton")
+        slc_plan = selection_plan(idx, layout, group)
+        o_slc, lse_slc = span_forward(q, k, v, slc_plan, scale, SELECTION_BLOCK_K)
+        o_win, _ = _window_forward(q, k, v, layout, config, scale)
+        out = gated_sum(gates, o_cmp, o_slc, o_win)
+        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, lse_cmp, lse_slc)
+        # the branch outputs are non-differentiable outputs (no grad_fn, so no reference cycle): held in a
+        # list that the backward empties, so each can be freed as soon as its branch is done
+        ctx.branch_outputs = [o_cmp, o_slc]
+        ctx.layout, ctx.config, ctx.plans, ctx.scale = layout, config, (cmp_plan, slc_plan), scale
+        ctx.mark_non_differentiable(o_cmp, o_slc, o_win, idx)
+        ctx.set_materialize_grads(False)  # no zero gradients for the four inspection outputs (3 x [N, Hq, D])
+        return out, o_cmp, o_slc, o_win, idx
+
+    @staticmethod
+    def backward(ctx, dout, *_):
+        if dout is None:
+            return (None,) * 8
+        q, k, v, k_cmp, v_cmp, gates, lse_cmp, lse_slc = ctx.saved_tensors
+        (cmp_plan, slc_plan), scale = ctx.plans, ctx.scale
+        o_cmp, o_slc = ctx.branch_outputs
+        ctx.branch_outputs = None
+        dout = dout.contiguous()
+        dgates = torch.empty(gates.shape, device=gates.device, dtype=torch.float32)
+        dq, dkc, dvc, delta = span_backward(dout, q, k_cmp, v_cmp, o_cmp, lse_cmp, cmp_plan, scale, gate=gates[:, 0])
+        dgates[:, 0] = delta.sum(1)
+        del o_cmp
+        dq, dk, dv, delta = span_backward(dout, q, k, v, o_slc, lse_slc, slc_plan, scale, SELECTION_BLOCK_K,
+                                          gate=gates[:, 1], dq=dq)
+        dgates[:, 1] = delta.sum(1)
+        del o_slc
+        o_win, (win_plan, q_index, kw, vw, lse_win) = _window_forward(q, k, v, ctx.layout, ctx.config, scale)
+        if q_index is None:
+            dq, dk, dv, delta = span_backward(dout, q, k, v, o_win, lse_win, win_plan, scale, SELECTION_BLOCK_K,
+                                              gate=gates[:, 2], dq=dq, dk=dk, dv=dv)
+        else:  # keys in the windows' grouping: their gradients come back in that order
+            perm = q_index.long()
+            dq, dkw, dvw, delta = span_backward(dout, q, kw, vw, o_win, lse_win, win_plan, scale,
+                                                SELECTION_BLOCK_K, q_index=q_index, gate=gates[:, 2], dq=dq)
+            dk.index_add_(0, perm, dkw)
+            dv.index_add_(0, perm, dvw)
+        dgates[:, 2] = delta.sum(1)
+        return (dq, dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype), dvc.to(v_cmp.dtype),
+                dgates.to(gates.dtype), None, None)
+
+
+def _window_forward(q, k, v, layout: SSALayout, config: SSAConfig, scale: float):
+    """Window branch kernels (no autograd): (o [N, Hq, D], (plan, q_index, k and v in the windows'
+    grouping, lse2))."""
+    plan, q_index = layout.window_plan(config.m_win, config.window_shift, q.shape[1] // k.shape[1])
+    kw, vw = (k, v) if q_index is None else (k[q_index.long()], v[q_index.long()])
+    o, lse2 = span_forward(q, kw, vw, plan, scale, SELECTION_BLOCK_K, q_index)
+    return o, (plan, q_index, kw, vw, lse2)
 
 
 def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, layout: SSALayout, config: SSAConfig,
                              return_branches: bool = False):
     """Gated SSA output [N, Hq, D] from q [N, Hq, D], k/v [N, Hkv, D], compressed k/v [Nc, Hkv, D],
     gates [N, 3] (already sigmoid), all in ``layout`` order. With return_branches also returns
-    (o_cmp, o_slc, o_win, idx)."""
+    (o_cmp, o_slc, o_win, idx) (with the Triton backend these carry no gradient)."""
     backend = config.backend
+    if backend == "auto":
+        backend = "triton" if triton_usable(q) else "torch"
+    if backend == "triton":
+        if not (q.dtype == k.dtype == v.dtype == k_cmp.dtype == v_cmp.dtype):
+            raise ValueError(f"spatial_sparse_attention: q, k, v, k_cmp, v_cmp must share a dtype, got "
+                             f"{q.dtype}, {k.dtype}, {v.dtype}, {k_cmp.dtype}, {v_cmp.dtype}")
+        out, o_cmp, o_slc, o_win, idx = _SSATriton.apply(q, k, v, k_cmp, v_cmp, gates, layout, config)
+        return (out, (o_cmp, o_slc, o_win, idx)) if return_branches else out
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, layout, backend)
     idx = select_blocks(q.detach(), k_cmp.detach(), lse, layout, config.topk, config.shared_topk, backend)
     o_slc = selection_attention(q, k, v, idx, layout, backend)
@@ -346,8 +448,9 @@ class SpatialSparseAttention(nn.Module):
         k_cmp = self.compression_key(k + pe, layout).view(-1, hkv, d)
         v_cmp = self.compression_value(v, layout).view(-1, hkv, d)
         gates = self.gate(feats)
-        o = spatial_sparse_attention(q, k.view(n, hkv, d), v.view(n, hkv, d), k_cmp, v_cmp, gates, layout,
-                                     self.config)
+        dt = q.dtype  # under autocast the compression modules may return another dtype
+        o = spatial_sparse_attention(q, k.view(n, hkv, d).to(dt), v.view(n, hkv, d).to(dt), k_cmp.to(dt),
+                                     v_cmp.to(dt), gates, layout, self.config)
         return self.proj_o(o.reshape(n, hq * d))
 
     def forward(self, x):
