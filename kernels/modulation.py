@@ -26,14 +26,21 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _mod_ln_fwd_kernel(X, Y, SHIFT, SCALE, IDS, MEAN, RSTD, n_rows, C, stride_mod, eps,
-                           ONE: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+    def _row_tile(n_rows, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's BLOCK_M rows of a row-major [n_rows, C] tensor: row and column indices, their
+        masks, the 2D mask and the element offsets."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_C)
         rmask, cmask = rows < n_rows, cols < C
         mask = rmask[:, None] & cmask[None, :]
         offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        return rows, cols, rmask, cmask, mask, offs
+
+    @triton.jit
+    def _mod_ln_fwd_kernel(X, Y, SHIFT, SCALE, IDS, MEAN, RSTD, n_rows, C, stride_mod, eps,
+                           ONE: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+        rows, cols, rmask, cmask, mask, offs = _row_tile(n_rows, C, BLOCK_M, BLOCK_C)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / C
         xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -64,11 +71,7 @@ if triton is not None:
     def _mod_ln_bwd_kernel(DY, X, SCALE, IDS, MEAN, RSTD, DX, DSCALE, DSHIFT, n_rows, C, stride_mod,
                            ONE: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_C: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_C)
-        rmask, cmask = rows < n_rows, cols < C
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        rows, cols, rmask, cmask, mask, offs = _row_tile(n_rows, C, BLOCK_M, BLOCK_C)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
@@ -91,11 +94,7 @@ if triton is not None:
     @triton.jit
     def _gated_res_fwd_kernel(RES, H, GATE, IDS, OUT, n_rows, C, stride_mod, BLOCK_M: tl.constexpr,
                               BLOCK_C: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_C)
-        rmask, cmask = rows < n_rows, cols < C
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        rows, cols, rmask, cmask, mask, offs = _row_tile(n_rows, C, BLOCK_M, BLOCK_C)
         b = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int64)
         gate = tl.load(GATE + b[:, None] * stride_mod + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         res = tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
@@ -105,11 +104,7 @@ if triton is not None:
     @triton.jit
     def _gated_res_bwd_kernel(DOUT, H, GATE, IDS, DH, DGATE, n_rows, C, stride_mod,
                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_C)
-        rmask, cmask = rows < n_rows, cols < C
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        rows, cols, rmask, cmask, mask, offs = _row_tile(n_rows, C, BLOCK_M, BLOCK_C)
         b = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int32)
         gate = tl.load(GATE + b[:, None].to(tl.int64) * stride_mod + cols[None, :], mask=mask,
                        other=0.0).to(tl.float32)
