@@ -199,6 +199,15 @@ if triton is not None:
             return qi
 
     @triton.jit
+    def _tile_span(UNION, UFULL, SOFF, sel, slot):
+        """Span number `slot` of a tile's union list: which rows selected it (row_sel [R]), whether all of
+        them did (all_rows), and its key range [k_lo, k_hi)."""
+        span = tl.load(UNION + slot)
+        row_sel = tl.sum((sel == span).to(tl.int32), axis=1) > 0
+        all_rows = tl.load(UFULL + slot)
+        return row_sel, all_rows, tl.load(SOFF + span), tl.load(SOFF + span + 1)
+
+    @triton.jit
     def _span_fwd_kernel(Q, K, V, O, LSE, QIDX, IDX, UNION, UCNT, UFULL, SOFF, n_q, n_tiles, sm_scale_log2,
                          HQ: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, G: tl.constexpr,
                          D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, UMAX: tl.constexpr,
@@ -222,11 +231,7 @@ if triton is not None:
         acc = tl.zeros([R, D], tl.float32)
         n_u = tl.load(UCNT + hi * n_tiles + tile)
         for u in range(0, n_u):
-            span = tl.load(UNION + (hi * n_tiles + tile) * UMAX + u)
-            row_sel = tl.sum((sel == span).to(tl.int32), axis=1) > 0
-            all_rows = tl.load(UFULL + (hi * n_tiles + tile) * UMAX + u)  # every row selected the span
-            k_lo = tl.load(SOFF + span)
-            k_hi = tl.load(SOFF + span + 1)
+            row_sel, all_rows, k_lo, k_hi = _tile_span(UNION, UFULL, SOFF, sel, (hi * n_tiles + tile) * UMAX + u)
             for k0 in range(k_lo, k_hi, BK):
                 kn = k0 + tl.arange(0, BK)
                 kmask = kn < k_hi
@@ -279,11 +284,7 @@ if triton is not None:
         dq = tl.zeros([R, D], tl.float32)
         n_u = tl.load(UCNT + hi * n_tiles + tile)
         for u in range(0, n_u):
-            span = tl.load(UNION + (hi * n_tiles + tile) * UMAX + u)
-            row_sel = tl.sum((sel == span).to(tl.int32), axis=1) > 0
-            all_rows = tl.load(UFULL + (hi * n_tiles + tile) * UMAX + u)  # every row selected the span
-            k_lo = tl.load(SOFF + span)
-            k_hi = tl.load(SOFF + span + 1)
+            row_sel, all_rows, k_lo, k_hi = _tile_span(UNION, UFULL, SOFF, sel, (hi * n_tiles + tile) * UMAX + u)
             for k0 in range(k_lo, k_hi, BK):
                 kn = k0 + tl.arange(0, BK)
                 kmask = kn < k_hi
