@@ -121,6 +121,26 @@ def test_collate_builds_inputs_and_targets():
         collate([a, analytic_sample("sphere", 24)], 8.0)
 
 
+def test_collate_defers_the_voxel_sort_to_the_batch_device():
+    """Shuffled samples: the worker only concatenates; inputs/targets sort after .to(device) and equal
+    SparseTensor.from_samples of the same samples."""
+    gen = torch.Generator().manual_seed(3)
+    samples = []
+    for shape in ("box", "torus"):
+        s = analytic_sample(shape, 16)
+        perm = torch.randperm(len(s), generator=gen)
+        samples.append(SDFSample(s.coords[perm], s.sdf[perm], s.in_band[perm], s.sharp[perm], s.resolution, shape))
+    batch = collate(samples, 8.0)
+    assert not batch._sorted  # nothing sorted in the worker
+    moved = batch.to("cpu")
+    norm = [normalise_sdf(s.sdf, 8.0) for s in samples]
+    ref = SparseTensor.from_samples([torch.stack([n, s.in_band.float(), s.sharp.float()], 1)
+                                     for n, s in zip(norm, samples)], [s.coords for s in samples])
+    assert torch.equal(moved.targets.coords, ref.coords) and torch.equal(moved.targets.feats, ref.feats)
+    assert bool((moved.inputs.keys.diff() > 0).all()) and moved.inputs.batch_size == 2
+    assert moved.num_voxels == ref.num_voxels and moved.names == ["box", "torus"]
+
+
 def test_token_budget_batching(caplog):
     sizes = [3, 4, 2, 9, 11, 1, 5, 0]
     with caplog.at_level(logging.WARNING):

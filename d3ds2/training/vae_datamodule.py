@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..data.batching import BudgetPacker
@@ -156,7 +157,7 @@ class VAEDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
 
     def _loader(self, stream: VAEBatchStream) -> DataLoader:
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=False, collate_fn=None)
 
     def train_dataloader(self) -> DataLoader:
