@@ -29,17 +29,20 @@ train)
   minutes=${3:-14}
   setsid nohup python train.py experiment=vae_multires paths.root_dir=$W run_name=real logger=csv \
     "data.train_shards=$W/data/train/shards/*.tar" "data.val_shards=$W/data/val/shards/*.tar" \
-    "data.resolutions=[256]" data.max_samples=2 data.batch_voxels=8000000 data.num_workers=12 \
+    "data.resolutions=[256]" data.max_samples=2 data.batch_voxels=8000000 data.num_workers=14 \
     model.optimizer.lr=3e-4 callbacks.ema.decay=0.995 model.render_meshes=0 model.val_meshes=4 \
-    trainer.val_check_interval=250 trainer.limit_val_batches=4 trainer.log_every_n_steps=25 \
-    callbacks.model_checkpoint.every_n_train_steps=250 callbacks.progress_bar.refresh_rate=0 \
+    trainer.val_check_interval=400 trainer.limit_val_batches=4 trainer.log_every_n_steps=25 \
+    callbacks.model_checkpoint.every_n_train_steps=400 callbacks.progress_bar.refresh_rate=0 \
     "+trainer.max_time=00:00:$(printf %02d "$minutes"):00" > $W/train.log 2>&1 < /dev/null &
   echo "training started (pid $!), log $W/train.log"
   ;;
 watch)
   end=$((SECONDS + $3))
+  last=0
   while [ $SECONDS -lt $end ] && pgrep -f "run_name=real" > /dev/null; do
-    sleep 60
+    sleep 5
+    [ $((SECONDS - last)) -lt 60 ] && continue  # poll every 5 s, print every minute
+    last=$SECONDS
     metrics=$(find $RUN -name metrics.csv 2>/dev/null | head -1)
     echo "--- $(date +%T) $(tail -c 300 $W/train.log | tr '\n' ' ' | tail -c 200)"
     [ -n "$metrics" ] && python - "$metrics" <<'EOF'
