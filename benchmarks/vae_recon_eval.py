@@ -3,8 +3,10 @@
 Decodes each sample of ``--shards`` at ``--resolution`` (posterior mean, EMA weights), extracts the mesh by
 sparse-band marching cubes and writes all meshes to one ``--out`` .npz (``KEY/verts``, ``KEY/faces``).
 With ``--meshes DIR`` (the held-out source meshes) it also prints Chamfer / F-score / normal consistency
-against the normalised source mesh (needs open3d, so run that part on the CPU machine).
+against the normalised source mesh. ``--ground-truth`` (no checkpoint) meshes the stored SDF itself: the
+ceiling that any model decoding at that resolution can reach on these meshes.
 Usage: python benchmarks/vae_recon_eval.py --ckpt RUN/checkpoints/last.ckpt --shards 'DIR/*.tar' --out recon.npz
+       python benchmarks/vae_recon_eval.py --ground-truth --shards 'DIR/*.tar' --out gt.npz --recon gt.npz --meshes DIR
        python benchmarks/vae_recon_eval.py --recon recon.npz --meshes DIR   (metrics only)
 """
 from __future__ import annotations
@@ -22,14 +24,18 @@ def reconstruct(args) -> None:
 
     from d3ds2.data.sdf_transforms import sample_at_resolution
     from d3ds2.data.shards import ShardStream
+    from d3ds2.training.vae_module import decoded_mesh
     from d3ds2.vae import decode_latent, encode_sample, load_vae
 
-    vae, cfg = load_vae(args.ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
+    if not args.ground_truth:
+        vae, cfg = load_vae(args.ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
     arrays = {}
     for sample in ShardStream(sorted(glob.glob(args.shards)), shuffle_buffer=0, with_views=False, rank=0, world_size=1):
         s = sample_at_resolution(sample, args.resolution)
-        z = encode_sample(vae, s, float(cfg.data.sdf_scale))
-        mesh, _, _ = decode_latent(vae, z, args.resolution)
+        if args.ground_truth:
+            mesh = decoded_mesh(s.coords, s.sdf, args.resolution)
+        else:
+            mesh, _, _ = decode_latent(vae, encode_sample(vae, s, float(cfg.data.sdf_scale)), args.resolution)
         arrays[f"{s.name}/verts"] = np.asarray(mesh.vertices, np.float32)
         arrays[f"{s.name}/faces"] = np.asarray(mesh.faces, np.int32)
         print(s.name, len(mesh.faces), flush=True)
@@ -61,13 +67,14 @@ def score(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt")
+    ap.add_argument("--ground-truth", action="store_true", help="mesh the stored SDF instead of a reconstruction")
     ap.add_argument("--shards")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--out")
     ap.add_argument("--recon")
     ap.add_argument("--meshes")
     args = ap.parse_args()
-    if args.ckpt:
+    if args.ckpt or args.ground_truth:
         reconstruct(args)
     if args.recon and args.meshes:
         score(args)
