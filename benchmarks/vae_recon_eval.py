@@ -3,7 +3,8 @@
 Decodes each sample of ``--shards`` at ``--resolution`` (posterior mean, EMA weights), extracts the mesh by
 sparse-band marching cubes and writes all meshes to one ``--out`` .npz (``KEY/verts``, ``KEY/faces``).
 With ``--meshes DIR`` (the held-out source meshes) it also prints Chamfer / F-score / normal consistency
-against the normalised source mesh. ``--ground-truth`` (no checkpoint) meshes the stored SDF itself: the
+against the normalised source mesh (its exact solid when it is made of closed bodies:
+``watertight.reference_surface``). ``--ground-truth`` (no checkpoint) meshes the stored SDF itself: the
 ceiling that any model decoding at that resolution can reach on these meshes.
 Usage: python benchmarks/vae_recon_eval.py --ckpt RUN/checkpoints/last.ckpt --shards 'DIR/*.tar' --out recon.npz
        python benchmarks/vae_recon_eval.py --ground-truth --shards 'DIR/*.tar' --out gt.npz --recon gt.npz --meshes DIR
@@ -48,6 +49,7 @@ def score(args) -> None:
     from d3ds2.geometry.mesh_io import load_mesh
     from d3ds2.geometry.metrics import mesh_metrics
     from d3ds2.geometry.normalize import clean_mesh, normalise_mesh
+    from d3ds2.geometry.watertight import reference_surface
     from data_prep.pipeline import sample_key
 
     rec = np.load(args.recon)
@@ -55,7 +57,7 @@ def score(args) -> None:
     sources = {sample_key(p): p for p in glob.glob(str(Path(args.meshes) / "*"))}
     rows = []
     for key in keys:
-        ref, _ = normalise_mesh(clean_mesh(load_mesh(sources[key])), 0.95)
+        ref = reference_surface(normalise_mesh(clean_mesh(load_mesh(sources[key])), 0.95)[0])
         pred = trimesh.Trimesh(rec[f"{key}/verts"], rec[f"{key}/faces"], process=False)
         m = mesh_metrics(pred, ref, 100_000, (0.01, 0.02)) if len(pred.faces) else {"fscore@0.01": 0.0}
         rows.append({"key": key, "source": Path(sources[key]).name, **m})

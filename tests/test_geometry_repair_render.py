@@ -7,8 +7,9 @@ from d3ds2.geometry.corpus import procedural_shape, real_mesh_paths
 from d3ds2.geometry.normalize import BadMeshError, clean_mesh, normalise_mesh
 from d3ds2.geometry.render import Renderer, project, sample_cameras
 from d3ds2.geometry.sharp_edges import sharp_edges
-from d3ds2.geometry.sparse_sdf import SurfaceDistance
-from d3ds2.geometry.watertight import is_closed_solid, rebuild_watertight
+from d3ds2.geometry.sparse_sdf import SurfaceDistance, compute_sparse_sdf
+from d3ds2.geometry.watertight import (exact_solid, is_closed_solid, make_watertight, rebuild_watertight,
+                                      reference_surface)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,49 @@ def test_watertight_drops_inner_shell():
     outer, inner = trimesh.creation.box((1.6, 1.6, 1.6)), trimesh.creation.box((0.6, 0.6, 0.6))
     out = rebuild_watertight(trimesh.util.concatenate([outer, inner]), 64)
     assert len(out.split()) == 1 and out.volume == pytest.approx(1.6**3, rel=0.1)
+
+
+def _box(size, centre=(0, 0, 0)):
+    return trimesh.creation.box(size, trimesh.transformations.translation_matrix(centre))
+
+
+def test_exact_solid_of_interpenetrating_bodies():
+    """Two overlapping boxes in one mesh (convex-decomposition style): watertight edge-wise, but the parts of
+    each box inside the other are not surface. The exact solid is their union; its SDF is negative in the
+    overlap, where the raw mesh's ray parity says outside."""
+    a, b = _box((1.0, 0.6, 0.6), (-0.2, 0, 0)), _box((1.0, 0.6, 0.6), (0.2, 0, 0))
+    mesh = trimesh.util.concatenate([a, b])
+    assert is_closed_solid(mesh) and len(mesh.split(only_watertight=False)) == 2
+    solid, rebuilt = make_watertight(mesh, "auto", 64)
+    assert not rebuilt and len(solid.split(only_watertight=False)) == 1
+    assert solid.volume == pytest.approx(1.4 * 0.6 * 0.6, rel=1e-6)  # union, not the sum 2 * 0.36
+    centroids = solid.triangles_center
+    inside_both = (np.abs(centroids[:, 0]) < 0.299) & (np.abs(centroids[:, 1:]) < 0.299).all(1)
+    assert not inside_both.any()  # no face of the union lies inside the overlap
+    R = 32
+    wrong = []
+    for verts, faces in ((solid.vertices, solid.faces), (mesh.vertices, mesh.faces)):
+        coords, sdf = compute_sparse_sdf(np.asarray(verts), np.asarray(faces), R).voxels()
+        p = -1 + (coords + 0.5) * 2 / R
+        overlap = (np.abs(p) < 0.25).all(1)  # voxel centres inside both boxes
+        assert overlap.sum() > 100
+        wrong.append(int((sdf[overlap] >= 0).sum()))
+    # the union: every overlap voxel inside; the raw mesh: its inner faces give some of them the outside sign
+    assert wrong[0] == 0 and wrong[1] > 0, wrong
+
+
+def test_exact_solid_cavity_single_body_and_open_mesh(bunny):
+    outer, cavity = _box((1.6, 1.6, 1.6)), _box((0.6, 0.6, 0.6))
+    cavity.invert()  # an inward-facing inner shell: a hollow box
+    solid = exact_solid(trimesh.util.concatenate([outer, cavity]))
+    assert solid.volume == pytest.approx(1.6**3 - 0.6**3, rel=1e-6)
+    assert not solid.contains([[0.0, 0.0, 0.0]])[0] and solid.contains([[0.7, 0.7, 0.7]])[0]
+    single = _box((1, 1, 1))
+    assert exact_solid(single) is single
+    assert exact_solid(bunny) is None  # open scan: make_watertight rebuilds it
+    assert reference_surface(bunny) is bunny  # ... and metrics score against the scan itself
+    hollow = trimesh.util.concatenate([outer, cavity])
+    assert reference_surface(hollow).volume == pytest.approx(solid.volume)
 
 
 def test_sharp_edges_cube_and_sphere():

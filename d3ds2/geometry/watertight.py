@@ -10,8 +10,11 @@ Recipe (`make_watertight`), at grid resolution W in the [-1, 1]^3 frame, voxel h
 Holes narrower than about 2 * offset voxels are closed; wider holes let the fill in, giving a thin closed
 shell around the open sheet (still watertight). Inner shells vanish because they are never reached.
 
-`mode="auto"` keeps an input that is already watertight and winding-consistent (exact sharp edges), and
-rebuilds the others; `"always"` rebuilds every mesh; `"never"` trusts the input.
+`mode="auto"` keeps the exact surface of an input made of closed bodies (sharp edges kept) and rebuilds the
+others; `"always"` rebuilds every mesh; `"never"` trusts the input. A mesh of several closed bodies (parts
+that interpenetrate, like the convex pieces of a decomposition, or an outer shell with an inverted inner one)
+is watertight edge-wise, but its faces inside other bodies are not surface and ray parity calls the overlaps
+outside; `exact_solid` replaces it by the boolean union of its outward bodies minus its inverted ones.
 """
 from __future__ import annotations
 
@@ -29,6 +32,45 @@ class WatertightError(RuntimeError):
 def is_closed_solid(mesh: trimesh.Trimesh) -> bool:
     """True when the mesh is watertight, winding-consistent and encloses a positive volume."""
     return bool(mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0)
+
+
+def exact_solid(mesh: trimesh.Trimesh) -> trimesh.Trimesh | None:
+    """The surface of the solid that a mesh of closed bodies encloses, or None when it is not made of closed
+    bodies (or manifold3d, needed for several bodies, is missing or rejects one). One closed body: the mesh
+    itself. Several: union of the outward bodies minus the union of the inverted ones (their cavities)."""
+    if not is_closed_solid(mesh):
+        return None
+    bodies = mesh.split(only_watertight=False)
+    if len(bodies) <= 1:
+        return mesh
+    try:
+        import manifold3d as m3
+    except ImportError:
+        return None
+    solids: dict[bool, list] = {True: [], False: []}
+    for body in bodies:
+        outward = body.volume > 0
+        if not outward:
+            body = body.copy()
+            body.invert()
+        part = m3.Manifold(m3.Mesh(vert_properties=np.asarray(body.vertices, np.float32),
+                                   tri_verts=np.asarray(body.faces, np.uint32)))
+        if part.status() != m3.Error.NoError:
+            return None
+        solids[outward].append(part)
+    solid = m3.Manifold.batch_boolean(solids[True], m3.OpType.Add)
+    if solids[False]:
+        solid = m3.Manifold.batch_boolean([solid, *solids[False]], m3.OpType.Subtract)
+    out = solid.to_mesh()
+    result = trimesh.Trimesh(np.asarray(out.vert_properties[:, :3], np.float64), np.asarray(out.tri_verts), process=False)
+    return result if len(result.faces) and is_closed_solid(result) else None
+
+
+def reference_surface(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """The surface a reconstruction of ``mesh`` is scored against: its exact solid when it is made of closed
+    bodies (faces buried inside other bodies are not surface), the mesh itself otherwise (open meshes)."""
+    solid = exact_solid(mesh)
+    return mesh if solid is None else solid
 
 
 def rebuild_watertight(mesh: trimesh.Trimesh, resolution: int = 256, offset: float = 0.75,
@@ -71,9 +113,12 @@ def rebuild_watertight(mesh: trimesh.Trimesh, resolution: int = 256, offset: flo
 
 def make_watertight(mesh: trimesh.Trimesh, mode: str = "auto", resolution: int = 256,
                     offset: float = 0.75, backend: str = "auto") -> tuple[trimesh.Trimesh, bool]:
-    """Returns (watertight mesh, rebuilt?) according to `mode` in {auto, always, never}."""
+    """Returns (watertight mesh, rebuilt on the grid?) according to `mode` in {auto, always, never}; in auto
+    mode a mesh of closed bodies comes back as its exact solid (`exact_solid`), not rebuilt."""
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"watertight mode {mode!r}: expected auto, always or never")
-    if mode == "never" or (mode == "auto" and is_closed_solid(mesh)):
+    if mode == "never":
         return mesh, False
+    if mode == "auto" and (solid := exact_solid(mesh)) is not None:
+        return solid, False
     return rebuild_watertight(mesh, resolution, offset, backend), True

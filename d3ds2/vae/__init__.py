@@ -45,7 +45,7 @@ def load_vae(ckpt: str | os.PathLike, config: str | os.PathLike | None = None, d
 
 
 def mesh_to_sample(path: str, resolution: int, band: float = 4.0, trunc: float = 7.9375):
-    """(SDFSample at ``resolution``, normalised mesh) with the data-prep pipeline (normalise, watertight,
+    """(SDFSample at ``resolution``, reference surface of the normalised mesh) with the data-prep pipeline (normalise, watertight,
     sparse SDF, sharp edges), so inference sees exactly what training saw."""
     from omegaconf import OmegaConf
 
@@ -53,6 +53,7 @@ def mesh_to_sample(path: str, resolution: int, band: float = 4.0, trunc: float =
 
     from ..geometry.mesh_io import load_mesh
     from ..geometry.normalize import clean_mesh, normalise_mesh
+    from ..geometry.watertight import reference_surface
 
     root = Path(__file__).resolve().parents[2] / "configs" / "data_prep" / "config.yaml"
     cfg = OmegaConf.load(root)
@@ -63,7 +64,7 @@ def mesh_to_sample(path: str, resolution: int, band: float = 4.0, trunc: float =
     from ..data.sdf_transforms import sample_at_resolution
 
     mesh, _ = normalise_mesh(clean_mesh(load_mesh(path)), cfg.extent)
-    return sample_at_resolution(sample, resolution), mesh
+    return sample_at_resolution(sample, resolution), reference_surface(mesh)
 
 
 @torch.no_grad()
