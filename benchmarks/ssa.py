@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from d3ds2.attention.ssa import (SSAConfig, block_mean, build_ssa_layout, compressed_attention, select_blocks,
-                                 selection_attention, spatial_sparse_attention, ssa_window_attention)
+                                 selection_attention, selection_plan, spatial_sparse_attention,
+                                 ssa_window_attention)
 from kernels.span_attention import plan_spans, span_attention
 from kernels.ssa_topk import score_topk
 
@@ -215,6 +216,8 @@ def bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args,
                                                             cfg.topk, cfg.shared_topk), None),
             **({} if cfg.shared_topk else {
                 "block scoring + top-k (4 queries/tile)": (lambda: score_args(block_m=4), None)}),
+            "selection plan (tile unions, part of the next row)": (
+                lambda: selection_plan(idx, lay, HQ // HKV).union, None),
             "selection attention": (lambda: selection_attention(inp.q, inp.k, inp.v, idx, lay),
                                     [inp.q, inp.k, inp.v]),
             "window attention": (lambda: ssa_window_attention(inp.q, inp.k, inp.v, lay, cfg.m_win,
