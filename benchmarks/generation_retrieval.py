@@ -6,8 +6,9 @@ Two commands, run from the repository root with PYTHONPATH=$PWD:
   prepare  (the CPU machine: needs the corpus packages and open3d)
       python benchmarks/generation_retrieval.py prepare --data .dev/gen16data
     `python -m data_prep.corpus` (5 real meshes + 11 CSG shapes) -> `python -m data_prep` (sparse SDF at 256,
-    8 renders at 518^2, one shard) -> gt_points.npz (surface samples of each normalised reference mesh, the
-    frame of the SDF) ; the per-sample copies and the mesh files are removed (the shards hold everything).
+    8 renders at 518^2, one shard) -> gt_points.npz (surface samples of the `reference_surface` of each
+    normalised reference mesh, the frame of the SDF) ; the per-sample copies and the mesh files are removed
+    (the shards hold everything).
 
   run  (the GPU machine; every stage is a real entry point or library API)
       python benchmarks/generation_retrieval.py run --vae VAE_RUN --data .dev/gen16data --out OUT --work /tmp/gen16 \
@@ -255,6 +256,7 @@ def prepare(args) -> None:
     from d3ds2.eval.retrieval import surface_points
     from d3ds2.geometry.mesh_io import load_mesh
     from d3ds2.geometry.normalize import clean_mesh, normalise_mesh
+    from d3ds2.geometry.watertight import reference_surface
 
     data = Path(args.data).resolve()
     if data.exists() and any(data.iterdir()):
@@ -276,7 +278,7 @@ def prepare(args) -> None:
                 raise SystemExit(f"prepare: normalisation of {src} differs from the one data_prep stored")
             keys.append(s["key"])
             names.append(Path(src).stem)
-            points.append(surface_points(mesh, args.points, seed=len(points)))
+            points.append(surface_points(reference_surface(mesh), args.points, seed=len(points)))
     order = np.argsort(names)
     tmp = data / "gt_points.tmp.npz"
     np.savez_compressed(tmp, keys=np.array(keys)[order], names=np.array(names)[order], points=np.stack(points)[order])
