@@ -74,8 +74,8 @@ class VAEBatch:
 
     def _sparse(self, prefix: str) -> SparseTensor:
         if prefix not in self._sorted:
-            p = self.parts
-            self._sorted[prefix] = SparseTensor.from_unsorted(p[prefix + "feats"], p[prefix + "coords"], self.batch_size)
+            feats, coords = self.parts[prefix + "feats"], self.parts[prefix + "coords"]
+            self._sorted[prefix] = SparseTensor.from_unsorted(feats, coords, self.batch_size)
         return self._sorted[prefix]
 
     @property

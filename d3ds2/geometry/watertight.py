@@ -62,7 +62,8 @@ def exact_solid(mesh: trimesh.Trimesh) -> trimesh.Trimesh | None:
     if solids[False]:
         solid = m3.Manifold.batch_boolean([solid, *solids[False]], m3.OpType.Subtract)
     out = solid.to_mesh()
-    result = trimesh.Trimesh(np.asarray(out.vert_properties[:, :3], np.float64), np.asarray(out.tri_verts), process=False)
+    verts = np.asarray(out.vert_properties[:, :3], np.float64)
+    result = trimesh.Trimesh(verts, np.asarray(out.tri_verts), process=False)
     return result if len(result.faces) and is_closed_solid(result) else None
 
 
