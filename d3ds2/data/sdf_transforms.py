@@ -117,7 +117,8 @@ def collate(samples: list[SDFSample], sdf_scale: float) -> VAEBatch:
     parts = {
         "in_feats": torch.cat([n[s.in_band, None] for n, s in zip(norm, samples)]),
         "in_coords": torch.cat([r[s.in_band] for r, s in zip(rows, samples)]),
-        "feats": torch.cat([torch.stack([n, s.in_band.float(), s.sharp.float()], 1) for n, s in zip(norm, samples)]),
+        "feats": torch.cat([torch.stack([n, s.in_band.float(), s.sharp.float()], 1)
+                            for n, s in zip(norm, samples)]),
         "coords": torch.cat(rows),
     }
     return VAEBatch(parts, len(samples), res.pop(), [s.name for s in samples])

@@ -157,8 +157,8 @@ class VAEDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
 
     def _loader(self, stream: VAEBatchStream) -> DataLoader:
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=False, collate_fn=None)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=False, collate_fn=None)
 
     def train_dataloader(self) -> DataLoader:
         start = self.trainer.global_step if self.trainer is not None else 0

@@ -45,8 +45,8 @@ def load_vae(ckpt: str | os.PathLike, config: str | os.PathLike | None = None, d
 
 
 def mesh_to_sample(path: str, resolution: int, band: float = 4.0, trunc: float = 7.9375):
-    """(SDFSample at ``resolution``, reference surface of the normalised mesh) with the data-prep pipeline (normalise, watertight,
-    sparse SDF, sharp edges), so inference sees exactly what training saw."""
+    """(SDFSample at ``resolution``, reference surface of the normalised mesh) with the data-prep pipeline
+    (normalise, watertight, sparse SDF, sharp edges), so inference sees exactly what training saw."""
     from omegaconf import OmegaConf
 
     from data_prep.pipeline import build_sample
