@@ -21,7 +21,7 @@ prep)
   cp "$M"/val/* $W/meshes/val/
   for split in val train; do
     per_shard=$([ $split = val ] && echo 1 || echo 16)  # one val shard per loader worker at least
-    python -m data_prep input=$W/meshes/$split output=$W/data/$split "resolutions=[256]" views=0 workers=4 \
+    python -m data_prep input=$W/meshes/$split output=$W/data/$split "resolutions=[256]" views=0 workers=${PREP_WORKERS:-4} \
       sdf.backend=torch samples_per_shard=$per_shard progress=false
   done
   ;;

@@ -3,6 +3,8 @@
 Synthetic batches of analytic shells (sphere / torus / box / sphere at the band layout of data prep).
 Correctness first: the bf16 forward is compared with the fp32 forward on a 128³ sample.
 Usage: python benchmarks/vae_step.py --out results.md [--configs 256x4 512x4 1024x1] [--steps 5]
+                                     [--profile 256x2] [--skip-bench]
+--profile RxB appends the CUDA kernels of one training step (torch.profiler, after warm-up) by total time.
 """
 from __future__ import annotations
 
@@ -61,6 +63,33 @@ def bench(resolution: int, batch: int, steps: int, **net_kw) -> dict:
             "variant": ",".join(f"{k}={v}" for k, v in net_kw.items()) or "default"}
 
 
+def kernel_profile(resolution: int, batch: int, top: int = 25) -> str:
+    """Markdown table of the CUDA kernels of one training step at ``resolution`` x ``batch``, most time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    vae = SparseSDFVAE().to(dev).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
+    b = make_batch(resolution, batch, dev)
+    for _ in range(3):
+        step_fn(vae, opt, b, None)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step_fn(vae, opt, b, None)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    lines = [f"### Kernels of one step at {resolution}^3 x {batch} ({b.inputs.num_voxels:,} input voxels): "
+             f"{total / 1e3:.1f} ms of kernel time", "", "| kernel | calls | ms | share |", "|---|---|---|---|"]
+    for e in events[:top]:
+        name = e.key if len(e.key) < 90 else e.key[:87] + "..."
+        lines.append(f"| `{name}` | {e.count} | {e.self_device_time_total / 1e3:.2f} | "
+                     f"{e.self_device_time_total / total:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
 def correctness() -> dict:
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -88,6 +117,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--configs", nargs="+", default=["256x4", "512x4", "1024x1"])
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--profile", default=None, help="RxB: also list the kernels of one step at this size")
+    ap.add_argument("--skip-bench", action="store_true", help="only the correctness check and --profile")
     args = ap.parse_args()
     rows = []
     check = correctness()
@@ -95,6 +126,7 @@ def main() -> None:
     variants = [((r, b), {}) for r, b in (map(int, c.split("x")) for c in args.configs)]
     variants += [((256, 4), {"occupancy_head": True}), ((1024, 1), {"train_chunk": 32}),
                  ((1024, 1), {"use_checkpoint": True})]
+    variants = [] if args.skip_bench else variants
     for (r, b), kw in variants:
         try:
             row = bench(r, b, args.steps, **kw)
@@ -116,6 +148,8 @@ def main() -> None:
                         f"{r['decoded_voxels']:,} | {r['step_s']:.3f} | {r['decoded_voxels_per_s'] / 1e6:.2f}M | "
                         f"{r['peak_gib']:.1f} |\n")
         f.write("\n```json\n" + json.dumps(rows, indent=1) + "\n```\n")
+        if args.profile:
+            f.write("\n" + kernel_profile(*map(int, args.profile.split("x"))))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,10 @@ class BaseModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         loss, terms, tokens = self.compute_loss(batch, "train")
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self._trainer is not None:  # DDP: every rank skips together, or none does (no half all-reduce)
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             self.nonfinite_streak += 1
             self.skipped_steps += 1
             log.warning("step %d: non-finite loss (%s), step skipped (%d in a row)", self.global_step, loss.item(), self.nonfinite_streak)

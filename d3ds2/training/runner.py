@@ -7,6 +7,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import AtomicCheckpointIO
@@ -62,8 +63,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # hydra's own node is saved by hydra
-    OmegaConf.save(run_cfg, output_dir / "config_resolved.yaml", resolve=True)
+    if rank_zero_only.rank == 0:  # DDP ranks started by Lightning share the run directory
+        run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # hydra's own node is saved by hydra
+        OmegaConf.save(run_cfg, output_dir / "config_resolved.yaml", resolve=True)
 
     log.info("data: %s", cfg.data._target_)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)

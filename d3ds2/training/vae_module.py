@@ -108,7 +108,7 @@ class VAEModule(BaseModule):
             out, _ = self.forward_batch(batch, "val")
         metrics = self.mesh_metrics(batch, out.sdf)
         for k, v in metrics.items():
-            self.log(f"val/{k}", v, batch_size=1)
+            self.log(f"val/{k}", v, batch_size=1, sync_dist=True)
 
     def mesh_metrics(self, batch: VAEBatch, pred_sdf) -> dict[str, float]:
         """Metrics of sample 0's decoded mesh vs the ground-truth iso-0 surface (NaN where a mesh is empty)."""
@@ -119,7 +119,8 @@ class VAEModule(BaseModule):
         pr = pred_sdf.sample(0)
         gt_mesh = decoded_mesh(gt[1], gt[0][:, 0], R)
         pred_mesh = decoded_mesh(pr[1], pr[0][:, 0], R)
-        if len(self._renders) < self.render_meshes and len(gt_mesh.faces):
+        on_rank_zero = self._trainer is None or self.trainer.is_global_zero  # DDP: rank 0 renders
+        if on_rank_zero and len(self._renders) < self.render_meshes and len(gt_mesh.faces):
             self._renders.append(render_pair([gt_mesh, pred_mesh]))
         if len(pred_mesh.faces) == 0 or len(gt_mesh.faces) == 0:
             return {"fscore": float("nan"), "chamfer_l1": float("nan"), "normal_consistency": float("nan")}
@@ -128,12 +129,13 @@ class VAEModule(BaseModule):
                 "normal_consistency": m["normal_consistency"]}
 
     def on_validation_epoch_end(self) -> None:
-        if not self._renders or self.trainer is None or self.trainer.sanity_checking:
-            self._renders = []
+        renders, self._renders = self._renders, []
+        if self._trainer is None or self.trainer.sanity_checking:
             return
-        image = np.concatenate(self._renders, axis=0)
-        self._renders = []
-        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a broadcast under DDP: every rank asks
+        if not renders:
+            return
+        image = np.concatenate(renders, axis=0)
         path = root / "val_renders" / f"step_{self.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         from PIL import Image
