@@ -120,12 +120,13 @@ def _build_pairs(idx: torch.Tensor, n_spans: int) -> tuple[torch.Tensor, torch.T
     offsets come from a binary search of the sorted keys (bincount would read the largest key on the host).
     """
     n, hi, topk = idx.shape
-    flat = idx.permute(1, 0, 2).reshape(hi, n * topk).long()
-    head = torch.arange(hi, device=idx.device).view(hi, 1)
-    key = torch.where(flat >= 0, head * n_spans + flat, hi * n_spans).reshape(-1)
+    flat = idx.permute(1, 0, 2).reshape(hi, n * topk).to(torch.int32)
+    head = torch.arange(hi, device=idx.device, dtype=torch.int32).view(hi, 1)
+    key = torch.where(flat >= 0, head * n_spans + flat, hi * n_spans).reshape(-1)  # int32: half the radix passes
     key, order = torch.sort(key, stable=True)
     query = ((order % (n * topk)) // topk).to(torch.int32)
-    offsets = torch.searchsorted(key, torch.arange(hi * n_spans + 1, device=idx.device), out_int32=True)
+    offsets = torch.searchsorted(key, torch.arange(hi * n_spans + 1, device=idx.device, dtype=torch.int32),
+                                 out_int32=True)
     return offsets, query.contiguous()
 
 
