@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from d3ds2.attention.ssa import (SSAConfig, block_mean, build_ssa_layout, compressed_attention, select_blocks,
                                  selection_attention, selection_plan, spatial_sparse_attention,
                                  ssa_window_attention)
-from kernels.span_attention import plan_spans, span_attention
+from kernels.span_attention import (_build_pairs, _tile_unions, _tile_unions_triton, default_block_m, plan_spans,
+                                    span_attention)
 from kernels.ssa_topk import score_topk
 
 HQ, HKV, D = 32, 2, 32
@@ -206,8 +207,21 @@ def bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args,
 
         if not cfg.shared_topk:  # the tile shapes must agree (up to near-ties) before their times mean anything
             same = lambda a, b: (a.sort(-1).values == b.sort(-1).values).all(-1).float().mean().item()
-            rows_agree.append((name, same(idx, score_args(block_m=4))))
+            rows_agree.append((name, "top-k 8 vs 4 queries/tile", same(idx, score_args(block_m=4))))
             print("top-k agreement 8 vs 4 queries/tile:", rows_agree[-1], flush=True)
+        idx32, bm = idx.to(torch.int32).contiguous(), default_block_m(HQ // HKV, cfg.topk)
+        want = _tile_unions(idx32, bm)  # the plan variants must agree exactly before their times mean anything
+        for variant, build in (("of selection_plan", lambda: selection_plan(idx, lay, HQ // HKV)),
+                               ("min/max sort", lambda: _tile_unions_triton(idx32, bm, minmax_sort=True))):
+            try:
+                got = build()
+            except Exception:  # a variant the compiler rejects: report it, keep the other rows
+                traceback.print_exc()
+                continue
+            got = got if isinstance(got, tuple) else (got.union, got.union_count, got.union_full)
+            rows_agree.append((name, f"tile unions, Triton {variant} == PyTorch",
+                               float(all(torch.equal(a, b) for a, b in zip(got, want)))))
+            print(rows_agree[-1], flush=True)
         br = {
             "compression (v1, PE, mean)": (lambda: inp.compress()[0] + inp.compress()[1], inp.leaves),
             "compressed attention": (lambda: compressed_attention(inp.q, kc_d, vc_d, lay)[0],
@@ -216,8 +230,15 @@ def bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args,
                                                             cfg.topk, cfg.shared_topk), None),
             **({} if cfg.shared_topk else {
                 "block scoring + top-k (4 queries/tile)": (lambda: score_args(block_m=4), None)}),
-            "selection plan (tile unions, part of the next row)": (
+            "selection plan (Triton tile unions, as the SSA forward builds it; part of selection attention)": (
                 lambda: selection_plan(idx, lay, HQ // HKV).union, None),
+            "tile unions, PyTorch (the previous plan)": (lambda: _tile_unions(idx32, bm)[0], None),
+            "tile unions, Triton with the min/max sort network": (
+                lambda: _tile_unions_triton(idx32, bm, minmax_sort=True)[0], None),
+            "plan with the duplicate check (public API default; host sync)": (
+                lambda: plan_spans(idx, lay.block_offsets, bm).union, None),
+            "pair CSR of the backward (sort + searchsorted)": (
+                lambda: _build_pairs(idx32, lay.block_offsets.numel() - 1)[0], None),
             "selection attention": (lambda: selection_attention(inp.q, inp.k, inp.v, idx, lay),
                                     [inp.q, inp.k, inp.v]),
             "window attention": (lambda: ssa_window_attention(inp.q, inp.k, inp.v, lay, cfg.m_win,
@@ -225,8 +246,12 @@ def bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args,
                                  [inp.q, inp.k, inp.v]),
         }
         for bname, (fn, leaves) in br.items():
-            tf = bench(fn)
-            tfb = bench(fwd_bwd(fn, leaves)) if leaves else float("nan")
+            try:
+                tf = bench(fn)
+                tfb = bench(fwd_bwd(fn, leaves)) if leaves else float("nan")
+            except Exception:  # report the failure, keep the other rows
+                traceback.print_exc()
+                continue
             rows_branch.append((n, name, bname, tf, tfb))
             print(rows_branch[-1], flush=True)
         fl = selection_flops(idx, lay)
@@ -287,12 +312,12 @@ def run_sizes(args, report):
     report.append("|---|---|---|---|---|")
     for r in rows_branch:
         report.append(f"| {r[0]:,} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.3f} |")
-    report.append("\n### Top-k agreement of the scoring tile shapes at the largest N (fraction of (query, KV "
-                  "head) with the same blocks)\n")
-    report.append("| config | 8 vs 4 queries/tile |")
-    report.append("|---|---|")
+    report.append("\n### Agreement checks at the largest N (top-k tile shapes: fraction of (query, KV head) "
+                  "with the same blocks; plan variants: 1 = identical)\n")
+    report.append("| config | check | agreement |")
+    report.append("|---|---|---|")
     for r in rows_agree:
-        report.append(f"| {r[0]} | {r[1]:.4f} |")
+        report.append(f"| {r[0]} | {r[1]} | {r[2]:.4f} |")
     report.append("\n### Selection branch alone\n")
     report.append("| N | selection | keys/query | fwd ms | fwd+bwd ms | effective fwd TFLOP/s |")
     report.append("|---|---|---|---|---|---|")

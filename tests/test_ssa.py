@@ -117,6 +117,59 @@ def test_tile_unions_flag_spans_selected_by_every_query(gen):
     assert plan.union_full[:, 1, :2].tolist() == [[1, 1], [1, 1]]
     with pytest.raises(ValueError, match="twice"):
         plan_spans(torch.tensor([[[2, 2]]], dtype=torch.int32), torch.arange(4, dtype=torch.int32), 1)
+    unchecked = plan_spans(idx, torch.arange(n_spans + 1, dtype=torch.int32), bm, check_unique=False)
+    assert all(torch.equal(getattr(unchecked, f), getattr(plan, f)) for f in ("union", "union_count", "union_full"))
+
+
+def _random_selection(gen, n, hi, topk, n_spans, pad=0.2):
+    """idx [n, hi, topk] int32: distinct random spans per (query, head), a fraction ``pad`` of -1 slots."""
+    idx = torch.stack([torch.randperm(n_spans, generator=gen)[:topk] for _ in range(n * hi)]).view(n, hi, topk)
+    return torch.where(torch.rand(idx.shape, generator=gen) < pad, -1, idx).int()
+
+
+@pytest.mark.parametrize("hi", [1, 2])
+@pytest.mark.parametrize("topk", [1, 3, 8, 32])
+@pytest.mark.parametrize("bm", [1, 4, 8])
+def test_tile_unions_triton_matches_torch(gen, hi, topk, bm):
+    """The Triton tile unions equal the PyTorch ones exactly (ids, counts, full flags, padding), with N not
+    a multiple of block_m, -1 pads, tiles whose queries all select the same spans and a tile of pads only."""
+    from kernels.span_attention import _tile_unions, _tile_unions_triton
+
+    n = 5 * bm + bm // 2 + 1
+    idx = _random_selection(gen, n, hi, topk, n_spans=topk + 5)
+    shared = torch.randperm(topk + 5, generator=gen)[:topk].int()
+    idx[bm:3 * bm] = shared.view(1, 1, topk)  # tiles 1 and 2: every query selects the same spans
+    idx[3 * bm:4 * bm, :, 0] = shared[0]  # tile 3: one span shared, the rest mixed (distinct per query)
+    idx[3 * bm:4 * bm, :, 1:] = torch.where(idx[3 * bm:4 * bm, :, 1:] == shared[0], -1, idx[3 * bm:4 * bm, :, 1:])
+    idx[4 * bm:5 * bm] = -1  # tile 4: no span at all
+    want = _tile_unions(idx, bm)
+    for got in (_tile_unions_triton(idx, bm), plan_spans(idx, torch.arange(topk + 6, dtype=torch.int32), bm)):
+        got = got if isinstance(got, tuple) else (got.union, got.union_count, got.union_full)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert bool(want[2][:, 1:3, :topk].all()) and not bool(want[0][:, 4].ne(-1).any())
+
+
+def test_tile_unions_triton_tl_sort_path(gen):
+    """The GPU variant of the union kernel (tl.sort instead of the min/max network) gives the same plan."""
+    from kernels.span_attention import _tile_unions, _tile_unions_triton
+
+    idx = _random_selection(gen, 11, 2, 3, n_spans=6)
+    idx[4:8] = torch.tensor([2, 5, -1], dtype=torch.int32)
+    for a, b in zip(_tile_unions_triton(idx, 4, minmax_sort=False), _tile_unions(idx, 4)):
+        assert torch.equal(a, b)
+
+
+def test_build_pairs_lists_selecting_queries_in_order(gen):
+    """plan.pairs(): CSR of the queries that selected each (head, span), ascending, against a loop."""
+    n, hi, topk, n_spans = 30, 2, 4, 9
+    idx = _random_selection(gen, n, hi, topk, n_spans, pad=0.3)
+    poff, pq = plan_spans(idx, torch.arange(n_spans + 1, dtype=torch.int32), 4, check_unique=False).pairs()
+    assert poff.dtype == pq.dtype == torch.int32 and poff.numel() == hi * n_spans + 1 and int(poff[0]) == 0
+    for h in range(hi):
+        for sp in range(n_spans):
+            want = [i for i in range(n) if sp in idx[i, h].tolist()]
+            assert pq[poff[h * n_spans + sp]:poff[h * n_spans + sp + 1]].tolist() == want
 
 
 def test_span_backward_gated_and_accumulated(gen):

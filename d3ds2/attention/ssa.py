@@ -283,8 +283,9 @@ SELECTION_BLOCK_K = 32  # keys per step of the selection and window kernels (blo
 
 
 def selection_plan(idx, layout: SSALayout, group: int) -> SpanPlan:
-    """Plan of the selection branch for the chosen blocks idx [N, Hkv, topk]."""
-    return plan_spans(idx, layout.block_offsets, default_block_m(group, idx.shape[-1]))
+    """Plan of the selection branch for the chosen blocks idx [N, Hkv, topk] (a top-k: unique ids, so the
+    plan skips the duplicate check and its host sync)."""
+    return plan_spans(idx, layout.block_offsets, default_block_m(group, idx.shape[-1]), check_unique=False)
 
 
 def selection_attention(q, k, v, idx, layout: SSALayout, backend: str = "auto"):
