@@ -63,6 +63,32 @@ def bench(resolution: int, batch: int, steps: int, **net_kw) -> dict:
             "variant": ",".join(f"{k}={v}" for k, v in net_kw.items()) or "default"}
 
 
+def gather_backward_bench(parents: int = 1_200_000, channels: int = 32, reps: int = 20) -> dict:
+    """Forward + backward of a parent -> 8 children row gather (the decoder's subdivision at 256^3 x 2):
+    ``x[idx]`` (its backward is a sorting index_put) against ``x.index_select(0, idx)`` (index_add)."""
+    import triton
+
+    dev = torch.device("cuda")
+    x = torch.randn(parents, channels, device=dev, requires_grad=True)
+    idx = torch.arange(parents, device=dev).repeat_interleave(8)
+    idx = idx[torch.randperm(idx.numel(), device=dev)]
+    g = torch.randn(idx.numel(), channels, device=dev)
+    ref = torch.zeros_like(x).index_add_(0, idx, g)
+    out = {}
+    for name, fn in (("x[idx]", lambda: x[idx]), ("index_select", lambda: x.index_select(0, idx))):
+        x.grad = None
+        fn().backward(g)
+        err = float((x.grad - ref).abs().max())
+
+        def step(fn=fn):
+            x.grad = None
+            fn().backward(g)
+
+        out[name] = {"fwd_bwd_ms": triton.testing.do_bench(step, warmup=3, rep=reps * 10, return_mode="median"),
+                     "max_abs_err": err}
+    return out
+
+
 def kernel_profile(resolution: int, batch: int, top: int = 25) -> str:
     """Markdown table of the CUDA kernels of one training step at ``resolution`` x ``batch``, most time first."""
     from torch.profiler import ProfilerActivity, profile
@@ -119,6 +145,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--profile", default=None, help="RxB: also list the kernels of one step at this size")
     ap.add_argument("--skip-bench", action="store_true", help="only the correctness check and --profile")
+    ap.add_argument("--only-configs", action="store_true", help="no extra variants (occupancy head, 1024 options)")
     args = ap.parse_args()
     rows = []
     check = correctness()
@@ -126,7 +153,10 @@ def main() -> None:
     variants = [((r, b), {}) for r, b in (map(int, c.split("x")) for c in args.configs)]
     variants += [((256, 4), {"occupancy_head": True}), ((1024, 1), {"train_chunk": 32}),
                  ((1024, 1), {"use_checkpoint": True})]
+    variants = variants[:len(args.configs)] if args.only_configs else variants
     variants = [] if args.skip_bench else variants
+    gather = gather_backward_bench()
+    print(json.dumps(gather), flush=True)
     for (r, b), kw in variants:
         try:
             row = bench(r, b, args.steps, **kw)
@@ -138,6 +168,7 @@ def main() -> None:
         rows.append(row)
     with open(args.out, "w") as f:
         f.write(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}\n\ncorrectness: {json.dumps(check)}\n\n")
+        f.write(f"row gather parent -> 8 children, fwd+bwd: {json.dumps(gather)}\n\n")
         f.write("| R | batch | variant | input voxels | decoded voxels | step (s) | decoded voxels/s | peak GiB |\n")
         f.write("|---|---|---|---|---|---|---|---|\n")
         for r in rows:

@@ -122,3 +122,14 @@ def test_render_mask_matches_projection():
         ray = renderer.rays(cam)[r * 128 + c]
         t = renderer.scene.cast_rays(ray[None])["t_hit"].numpy()[0]
         assert np.allclose(project((ray[:3] + t * ray[3:])[None], cam)[0], (c + 0.5, r + 0.5), atol=1e-2)
+
+
+def test_exact_solid_drops_stray_triangles_only():
+    """A decomposition with a few loose triangles (pybullet's laikago chassis has two): the triangles are
+    dropped and the bodies united; when open pieces hold a real share of the area the mesh stays open."""
+    a, b = _box((1.0, 0.6, 0.6), (-0.2, 0, 0)), _box((1.0, 0.6, 0.6), (0.2, 0, 0))
+    stray = trimesh.Trimesh([[0.9, 0.9, 0.9], [0.92, 0.9, 0.9], [0.9, 0.92, 0.9]], [[0, 1, 2]], process=False)
+    solid = exact_solid(trimesh.util.concatenate([a, b, stray]))
+    assert solid is not None and solid.volume == pytest.approx(1.4 * 0.6 * 0.6, rel=1e-6)
+    sheet = trimesh.Trimesh([[-1, -1, 0.8], [1, -1, 0.8], [1, 1, 0.8], [-1, 1, 0.8]], [[0, 1, 2], [0, 2, 3]])
+    assert exact_solid(trimesh.util.concatenate([a, b, sheet])) is None  # a 4-unit open sheet is not noise

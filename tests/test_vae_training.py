@@ -105,3 +105,16 @@ def test_cli_encode_decode_reconstruct(tmp_path, capsys):
 
         np.savez(bad, x=np.zeros(3))
         main(["decode", str(bad), "--ckpt", ckpt])
+
+
+def test_renders_turn_off_without_open3d(monkeypatch, caplog):
+    """A machine without open3d (e.g. a GPU node) keeps training and scoring; only the pictures are dropped."""
+    import importlib.util
+
+    from d3ds2.training import vae_module
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "open3d" else real(name, *a))
+    with caplog.at_level("WARNING"):
+        module = vae_module.VAEModule(net=torch.nn.Linear(1, 1), optimizer=None, render_meshes=2)
+    assert module.render_meshes == 0 and "open3d is not installed" in caplog.text

@@ -34,21 +34,26 @@ def is_closed_solid(mesh: trimesh.Trimesh) -> bool:
     return bool(mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0)
 
 
-def exact_solid(mesh: trimesh.Trimesh) -> trimesh.Trimesh | None:
+def exact_solid(mesh: trimesh.Trimesh, stray_area: float = 0.01) -> trimesh.Trimesh | None:
     """The surface of the solid that a mesh of closed bodies encloses, or None when it is not made of closed
     bodies (or manifold3d, needed for several bodies, is missing or rejects one). One closed body: the mesh
-    itself. Several: union of the outward bodies minus the union of the inverted ones (their cavities)."""
-    if not is_closed_solid(mesh):
-        return None
-    bodies = mesh.split(only_watertight=False)
-    if len(bodies) <= 1:
+    itself. Several: union of the outward bodies minus the union of the inverted ones (their cavities).
+    Open fragments (stray triangles) are dropped when together they hold under ``stray_area`` of the area."""
+    if is_closed_solid(mesh) and mesh.body_count == 1:
         return mesh
+    bodies = mesh.split(only_watertight=False)
+    closed = [b for b in bodies if b.is_watertight and b.is_winding_consistent]
+    stray = sum(b.area for b in bodies if not (b.is_watertight and b.is_winding_consistent))
+    if not closed or stray > stray_area * mesh.area:
+        return None
+    if len(closed) == 1:
+        return closed[0] if is_closed_solid(closed[0]) else None
     try:
         import manifold3d as m3
     except ImportError:
         return None
     solids: dict[bool, list] = {True: [], False: []}
-    for body in bodies:
+    for body in closed:
         outward = body.volume > 0
         if not outward:
             body = body.copy()
@@ -58,6 +63,8 @@ def exact_solid(mesh: trimesh.Trimesh) -> trimesh.Trimesh | None:
         if part.status() != m3.Error.NoError:
             return None
         solids[outward].append(part)
+    if not solids[True]:
+        return None
     solid = m3.Manifold.batch_boolean(solids[True], m3.OpType.Add)
     if solids[False]:
         solid = m3.Manifold.batch_boolean([solid, *solids[False]], m3.OpType.Subtract)

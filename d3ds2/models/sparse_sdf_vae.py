@@ -282,7 +282,7 @@ class SparseSDFVAE(nn.Module):
         lo = chunk * size
         lat = h.coords[:, 1:].long()
         ctx = ((lat >= lo - halo) & (lat < lo + size + halo)).all(1)
-        part = SparseTensor(h.feats[ctx], h.coords[ctx], h.batch_size, check=False)
+        part = prune(h, ctx)
         out = self.decoder.upsample_features(part, target_coords)
         core = (chunk_ids(torch.div(out.sdf.coords, self.factor, rounding_mode="floor"), size) == chunk).all(1)
         return DecoderOutput(prune(out.sdf, core), prune(out.feats, core), out.occupancy)

@@ -1,6 +1,7 @@
 """LightningModule of the sparse SDF VAE: losses, multires batches, mesh validation with geometry metrics."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 from functools import partial
 from pathlib import Path
@@ -72,6 +73,10 @@ class VAEModule(BaseModule):
 
             load_net_weights(init_from, self.net, prefer_ema=True)
         self.weights = VAELossWeights(w_in, w_ext, w_sharp, w_kl, w_occ, loss_kind)
+        if render_meshes and importlib.util.find_spec("open3d") is None:
+            log.warning("model.render_meshes=%d but open3d is not installed: validation renders are off "
+                        "(pip install open3d, or set model.render_meshes=0 to silence this)", render_meshes)
+            render_meshes = 0
         self.val_meshes, self.render_meshes = val_meshes, render_meshes
         self.fscore_threshold, self.metric_points = fscore_threshold, metric_points
         self._renders: list[np.ndarray] = []
