@@ -249,11 +249,11 @@ class CompressionV2(nn.Module):
         fine = SparseTensor(x, layout.coords, layout.batch_size, check=False)
         h = block_mean(F.silu(self.norm1(fine).feats), layout)
         perm, inverse, coords = layout.coarse()
-        coarse = SparseTensor(h.index_select(0, perm), coords, layout.batch_size, check=False, cache=layout.cache.setdefault(
+        coarse = SparseTensor(h[perm], coords, layout.batch_size, check=False, cache=layout.cache.setdefault(
             "coarse_cache", {}))
         h = self.conv1(coarse)
         h = self.conv2(h.replace(F.silu(self.norm2(h).feats)))
-        return block_mean(x, layout) + h.feats.index_select(0, inverse)
+        return block_mean(x, layout) + h.feats[inverse]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def ssa_window_attention(q, k, v, layout: SSALayout, window: int, shift: int, ba
     """Window branch -> o [N, Hq, D]; runs over the windows' grouping of the tokens without copying q."""
     plan, q_index = layout.window_plan(window, shift, q.shape[1] // k.shape[1])
     if q_index is not None:
-        k, v = k.index_select(0, q_index.long()), v.index_select(0, q_index.long())
+        k, v = k[q_index.long()], v[q_index.long()]
     return span_attention(q, k, v, plan, backend=backend, block_k=SELECTION_BLOCK_K, q_index=q_index)[0]
 
 
@@ -456,5 +456,5 @@ class SpatialSparseAttention(nn.Module):
 
     def forward(self, x):
         layout = self.layout_for(x)
-        out = self.attend(x.feats.index_select(0, layout.perm), layout)
-        return x.replace(out.index_select(0, layout.inverse))
+        out = self.attend(x.feats[layout.perm], layout)
+        return x.replace(out[layout.inverse])

@@ -15,6 +15,5 @@ def window_attention(
     The partition is cached on ``x`` (and so shared by every layer using the same window and shift).
     """
     part = x.window_layout(window, shift)
-    q, k, v = (t.index_select(0, part.perm) for t in (q, k, v))
-    out = varlen_attention(q, k, v, part.offsets, part.offsets, part.max_len, part.max_len)
-    return out.index_select(0, part.inverse)
+    out = varlen_attention(q[part.perm], k[part.perm], v[part.perm], part.offsets, part.offsets, part.max_len, part.max_len)
+    return out[part.inverse]

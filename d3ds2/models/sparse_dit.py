@@ -346,7 +346,7 @@ class SparseDiT(nn.Module):
         tokens = TokenLayout.of(x, ssa)
         feats, pos = x.feats, x.coords[:, 1:]
         if tokens.ssa is not None:
-            feats, pos = feats.index_select(0, tokens.ssa.perm), tokens.ssa.coords[:, 1:]
+            feats, pos = feats[tokens.ssa.perm], tokens.ssa.coords[:, 1:]
         h = fp32(self.input_layer(feats)) + self.pos_embedder(pos * self.pe_factor)
         t_emb = self.t_embedder(t)
         ctx = Context(ctx.feats.to(compute_dtype(h)), ctx.offsets, ctx.max_len)  # cast once, not per block
@@ -356,4 +356,4 @@ class SparseDiT(nn.Module):
             else:
                 h = block(h, tokens, t_emb, ctx)
         out = self.out_layer(F.layer_norm(h, (self.model_channels,), eps=1e-5))
-        return x.replace(out if tokens.ssa is None else out.index_select(0, tokens.ssa.inverse))
+        return x.replace(out if tokens.ssa is None else out[tokens.ssa.inverse])

@@ -60,7 +60,7 @@ def mean_pool(x: SparseTensor, factor: int = 2) -> tuple[SparseTensor, Downsampl
 
 def unpool(coarse: SparseTensor, dmap: DownsampleMap) -> SparseTensor:
     """Restore the fine voxel set of ``dmap``; each fine voxel copies its parent's feats."""
-    return SparseTensor(coarse.feats.index_select(0, dmap.parent_of_fine), dmap.fine_coords, dmap.fine_batch_size, check=False)
+    return SparseTensor(coarse.feats[dmap.parent_of_fine], dmap.fine_coords, dmap.fine_batch_size, check=False)
 
 
 CHILD_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.int32)
@@ -80,9 +80,8 @@ def subdivide(x: SparseTensor) -> SparseTensor:
     child = child.reshape(-1, 4)
     parent = torch.arange(n, device=x.device).repeat_interleave(8)
     order = torch.argsort(pack_keys(child))
-    parent = parent[order]
-    out = SparseTensor(x.feats.index_select(0, parent), child[order], x.batch_size, check=False)
-    out.cache["subdivide_parent"] = parent
+    out = SparseTensor(x.feats[parent[order]], child[order], x.batch_size, check=False)
+    out.cache["subdivide_parent"] = parent[order]
     return out
 
 
@@ -90,5 +89,4 @@ def prune(x: SparseTensor, keep: torch.Tensor) -> SparseTensor:
     """Keep the voxels where the boolean mask ``keep`` [N] is True (order is preserved)."""
     if keep.dtype != torch.bool or keep.shape != (x.num_voxels,):
         raise ValueError(f"prune expects a bool mask of shape [{x.num_voxels}], got {keep.dtype} {tuple(keep.shape)}")
-    rows = keep.nonzero().squeeze(1)
-    return SparseTensor(x.feats.index_select(0, rows), x.coords.index_select(0, rows), x.batch_size, check=False)
+    return SparseTensor(x.feats[keep], x.coords[keep], x.batch_size, check=False)

@@ -79,7 +79,7 @@ class SparseTensor:
         keys = pack_keys(coords)
         sorted_keys, order = torch.sort(keys)
         if not (sorted_keys[1:] == sorted_keys[:-1]).any():  # one sort when there is no duplicate
-            out = cls(feats.index_select(0, order), coords[order], batch_size, check=False)
+            out = cls(feats[order], coords[order], batch_size, check=False)
             out.cache["keys"] = sorted_keys
             return out
         ukeys, inverse = torch.unique(keys, return_inverse=True)
