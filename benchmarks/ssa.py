@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from d3ds2.attention.ssa import (SSAConfig, block_mean, build_ssa_layout, compressed_attention, select_blocks,
                                  selection_attention, selection_plan, spatial_sparse_attention,
                                  ssa_window_attention)
-from kernels.span_attention import (_build_pairs, _tile_unions, _tile_unions_triton, default_block_m, plan_spans,
+from kernels.span_attention import (_build_pairs, _tile_unions, default_block_m, plan_spans,
                                     span_attention)
 from kernels.ssa_topk import score_topk
 
@@ -211,17 +211,11 @@ def bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args,
             print("top-k agreement 8 vs 4 queries/tile:", rows_agree[-1], flush=True)
         idx32, bm = idx.to(torch.int32).contiguous(), default_block_m(HQ // HKV, cfg.topk)
         want = _tile_unions(idx32, bm)  # the plan variants must agree exactly before their times mean anything
-        for variant, build in (("of selection_plan", lambda: selection_plan(idx, lay, HQ // HKV)),
-                               ("min/max sort", lambda: _tile_unions_triton(idx32, bm, minmax_sort=True))):
-            try:
-                got = build()
-            except Exception:  # a variant the compiler rejects: report it, keep the other rows
-                traceback.print_exc()
-                continue
-            got = got if isinstance(got, tuple) else (got.union, got.union_count, got.union_full)
-            rows_agree.append((name, f"tile unions, Triton {variant} == PyTorch",
-                               float(all(torch.equal(a, b) for a, b in zip(got, want)))))
-            print(rows_agree[-1], flush=True)
+        plan = selection_plan(idx, lay, HQ // HKV)
+        got = (plan.union, plan.union_count, plan.union_full)
+        rows_agree.append((name, "tile unions, Triton of selection_plan == PyTorch",
+                           float(all(torch.equal(a, b) for a, b in zip(got, want)))))
+        print(rows_agree[-1], flush=True)
         br = {
             "compression (v1, PE, mean)": (lambda: inp.compress()[0] + inp.compress()[1], inp.leaves),
             "compressed attention": (lambda: compressed_attention(inp.q, kc_d, vc_d, lay)[0],
@@ -233,8 +227,6 @@ def bench_config(n_target, n, batch, name, cfg, coords, flash_f, flash_fb, args,
             "selection plan (Triton tile unions, as the SSA forward builds it; part of selection attention)": (
                 lambda: selection_plan(idx, lay, HQ // HKV).union, None),
             "tile unions, PyTorch (the previous plan)": (lambda: _tile_unions(idx32, bm)[0], None),
-            "tile unions, Triton with the min/max sort network": (
-                lambda: _tile_unions_triton(idx32, bm, minmax_sort=True)[0], None),
             "plan with the duplicate check (public API default; host sync)": (
                 lambda: plan_spans(idx, lay.block_offsets, bm).union, None),
             "pair CSR of the backward (sort + searchsorted)": (

@@ -138,7 +138,10 @@ def _tile_unions_triton(idx: torch.Tensor, block_m: int, minmax_sort: bool = INT
     """:func:`_tile_unions` in one Triton pass (same outputs): several tiles per program, each tile's
     BM*TOPK ids sorted, deduplicated and compacted in registers. ``minmax_sort``: sort with the kernel's
     min/max bitonic network instead of ``tl.sort`` (whose pair exchanges the interpreter runs element by
-    element in Python: the default under TRITON_INTERPRET)."""
+    element in Python): the interpreter's sort only, the default there; it does not compile for a GPU (its
+    loop reassigns a constexpr, which the compiler rejects)."""
+    if minmax_sort and not INTERPRET:
+        raise ValueError("minmax_sort is the CPU interpreter's sort; compiled kernels use tl.sort")
     n, hi, topk = idx.shape
     t = (n + block_m - 1) // block_m
     width = block_m * topk
