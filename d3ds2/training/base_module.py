@@ -39,6 +39,7 @@ class BaseModule(L.LightningModule):
         self.nonfinite_streak = 0
         self.skipped_steps = 0
         self._step_start: float | None = None
+        self._skip_update = False  # the last training step's loss was non-finite on some rank
 
     # -------------------------------------------------------------------------------------------
     def compute_loss(self, batch: Any, stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
@@ -55,8 +56,10 @@ class BaseModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         loss, terms, tokens = self.compute_loss(batch, "train")
         finite = bool(torch.isfinite(loss))
-        if self._trainer is not None:  # DDP: every rank skips together, or none does (no half all-reduce)
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if distributed:  # every rank skips together, or none does
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        self._skip_update = not finite
         if not finite:
             self.nonfinite_streak += 1
             self.skipped_steps += 1
@@ -67,6 +70,8 @@ class BaseModule(L.LightningModule):
                     f"{self.nonfinite_streak} non-finite losses in a row (last at step {self.global_step}); "
                     "lower the learning rate, check the data for NaN/inf, or train in float32 (trainer.precision=32)"
                 )
+            if distributed:  # DDP needs a backward on every rank: zero gradients; optimizer_step skips the update
+                return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return None
         self.nonfinite_streak = 0
         bs = self._batch_size(batch)
@@ -85,6 +90,15 @@ class BaseModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         for name, value in terms.items():
             self.log(f"val/{name}", value, batch_size=bs, sync_dist=True)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """As Lightning's, except under DDP after a non-finite loss: the closure (forward, the zero backward,
+        the all-reduce) runs on every rank, the update does not."""
+        if not (self._trainer is not None and self.trainer.world_size > 1):
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer_closure()
+        if not self._skip_update:
+            optimizer.step(closure=lambda: None)  # clipping, hooks and the update on the gradients just made
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
