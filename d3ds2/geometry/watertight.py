@@ -41,9 +41,12 @@ def exact_solid(mesh: trimesh.Trimesh, stray_area: float = 0.01) -> trimesh.Trim
     Open fragments (stray triangles) are dropped when together they hold under ``stray_area`` of the area."""
     if is_closed_solid(mesh) and mesh.body_count == 1:
         return mesh
-    bodies = mesh.split(only_watertight=False)
-    closed = [b for b in bodies if b.is_watertight and b.is_winding_consistent]
-    stray = sum(b.area for b in bodies if not (b.is_watertight and b.is_winding_consistent))
+    closed, stray = [], 0.0
+    for body in mesh.split(only_watertight=False):
+        if body.is_watertight and body.is_winding_consistent:
+            closed.append(body)
+        else:
+            stray += body.area
     if not closed or stray > stray_area * mesh.area:
         return None
     if len(closed) == 1:
