@@ -12,7 +12,10 @@ x3 for forward + backward, recomputation not counted) / step time / 989 TFLOP/s 
 Before the rows: the bf16 GPU model vs float64 CPU check, the modulation kernels vs their reference on a
 full-size problem, and a micro-benchmark of the attention kernels at 10,655 tokens x 3 (varlen flash vs
 dense SDPA backends). After the rows: a torch.profiler breakdown of one full-attention step at 10,655.
-Usage: python benchmarks/dit_step.py --out results.json [--profile-out prof.json] [--compile-row]
+Modes: 'full' (FlashAttention varlen), 'ssa'; '-span' appended ('full-span', 'ssa-span') runs the varlen
+attentions (cross, and self in 'full') through the project's Triton span kernel instead.
+Usage: python benchmarks/dit_step.py --out results.json [--tokens 10655] [--modes full,full-span]
+       [--profile-out prof.json] [--compile-row]
 """
 from __future__ import annotations
 
@@ -188,9 +191,22 @@ def check_modulation(device) -> str:
     return "modulation kernels vs float64 (out, dx, dmods, dh): " + ", ".join(f"{e:.1e}" for e in errs)
 
 
+SPAN_TILES = ((8, 64, 8, 64), (4, 128, 8, 64), (8, 128, 8, 128), (4, 64, 4, 128))  # (BM, BK, BQ, BKV), G = 16
+
+
+def span_variant(cu: torch.Tensor, block_m: int, block_k: int, block_q: int, block_kv: int):
+    """The span kernel over segments ``cu`` with explicit tiles (plan built once, as a layer stack would)."""
+    from kernels.span_attention import plan_spans, span_attention
+
+    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff()).int()
+    plan = plan_spans(seg.view(-1, 1, 1), cu, block_m, query_offsets=cu, check_unique=False)
+    return lambda qq, kk, vv: span_attention(qq, kk, vv, plan, block_k=block_k, block_q=block_q, block_kv=block_kv)[0]
+
+
 def attention_microbench(device, n: int = 10655, b: int = 3) -> list[dict]:
     """Self-attention of the SS-DiT (32 q heads, 2 KV heads, head dim 32, bf16) on b samples of n tokens:
-    varlen flash (the model's path) vs dense SDPA backends on [b, 32, n, 32] (KV heads expanded)."""
+    varlen flash (the model's path), the span kernel (default and other tiles) and dense SDPA backends on
+    [b, 32, n, 32] (KV heads expanded)."""
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -206,13 +222,21 @@ def attention_microbench(device, n: int = 10655, b: int = 3) -> list[dict]:
     def dense(t):
         return t.view(b, n, t.shape[1], 32).transpose(1, 2).repeat_interleave(32 // t.shape[1], dim=1)
 
-    ref = varlen_attention(q, k, v, cu, cu, n, n).float()
+    qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = varlen_attention(*qkv, cu, cu, n, n)
+    ref_grads = [g.float() for g in torch.autograd.grad(ref, qkv, do)]
+    ref = ref.detach().float()
     variants = {"varlen flash (model)": (lambda qq, kk, vv: varlen_attention(qq, kk, vv, cu, cu, n, n), None, False)}
     for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("sdpa efficient", SDPBackend.EFFICIENT_ATTENTION)):
         variants[f"{name} (dense, kv expanded)"] = (
             lambda qq, kk, vv: F.scaled_dot_product_attention(dense(qq), dense(kk), dense(vv)).transpose(1, 2).reshape(b * n, 32, 32),
             backend, False)
+    variants["span kernel (ours, varlen_attention kernel='span')"] = (
+        lambda qq, kk, vv: varlen_attention(qq, kk, vv, cu, cu, n, n, kernel="span"), None, False)
+    for bm, bk, bq, bkv in SPAN_TILES:
+        variants[f"span kernel, {bm * 16}-row tiles, {bk} keys; dK/dV {bq * 16} rows x {bkv} keys"] = (
+            span_variant(cu, bm, bk, bq, bkv), None, False)
     variants["cudnn varlen forward (aten op, kv expanded)"] = (
         lambda qq, kk, vv: torch.ops.aten._cudnn_attention_forward(
             qq, kk.repeat_interleave(16, 1), vv.repeat_interleave(16, 1), None, cu, cu, n, n, False)[0], None, True)
@@ -223,6 +247,10 @@ def attention_microbench(device, n: int = 10655, b: int = 3) -> list[dict]:
                 qq, kk, vv = (t.detach().requires_grad_(not fwd_only) for t in (q, k, v))
                 out = fn(qq, kk, vv)
                 row["rel_err_vs_varlen"] = ((out.float() - ref).norm() / ref.norm()).item()
+                if not fwd_only:
+                    grads = torch.autograd.grad(out, (qq, kk, vv), do)
+                    row["grad_rel_err_vs_varlen"] = max(((g.float() - r).norm() / r.norm()).item()
+                                                        for g, r in zip(grads, ref_grads))
                 fwd = triton.testing.do_bench(lambda: fn(qq, kk, vv), warmup=50, rep=200, return_mode="median")
                 row.update(fwd_ms=fwd, fwd_tflops=fwd_flops / fwd / 1e9)
                 if not fwd_only:
@@ -293,10 +321,13 @@ def profile_step(model, n: int, device, path: str | None) -> dict:
 
 
 def build(mode: str, device):
-    """The v1.1 model (random init on the GPU) and its fused AdamW."""
+    """The v1.1 model (random init on the GPU) and its fused AdamW. mode: 'ssa' | 'full', with '-span' appended:
+    the varlen attentions (cross, and self in 'full') through the span kernel instead of FlashAttention."""
     torch.manual_seed(0)
+    attention, _, kernel = mode.partition("-")
     with torch.device(device):
-        model = SparseDiT(attention=mode, ssa=SSA_V11 if mode == "ssa" else None)
+        model = SparseDiT(attention=attention, ssa=SSA_V11 if attention == "ssa" else None,
+                          attention_kernel=kernel or "auto")
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
 
@@ -337,7 +368,7 @@ def main() -> None:
         print(report["checks"][-1], flush=True)
     report["attention"] = attention_microbench(device)
     save()
-    modes = [m for m in args.modes.split(",") if m != "ssa" or has_ssa()]
+    modes = [m for m in args.modes.split(",") if not m.startswith("ssa") or has_ssa()]
     for mode in modes:  # full first: the rows of the MFU target come before the rest
         model, opt = build(mode, device)
         for n in map(int, args.tokens.split(",")):

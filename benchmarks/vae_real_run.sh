@@ -2,7 +2,8 @@
 # The real VAE training run of docs/benchmarks.md ("Sparse SDF VAE"), in stages so that it can span several
 # device calls (one call may run 10 minutes; training runs in its own process session meanwhile).
 #   bash benchmarks/vae_real_run.sh prep  WORK MESHES   # procedural corpus + MESHES/{train,val} -> shards at 256
-#   bash benchmarks/vae_real_run.sh train WORK [MIN]    # starts vae_multires at 256 in the background (MIN minutes)
+#   bash benchmarks/vae_real_run.sh train WORK [MIN]    # starts vae_multires at 256 in the background (MIN minutes;
+#                                                       # validation + checkpoint every VAL_EVERY steps, default 400)
 #   bash benchmarks/vae_real_run.sh watch WORK SECONDS  # prints the training log until it ends or SECONDS pass
 #   bash benchmarks/vae_real_run.sh eval  WORK          # held-out reconstructions + metrics -> WORK/eval.jsonl
 # MESHES comes from `python benchmarks/vae_corpus_split.py` (real meshes shipped in pyvista, pymeshfix and
@@ -31,8 +32,8 @@ train)
     "data.train_shards=$W/data/train/shards/*.tar" "data.val_shards=$W/data/val/shards/*.tar" \
     "data.resolutions=[256]" data.max_samples=2 data.batch_voxels=8000000 data.num_workers=14 \
     model.optimizer.lr=3e-4 callbacks.ema.decay=0.995 model.render_meshes=0 model.val_meshes=4 \
-    trainer.val_check_interval=400 trainer.limit_val_batches=4 trainer.log_every_n_steps=25 \
-    callbacks.model_checkpoint.every_n_train_steps=400 callbacks.progress_bar.refresh_rate=0 \
+    trainer.val_check_interval=${VAL_EVERY:-400} trainer.limit_val_batches=4 trainer.log_every_n_steps=25 \
+    callbacks.model_checkpoint.every_n_train_steps=${VAL_EVERY:-400} callbacks.progress_bar.refresh_rate=0 \
     "+trainer.max_time=00:00:$(printf %02d "$minutes"):00" > $W/train.log 2>&1 < /dev/null &
   echo "training started (pid $!), log $W/train.log"
   ;;

@@ -113,6 +113,25 @@ def test_batch_of_two_shapes_equals_each_alone(attention):
         assert not torch.allclose(alone.feats, torch.zeros_like(alone.feats))
 
 
+def test_span_attention_kernel_matches_torch_kernel():
+    """attention_kernel='span' (Triton, interpreted on the CPU) gives the model of the padded-SDPA path: two shapes
+    of different sizes, full self-attention and cross-attention, outputs and parameter gradients (float32)."""
+    gen = torch.manual_seed(4)
+    shapes = [random_shape(n, 8, gen) for n in (41, 9)]
+    feats = [torch.randn(len(c), 4, generator=gen) for c in shapes]
+    t, cond = torch.tensor([300.0, 700.0]), torch.randn(2, 6, 24, generator=gen)
+    outs, grads = {}, {}
+    for kernel in ("span", "torch"):
+        model = tiny_sparse_dit(model_channels=64, attention_kernel=kernel).float()  # span kernels: head_dim >= 16
+        randomize(model, torch.Generator().manual_seed(5))
+        outs[kernel] = model(SparseTensor.from_samples(feats, shapes), t, cond).feats
+        outs[kernel].square().sum().backward()
+        grads[kernel] = [p.grad for p in model.parameters()]
+    torch.testing.assert_close(outs["span"], outs["torch"], atol=1e-4, rtol=1e-4)
+    for a, b in zip(grads["span"], grads["torch"]):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
 def test_sparse_conditions_and_checkpointing_match():
     gen = torch.manual_seed(2)
     model = tiny_sparse_dit(sparse_conditions=True, cond_channels=32)

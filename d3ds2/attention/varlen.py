@@ -1,7 +1,10 @@
 """Variable-length multi-head attention over packed sequences (cu_seqlens), with grouped KV heads.
 
-On CUDA with fp16/bf16 inputs it uses torch's FlashAttention varlen kernel (``torch.nn.attention.varlen``);
-elsewhere (CPU, float32/64, tests) a padded ``scaled_dot_product_attention`` that computes the same thing.
+Kernels (``kernel=``): 'flash' = torch's FlashAttention-2 varlen kernel (``torch.nn.attention.varlen``; CUDA,
+fp16/bf16); 'span' = the project's Triton span kernel with spans = segments (:mod:`kernels.span_attention`: the
+q heads sharing a KV head go through one tile, so K/V are read once per group); 'torch' = a padded
+``scaled_dot_product_attention`` (any device and dtype: CPU, float32/64, tests). 'auto' = flash where it
+applies, else torch.
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from kernels.span_attention import default_block_m, plan_spans, span_attention, triton_usable
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _flash_varlen
@@ -22,6 +27,10 @@ except ImportError:  # torch < 2.10
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _span_usable(q: torch.Tensor) -> bool:
+    return triton_usable(q) and q.shape[-1] >= 16 and q.shape[-1] & (q.shape[-1] - 1) == 0
 
 
 def _segments(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +58,16 @@ def _padded_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return out.transpose(1, 2)[seg_q, pos_q]
 
 
+def _span_attention(q, k, v, cu_q, cu_k, scale):
+    seg, _ = _segments(cu_q, q.shape[0])  # each query selects the one span of its segment
+    plan = plan_spans(seg.to(torch.int32).view(-1, 1, 1), cu_k, default_block_m(q.shape[1] // k.shape[1], 1),
+                      query_offsets=cu_q, check_unique=False)
+    return span_attention(q, k, v, plan, scale, backend="triton")[0]
+
+
+VARLEN_KERNELS = ("auto", "flash", "span", "torch")
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,12 +77,17 @@ def varlen_attention(
     max_seqlen_q: int,
     max_seqlen_k: int,
     scale: float | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Attention of packed queries to the keys of the same segment (no mask across segments).
 
     q: [Nq, Hq, D]; k, v: [Nk, Hkv, D] with Hq a multiple of Hkv (GQA); cu_seqlens_*: [S + 1] int
-    segment starts. Every segment with queries must have at least one key. Returns [Nq, Hq, D].
+    segment starts. Every segment with queries must have at least one key. ``kernel``: one of
+    VARLEN_KERNELS (module docstring); 'flash' and 'span' fall back to 'torch' where they cannot run
+    (CPU tensors, float32/64). Returns [Nq, Hq, D].
     """
+    if kernel not in VARLEN_KERNELS:
+        raise ValueError(f"varlen_attention: kernel must be one of {VARLEN_KERNELS}, got {kernel!r}")
     hq, hkv = q.shape[1], k.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
@@ -72,7 +96,9 @@ def varlen_attention(
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if q.shape[0] == 0:
         return q.new_zeros(q.shape[0], hq, v.shape[-1])
-    if _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if kernel == "span" and _span_usable(q):
+        return _span_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+    if kernel in ("auto", "flash") and _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         kw = {"enable_gqa": True} if _FLASH_GQA else {}
         if not _FLASH_GQA:
             k, v = _repeat_kv(k, hq // hkv), _repeat_kv(v, hq // hkv)

@@ -103,7 +103,8 @@ class GQASelfAttention(nn.Module):
     input projections run as one GEMM (their weights concatenated).
     """
 
-    def __init__(self, channels: int, num_heads: int, num_kv_heads: int, window: int | None = None, shift: int = 0):
+    def __init__(self, channels: int, num_heads: int, num_kv_heads: int, window: int | None = None, shift: int = 0,
+                 kernel: str = "auto"):
         super().__init__()
         if channels % num_heads or num_heads % num_kv_heads:
             raise ValueError(
@@ -111,7 +112,7 @@ class GQASelfAttention(nn.Module):
                 f"and num_heads by num_kv_heads ({num_kv_heads})"
             )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, channels // num_heads
-        self.window, self.shift = window, shift
+        self.window, self.shift, self.kernel = window, shift, kernel
         kv = num_kv_heads * self.head_dim
         self.proj_q = nn.Linear(channels, channels, bias=False)
         self.proj_k = nn.Linear(channels, kv, bias=False)
@@ -125,18 +126,21 @@ class GQASelfAttention(nn.Module):
         q, k, v = F.linear(h, weight).split([self.num_heads * d, kv, kv], dim=1)
         q, k, v = q.view(n, self.num_heads, d), k.view(n, self.num_kv_heads, d), v.view(n, self.num_kv_heads, d)
         if self.window is None:  # full attention per sample
-            o = varlen_attention(q, k, v, tokens.offsets, tokens.offsets, tokens.max_len, tokens.max_len)
+            o = varlen_attention(q, k, v, tokens.offsets, tokens.offsets, tokens.max_len, tokens.max_len,
+                                 kernel=self.kernel)
         else:
             o = window_attention(q, k, v, tokens.x, self.window, self.shift)
         return self.proj_o(o.reshape(n, -1))
 
 
 def build_self_attention(
-    mode: str, channels: int, num_heads: int, num_kv_heads: int, window: int, shift: int, ssa: dict | None
+    mode: str, channels: int, num_heads: int, num_kv_heads: int, window: int, shift: int, ssa: dict | None,
+    kernel: str = "auto",
 ) -> nn.Module:
-    """The self-attention of one block: 'full' | 'window' | 'ssa' (``ssa``: SSA hyper-parameters)."""
+    """The self-attention of one block: 'full' | 'window' | 'ssa' (``ssa``: SSA hyper-parameters; ``kernel``:
+    the varlen kernel of full attention, see :func:`varlen_attention`)."""
     if mode == "full":
-        return GQASelfAttention(channels, num_heads, num_kv_heads)
+        return GQASelfAttention(channels, num_heads, num_kv_heads, kernel=kernel)
     if mode == "window":
         return GQASelfAttention(channels, num_heads, num_kv_heads, window, shift)
     if mode == "ssa":
@@ -152,9 +156,9 @@ def build_self_attention(
 class CrossAttention(nn.Module):
     """Packed queries [N, C] attend to a packed :class:`Context` (to_q, to_kv, to_out with bias)."""
 
-    def __init__(self, channels: int, context_channels: int, num_heads: int):
+    def __init__(self, channels: int, context_channels: int, num_heads: int, kernel: str = "auto"):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, channels // num_heads
+        self.num_heads, self.head_dim, self.kernel = num_heads, channels // num_heads, kernel
         self.to_q = nn.Linear(channels, channels)
         self.to_kv = nn.Linear(context_channels, 2 * channels)
         self.to_out = nn.Linear(channels, channels)
@@ -164,7 +168,7 @@ class CrossAttention(nn.Module):
         n, hd = h.shape[0], (self.num_heads, self.head_dim)
         q = self.to_q(h).view(n, *hd)
         k, v = self.to_kv(ctx.feats).view(-1, 2, *hd).unbind(1)
-        o = varlen_attention(q, k, v, q_offsets, ctx.offsets, max_q, ctx.max_len)
+        o = varlen_attention(q, k, v, q_offsets, ctx.offsets, max_q, ctx.max_len, kernel=self.kernel)
         return self.to_out(o.reshape(n, -1))
 
 
@@ -235,13 +239,14 @@ class ModulatedSparseBlock(nn.Module):
     stream stays float32; the normalised inputs of the matmuls come out in the compute dtype.
     """
 
-    def __init__(self, channels: int, context_channels: int, num_heads: int, self_attn: nn.Module, mlp_ratio: float = 4.0):
+    def __init__(self, channels: int, context_channels: int, num_heads: int, self_attn: nn.Module, mlp_ratio: float = 4.0,
+                 kernel: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
         self.norm2 = nn.LayerNorm(channels, elementwise_affine=True, eps=1e-6)
         self.norm3 = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
         self.self_attn = self_attn
-        self.cross_attn = CrossAttention(channels, context_channels, num_heads)
+        self.cross_attn = CrossAttention(channels, context_channels, num_heads, kernel)
         self.mlp = FeedForward(channels, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
 
@@ -275,6 +280,8 @@ class SparseDiT(nn.Module):
         pe_factor: the absolute PE sees latent coords x pe_factor (1.0 at 512, 0.5 at 1024).
         sparse_conditions: condition is a SparseTensor of foreground tokens (v1.0): cond_proj + APE.
         use_checkpoint: gradient checkpointing of every block.
+        attention_kernel: the varlen kernel of cross-attention and of 'full' self-attention: 'auto' (FlashAttention
+            on the GPU) | 'flash' | 'span' (the Triton span kernel) | 'torch' (see :func:`varlen_attention`).
     forward(x: SparseTensor [N, in], t: [B] on the 0..1000 scale, cond: [B, L, cond_channels] or
     SparseCondition) -> SparseTensor [N, in] (velocity eps - x0).
     """
@@ -295,6 +302,7 @@ class SparseDiT(nn.Module):
         pe_factor: float = 1.0,
         sparse_conditions: bool = False,
         use_checkpoint: bool = False,
+        attention_kernel: str = "auto",
     ) -> None:
         super().__init__()
         if sparse_conditions and cond_channels != model_channels:
@@ -313,8 +321,10 @@ class SparseDiT(nn.Module):
                 model_channels,
                 cond_channels if not sparse_conditions else model_channels,
                 num_heads,
-                build_self_attention(attention, model_channels, num_heads, num_kv_heads, window_size, shift * (i % 2), ssa),
+                build_self_attention(attention, model_channels, num_heads, num_kv_heads, window_size, shift * (i % 2), ssa,
+                                     attention_kernel),
                 mlp_ratio,
+                attention_kernel,
             )
             for i in range(num_blocks)
         )
