@@ -83,8 +83,8 @@ def varlen_attention(
 
     q: [Nq, Hq, D]; k, v: [Nk, Hkv, D] with Hq a multiple of Hkv (GQA); cu_seqlens_*: [S + 1] int
     segment starts. Every segment with queries must have at least one key. ``kernel``: one of
-    VARLEN_KERNELS (module docstring); 'flash' and 'span' fall back to 'torch' where they cannot run
-    (CPU tensors, float32/64). Returns [Nq, Hq, D].
+    VARLEN_KERNELS (module docstring); where it cannot run, 'span' falls back to 'flash' (head dims that
+    are not a power of two >= 16) and 'flash' to 'torch' (CPU tensors, float32/64). Returns [Nq, Hq, D].
     """
     if kernel not in VARLEN_KERNELS:
         raise ValueError(f"varlen_attention: kernel must be one of {VARLEN_KERNELS}, got {kernel!r}")
@@ -98,7 +98,7 @@ def varlen_attention(
         return q.new_zeros(q.shape[0], hq, v.shape[-1])
     if kernel == "span" and _span_usable(q):
         return _span_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
-    if kernel in ("auto", "flash") and _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if kernel != "torch" and _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         kw = {"enable_gqa": True} if _FLASH_GQA else {}
         if not _FLASH_GQA:
             k, v = _repeat_kv(k, hq // hkv), _repeat_kv(v, hq // hkv)

@@ -88,8 +88,8 @@ class BaseModule(L.LightningModule):
         loss, terms, _ = self.compute_loss(batch, "val")
         bs = self._batch_size(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
-        for name, value in terms.items():
-            self.log(f"val/{name}", value, batch_size=bs, sync_dist=True)
+        for name, value in terms.items():  # NCCL reduces CUDA tensors only: a term made on the CPU moves first
+            self.log(f"val/{name}", value.to(self.device), batch_size=bs, sync_dist=True)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """As Lightning's, except under DDP after a non-finite loss: the closure (forward, the zero backward,
