@@ -22,6 +22,7 @@ from d3ds2.attention.ssa import (SSAConfig, block_mean, build_ssa_layout, compre
                                  ssa_window_attention)
 from kernels.span_attention import (_build_pairs, _tile_unions, default_block_m, plan_spans,
                                     span_attention)
+from kernels import ssa_topk
 from kernels.ssa_topk import score_topk
 
 HQ, HKV, D = 32, 2, 32
@@ -340,14 +341,25 @@ def tune(args, report):
         for bq in (4, 8):
             cases.append(("window", lay.block_of_token.view(-1, 1, 1), lay.block_offsets, lay.block_offsets, 4,
                           bk, bq, inp.k, inp.v))
-    for bm in (4, 8):
-        fn = lambda: score_topk(inp.q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.block_of_cmp, 8,
-                                block_m=bm)
-        report.append(f"| score + top-k | {bm} ({bm * g} rows) | - | - | {bench(fn):.3f} | - |")
+    def scored(bm, warps):
+        return score_topk(inp.q, kc, lse, lay.sample_of_token, lay.sample_block_offsets, lay.block_of_cmp, 8,
+                          block_m=bm, num_warps=warps)[0].sort(-1).values
+
+    ref = scored(None, None)  # the default tile; the others must pick the same blocks (up to near-ties)
+    for bm, warps in ((4, 4), (8, 4), (8, 8), (16, 4), (16, 8)):
+        try:
+            same = (scored(bm, warps) == ref).all(-1).float().mean().item()
+            t = bench(lambda: scored(bm, warps))
+        except Exception as e:  # a shape the compiler rejects (registers, shared memory)
+            print("score", bm, warps, "failed:", str(e)[:200], flush=True)
+            continue
+        report.append(f"| score + top-k, {warps} warps (agreement with the default {same:.4f}) | {bm} ({bm * g} rows) "
+                      f"| - | - | {t:.3f} | - |")
         print(report[-1], flush=True)
-    for bq in (4, 8):
-        cases.append(("compressed", lay.sample_of_token.view(-1, 1, 1), lay.sample_cmp_offsets,
-                      lay.sample_token_offsets, 4, 64, bq, kc, vc))
+    for bk in (64, 128):
+        for bq in (4, 8):
+            cases.append(("compressed", lay.sample_of_token.view(-1, 1, 1), lay.sample_cmp_offsets,
+                          lay.sample_token_offsets, 4, bk, bq, kc, vc))
     for name, ix, soff, qoff, bm, bk, bq, k, v in cases:
         plan = plan_spans(ix, soff, bm, query_offsets=qoff)
         fn = lambda: span_attention(inp.q, k, v, plan, block_k=bk, block_q=bq)[0]
@@ -370,7 +382,11 @@ def main():
     p.add_argument("--quick", action="store_true", help="batch 4: only the v1.1 configs")
     p.add_argument("--tune", action="store_true", help="only time kernel tile shapes at the largest size")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU run (TRITON_INTERPRET=1) to check the script")
+    p.add_argument("--score-tile", default=None, metavar="ROWSxWARPS",
+                   help="default tile of the scoring kernel for this run (kernels.ssa_topk.SCORE_ROWS / SCORE_WARPS)")
     args = p.parse_args()
+    if args.score_tile:
+        ssa_topk.SCORE_ROWS, ssa_topk.SCORE_WARPS = map(int, args.score_tile.split("x"))
     global DEV
     if args.dry_run:
         DEV = "cpu"
@@ -381,7 +397,8 @@ def main():
 
     name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)"
     report = [f"Device: {name}, torch {torch.__version__}, triton {triton.__version__}; "
-              f"{HQ} q heads, {HKV} KV heads, head dim {D}, bf16; do_bench medians.\n"]
+              f"{HQ} q heads, {HKV} KV heads, head dim {D}, bf16; do_bench medians; scoring tile "
+              f"{ssa_topk.SCORE_ROWS} rows x {ssa_topk.SCORE_WARPS} warps.\n"]
     t0 = time.time()
     if args.tune:
         tune(args, report)

@@ -273,19 +273,24 @@ if triton is not None:
         tl.store(OUT_VAL + out, tl.where(run_idx >= 0, run_val, -1.0), mask=omask)
 
 
+SCORE_ROWS = 128  # rows (queries x q heads) per score_topk program by default
+SCORE_WARPS = 4  # warps per score_topk program by default
+
+
 def _block_s(rs: int) -> int:
     return max(16, 64 // rs)
 
 
 def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, block_of_cmp, topk: int,
                scale: float | None = None, *, chunks: ScoreChunks | None = None, backend: str = "auto",
-               block_m: int | None = None):
+               block_m: int | None = None, num_warps: int | None = None):
     """Top-k selection blocks per (query, KV head): (idx int32 [Nq, Hkv, topk] (-1 pads), scores fp32).
 
     See the module docstring for the definition. block_of_cmp [Nc] selection block of each compressed
     token (non-decreasing). ``chunks`` (:func:`score_chunks`) is required when a selection block holds
     several compressed tokens (m_cmp < m_slc); None means one token per block (block id == token id).
-    ``block_m``: queries per program (default 128 rows of queries x heads).
+    ``block_m``: queries per program (default SCORE_ROWS rows of queries x heads); ``num_warps``: warps per
+    program (default SCORE_WARPS).
     Indices are global selection-block ids (into sample_block_offsets' numbering), unsorted.
     """
     nq, hq, d = q.shape
@@ -297,7 +302,7 @@ def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, block_of_cm
         return topk_reference(block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets,
                                                      block_of_cmp, scale), topk)
     g = hq // hkv
-    bm = block_m or max(1, 128 // g)
+    bm = block_m or max(1, SCORE_ROWS // g)
     out_idx = torch.empty((nq, hkv, topk), device=q.device, dtype=torch.int32)
     out_val = torch.empty((nq, hkv, topk), device=q.device, dtype=torch.float32)
     lse2 = (lse.float() * LOG2E).contiguous()
@@ -311,7 +316,7 @@ def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, block_of_cm
         q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query), i32(sample_block_offsets),
         *(i32(t) for t in ch), i32(block_of_cmp), out_idx, out_val, nq, scale * LOG2E, HQ=hq, HKV=hkv, G=g,
         D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk), CHUNKED=chunks is not None, BM=bm, BC=width,
-        PDT=tl.float32 if INTERPRET else tl.float16, num_warps=4, num_stages=2)
+        PDT=tl.float32 if INTERPRET else tl.float16, num_warps=num_warps or SCORE_WARPS, num_stages=2)
     return out_idx, out_val
 
 
