@@ -53,11 +53,15 @@ class BaseModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
+    @property
+    def _distributed(self) -> bool:
+        """Attached to a trainer with more than one process (DDP)."""
+        return self._trainer is not None and self.trainer.world_size > 1
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         loss, terms, tokens = self.compute_loss(batch, "train")
         finite = bool(torch.isfinite(loss))
-        distributed = self._trainer is not None and self.trainer.world_size > 1
-        if distributed:  # every rank skips together, or none does
+        if self._distributed:  # every rank skips together, or none does
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         self._skip_update = not finite
         if not finite:
@@ -70,7 +74,7 @@ class BaseModule(L.LightningModule):
                     f"{self.nonfinite_streak} non-finite losses in a row (last at step {self.global_step}); "
                     "lower the learning rate, check the data for NaN/inf, or train in float32 (trainer.precision=32)"
                 )
-            if distributed:  # DDP needs a backward on every rank: zero gradients; optimizer_step skips the update
+            if self._distributed:  # DDP needs a backward on every rank: zero gradients; optimizer_step skips the update
                 return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return None
         self.nonfinite_streak = 0
@@ -94,7 +98,7 @@ class BaseModule(L.LightningModule):
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """As Lightning's, except under DDP after a non-finite loss: the closure (forward, the zero backward,
         the all-reduce) runs on every rank, the update does not."""
-        if not (self._trainer is not None and self.trainer.world_size > 1):
+        if not self._distributed:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         optimizer_closure()
         if not self._skip_update:
