@@ -17,10 +17,12 @@ Kernel design (Triton, fp16/bf16/fp32, head dim 16..128):
   did not select a span and keys past its end are masked, and chunks where every row selected the span
   and every key is inside it skip the masking. Online softmax in base 2, the scale folded into the
   exponent's FMA.
-- dK/dV: one program per work item = (BK-key chunk of a span, KV head, up to 1024 of the queries that
-  selected the span); the queries come from a CSR list built by one argsort of ``idx`` (the identity for
-  spans = samples/windows) and are gathered BQ at a time; dK/dV accumulate in fp32 registers and are
-  added with fp32 atomics (a span chosen by many queries is split over many items: balanced grid).
+- dK/dV: work items = (BK-key chunk of a span, KV head, up to 1024 of the queries that selected the span);
+  the queries come from a CSR list built by one argsort of ``idx`` (the identity for spans = samples/
+  windows) and are gathered BQ at a time; dK/dV accumulate in fp32 registers and are added with fp32
+  atomics (a span chosen by many queries is split over many items: balanced). The item count stays on the
+  device: a fixed grid of persistent programs takes items from an atomic counter (no host sync in the
+  backward).
   delta = rowsum(o * dO) is computed by the dQ kernel, which runs first.
 - ``q_index``: plan row i may be q row q_index[i] (a permutation), so a plan built over regrouped queries
   (shifted windows) reads q and writes o, lse, dQ in place without copies.
@@ -31,7 +33,7 @@ Kernel design (Triton, fp16/bf16/fp32, head dim 16..128):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,7 +63,8 @@ class SpanPlan:
     idx [Nq, Hi, TOPK] int32; span_offsets [S+1] int32; block_m queries per forward tile;
     union [Hi, T, BM*TOPK] int32 sorted unique spans of each tile (padding -1), union_count [Hi, T],
     union_full [Hi, T, BM*TOPK] int8: 1 where every query of the tile selected that span;
-    pair_offsets [Hi*S+1] int32 / pair_query [P] int32: the queries that selected each (head, span).
+    pair_offsets [Hi*S+1] int32 / pair_query [P] int32: the queries that selected each (head, span);
+    work: the dK/dV kernel's chunk slots and item counts per tile shape (see ``_work_plan``).
     """
 
     idx: torch.Tensor
@@ -73,6 +76,7 @@ class SpanPlan:
     pair_offsets: torch.Tensor | None = None
     pair_query: torch.Tensor | None = None
     query_offsets: torch.Tensor | None = None
+    work: dict = field(default_factory=dict)
 
     @property
     def n_spans(self) -> int:
@@ -388,49 +392,68 @@ if triton is not None:
         tl.store(DQ + rows, dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
-    def _span_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QIDX, CH_SPAN, CH_START, SOFF, PQ,
-                              IT_CHUNK, IT_HEAD, IT_LO, IT_HI, sm_scale, sm_scale_log2,
-                              HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                              D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_QIDX: tl.constexpr):
-        """dK/dV of one key chunk from up to a work item's worth of selecting queries (fp32 atomics)."""
-        item = tl.program_id(0)
-        c = tl.load(IT_CHUNK + item)
-        kvh = tl.load(IT_HEAD + item)
-        j_lo = tl.load(IT_LO + item)
-        j_hi = tl.load(IT_HI + item)
-        span = tl.load(CH_SPAN + c)
-        k0 = tl.load(CH_START + c)
-        k_hi = tl.load(SOFF + span + 1)
-        kn = k0 + tl.arange(0, BK)
-        kmask = kn < k_hi
-        part_keys = k0 + BK > k_hi
+    def _span_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QIDX, CH_SPAN, CH_START, SOFF, POFF, PQ, CUM_ITEMS,
+                              NEXT_ITEM, n_slots, n_chunk_slots, n_spans, sm_scale, sm_scale_log2,
+                              HQ: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, G: tl.constexpr,
+                              D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, PER_ITEM: tl.constexpr,
+                              SEARCH_STEPS: tl.constexpr, HAS_QIDX: tl.constexpr):
+        """dK/dV of key chunks from the queries that selected them (fp32 atomics). Persistent: each program
+        takes the next work item from the counter NEXT_ITEM until none is left, so the item count stays on
+        the device (no host sync) and the load balances itself. A slot = (KV head, chunk slot); CUM_ITEMS
+        [n_slots] is the inclusive running count of items per slot, and an item = (slot, up to PER_ITEM
+        consecutive selecting queries) is found by a binary search of it."""
+        n_items = tl.load(CUM_ITEMS + n_slots - 1)
         d = tl.arange(0, D)
-        kv_off = (kn[:, None] * HKV + kvh) * D + d[None, :]
-        k = tl.load(K + kv_off, mask=kmask[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=kmask[:, None], other=0.0)
         R: tl.constexpr = BQ * G
         r = tl.arange(0, R)
-        hq = kvh * G + r % G
-        dk = tl.zeros([BK, D], tl.float32)
-        dv = tl.zeros([BK, D], tl.float32)
-        for j0 in range(j_lo, j_hi, BQ):
-            jj = j0 + r // G
-            jm = jj < j_hi
-            qrow = _query_rows(QIDX, tl.load(PQ + jj, mask=jm, other=0), jm, HAS_QIDX)
-            rows = (qrow[:, None] * HQ + hq[:, None]) * D + d[None, :]
-            q = tl.load(Q + rows, mask=jm[:, None], other=0.0)
-            do = tl.load(DO + rows, mask=jm[:, None], other=0.0)
-            lse2 = tl.load(LSE + qrow * HQ + hq, mask=jm, other=0.0)
-            delta = tl.load(DELTA + qrow * HQ + hq, mask=jm, other=0.0)
-            pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * sm_scale_log2 - lse2[None, :])
-            if (j0 + BQ > j_hi) | part_keys:
-                pt = tl.where(kmask[:, None] & jm[None, :], pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q)
-        tl.atomic_add(DK + kv_off, dk * sm_scale, mask=kmask[:, None])
-        tl.atomic_add(DV + kv_off, dv, mask=kmask[:, None])
+        item = tl.atomic_add(NEXT_ITEM, 1)
+        while item < n_items:
+            lo = 0
+            hi = n_slots
+            for _ in tl.static_range(SEARCH_STEPS):  # first slot whose running count exceeds item
+                active = lo < hi
+                mid = (lo + hi) // 2
+                right = active & (tl.load(CUM_ITEMS + mid, mask=active, other=0) <= item)
+                hi = tl.where(active & ~right, mid, hi)
+                lo = tl.where(right, mid + 1, lo)
+            slot = lo
+            first_item = tl.load(CUM_ITEMS + slot - 1, mask=slot > 0, other=0)
+            kvh = slot // n_chunk_slots
+            c = slot % n_chunk_slots
+            span = tl.load(CH_SPAN + c)
+            k0 = tl.load(CH_START + c)
+            k_hi = tl.load(SOFF + span + 1)
+            pair = (kvh % HI) * n_spans + span
+            j_lo = tl.load(POFF + pair) + (item - first_item) * PER_ITEM
+            j_hi = tl.minimum(j_lo + PER_ITEM, tl.load(POFF + pair + 1))
+            kn = k0 + tl.arange(0, BK)
+            kmask = kn < k_hi
+            part_keys = k0 + BK > k_hi
+            kv_off = (kn[:, None] * HKV + kvh) * D + d[None, :]
+            k = tl.load(K + kv_off, mask=kmask[:, None], other=0.0)
+            v = tl.load(V + kv_off, mask=kmask[:, None], other=0.0)
+            hq = kvh * G + r % G
+            dk = tl.zeros([BK, D], tl.float32)
+            dv = tl.zeros([BK, D], tl.float32)
+            for j0 in range(j_lo, j_hi, BQ):
+                jj = j0 + r // G
+                jm = jj < j_hi
+                qrow = _query_rows(QIDX, tl.load(PQ + jj, mask=jm, other=0), jm, HAS_QIDX)
+                rows = (qrow[:, None] * HQ + hq[:, None]) * D + d[None, :]
+                q = tl.load(Q + rows, mask=jm[:, None], other=0.0)
+                do = tl.load(DO + rows, mask=jm[:, None], other=0.0)
+                lse2 = tl.load(LSE + qrow * HQ + hq, mask=jm, other=0.0)
+                delta = tl.load(DELTA + qrow * HQ + hq, mask=jm, other=0.0)
+                pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * sm_scale_log2 - lse2[None, :])
+                if (j0 + BQ > j_hi) | part_keys:
+                    pt = tl.where(kmask[:, None] & jm[None, :], pt, 0.0)
+                dv += tl.dot(pt.to(do.dtype), do)
+                dpt = tl.dot(v, tl.trans(do))
+                dst = pt * (dpt - delta[None, :])
+                dk += tl.dot(dst.to(q.dtype), q)
+            tl.atomic_add(DK + kv_off, dk * sm_scale, mask=kmask[:, None])
+            tl.atomic_add(DV + kv_off, dv, mask=kmask[:, None])
+            item = tl.atomic_add(NEXT_ITEM, 1)
 
     @triton.jit
     def _gated_sum_kernel(A, B, C, GA, GB, GC, OUT, n_rows, W: tl.constexpr, BR: tl.constexpr):
@@ -497,40 +520,47 @@ def span_forward(q, k, v, plan: SpanPlan, scale: float, block_k: int = 64, q_ind
     return o, lse2
 
 
-def _chunks(span_offsets: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(span, first key) of every BK-key chunk of every span."""
-    lens = (span_offsets[1:] - span_offsets[:-1]).long()
-    n_ch = (lens + block_k - 1) // block_k
-    span = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), n_ch)
-    first = torch.zeros_like(n_ch)
-    first[1:] = n_ch.cumsum(0)[:-1]
-    start = span_offsets.long()[span] + (torch.arange(span.numel(), device=lens.device) - first[span]) * block_k
-    return span.to(torch.int32).contiguous(), start.to(torch.int32).contiguous()
-
-
-def _work_items(plan: SpanPlan, ch_span: torch.Tensor, hkv: int, per_item: int):
-    """dK/dV work items (chunk, kv head, first pair, end pair): every (chunk, head) gets ceil(pairs / per_item)
-    items, so spans chosen by many queries are split evenly (balanced grid, fp32 atomics combine them)."""
-    poff, _ = plan.pairs()
-    hi, s = plan.idx.shape[1], plan.n_spans
-    poff = poff.long()
-    heads = torch.arange(hkv, device=poff.device) % hi
-    base = (heads[:, None] * s + ch_span.long()[None, :])  # [Hkv, n_ch] index into poff
-    lo, hi_ = poff[base], poff[base + 1]
-    n_items = (hi_ - lo + per_item - 1) // per_item
-    flat = n_items.flatten()
-    owner = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), flat)
-    first = torch.zeros_like(flat)
-    first[1:] = flat.cumsum(0)[:-1]
-    part = torch.arange(owner.numel(), device=flat.device) - first[owner]
-    n_ch = ch_span.numel()
-    it_lo = lo.flatten()[owner] + part * per_item
-    it_hi = torch.minimum(it_lo + per_item, hi_.flatten()[owner])
-    return ((owner % n_ch).to(torch.int32), (owner // n_ch).to(torch.int32), it_lo.to(torch.int32),
-            it_hi.to(torch.int32))
-
-
 PAIRS_PER_ITEM = 1024  # queries per dK/dV work item
+PROGRAMS_PER_SM = 4  # persistent dK/dV programs per multiprocessor (2, 4, 8: the same speed on an H200)
+INTERPRET_PROGRAMS = 3  # persistent programs under the CPU interpreter (each takes several items)
+
+
+def _work_plan(plan: SpanPlan, block_kv: int, hkv: int, n_keys: int, per_item: int):
+    """What the persistent dK/dV kernel walks, built on the device without a host sync and cached on the plan:
+    (ch_span, ch_start) [U] int32, the span and first key of each BK-key chunk slot (U = n_keys // BK + S + 1
+    bounds the chunk count; unused slots have no work), and cum_items [Hkv * U] int32, the inclusive running
+    count of work items over the slots (KV head major): a slot of p selecting queries has ceil(p / per_item)."""
+    key = (block_kv, hkv, n_keys, per_item)
+    if key in plan.work:
+        return plan.work[key]
+    soff = plan.span_offsets.long()
+    s = plan.n_spans
+    dev = soff.device
+    u = n_keys // block_kv + s + 1
+    slot = torch.arange(u, device=dev)
+    if s == 0:  # nothing to attend to: no work
+        zeros = torch.zeros(u, dtype=torch.int32, device=dev)
+        plan.work[key] = (zeros, zeros, torch.zeros(hkv * u, dtype=torch.int32, device=dev))
+        return plan.work[key]
+    n_ch = (soff[1:] - soff[:-1] + block_kv - 1) // block_kv
+    cum_ch = n_ch.cumsum(0)
+    span = torch.searchsorted(cum_ch, slot, right=True)
+    used = span < s
+    span = span.clamp(max=s - 1)
+    start = soff[span] + (slot - (cum_ch[span] - n_ch[span])) * block_kv
+    poff = plan.pairs()[0].long()
+    pair = (torch.arange(hkv, device=dev) % plan.idx.shape[1])[:, None] * s + span[None, :]  # [Hkv, U]
+    items = torch.where(used[None, :], (poff[pair + 1] - poff[pair] + per_item - 1) // per_item, 0)
+    work = (span.to(torch.int32).contiguous(), start.to(torch.int32).contiguous(),
+            items.flatten().cumsum(0).to(torch.int32).contiguous())
+    plan.work[key] = work
+    return work
+
+
+def _persistent_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRET_PROGRAMS
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def span_backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: int = 64, block_q: int | None = None,
@@ -562,17 +592,16 @@ def span_backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: i
         plan.span_offsets, nq, n_tiles, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d, TOPK=topk,
         TOPK_P=triton.next_power_of_2(topk), UMAX=plan.union.shape[2], BM=bm, BK=block_k, ACC=acc,
         HAS_QIDX=q_index is not None, num_warps=_num_warps(bm * g, d), num_stages=2)
-    _, pq = plan.pairs()
-    ch_span, ch_start = _chunks(plan.span_offsets, block_kv)
+    poff, pq = plan.pairs()
+    ch_span, ch_start, cum_items = _work_plan(plan, block_kv, hkv, k.shape[0], PAIRS_PER_ITEM)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32) if dk is None else dk
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32) if dv is None else dv
-    it_chunk, it_head, it_lo, it_hi = _work_items(plan, ch_span, hkv, PAIRS_PER_ITEM)
-    if it_chunk.numel():
-        _span_bwd_dkdv_kernel[(it_chunk.numel(),)](
-            q, k, v, do, lse2, delta, dk, dv, qidx, ch_span, ch_start, plan.span_offsets, pq,
-            it_chunk, it_head, it_lo, it_hi, scale, scale * LOG2E, HQ=hq, HKV=hkv, G=g, D=d,
-            BQ=block_q, BK=block_kv, HAS_QIDX=q_index is not None, num_warps=_num_warps(block_q * g, d),
-            num_stages=2)
+    n_slots = cum_items.numel()
+    _span_bwd_dkdv_kernel[(_persistent_programs(q.device),)](
+        q, k, v, do, lse2, delta, dk, dv, qidx, ch_span, ch_start, plan.span_offsets, poff, pq, cum_items,
+        torch.zeros(1, device=q.device, dtype=torch.int32), n_slots, ch_span.numel(), plan.n_spans, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d,
+        BQ=block_q, BK=block_kv, PER_ITEM=PAIRS_PER_ITEM, SEARCH_STEPS=n_slots.bit_length(),
+        HAS_QIDX=q_index is not None, num_warps=_num_warps(block_q * g, d), num_stages=2)
     return dq, dk, dv, delta
 
 

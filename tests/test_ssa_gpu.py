@@ -121,3 +121,52 @@ def test_module_bf16_autocast_against_float32_reference(compression):
     y_ref = ref(x).feats
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     assert _rel(y, y_ref) < 5e-2  # bf16 everywhere, and near-tie selections may differ for a few queries
+
+
+def test_varlen_span_kernel_gradients_bf16():
+    """Full attention over ragged samples through the span kernel (spans = samples, the DiT's
+    attention_kernel='span'), bf16 against the float32 PyTorch reference."""
+    from kernels.span_attention import plan_spans, span_attention
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    cu = torch.tensor([0, 1500, 2201, 4300], device="cuda", dtype=torch.int32)
+    n = int(cu[-1])
+    q = torch.randn(n, 32, 32, device="cuda", generator=g)
+    k, v = (torch.randn(n, 2, 32, device="cuda", generator=g) for _ in range(2))
+    do = torch.randn(n, 32, 32, device="cuda", generator=g)
+    seg = torch.repeat_interleave(torch.arange(3, device="cuda"), cu.diff()).int().view(-1, 1, 1)
+    plan = plan_spans(seg, cu, 4, query_offsets=cu, check_unique=False)
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    out = span_attention(*leaves, plan)[0]
+    out.backward(do.to(torch.bfloat16))
+    ref_leaves = [t.requires_grad_() for t in (q, k, v)]
+    ref = span_attention_reference(*ref_leaves, seg, cu)[0]
+    ref.backward(do)
+    assert _rel(out, ref) < 2e-2
+    for a, b in zip(leaves, ref_leaves):
+        assert _rel(a.grad, b.grad) < 3e-2
+
+
+@pytest.mark.parametrize("window_shift", [0, 4])
+def test_backward_does_not_sync_with_the_host(window_shift):
+    """The SSA backward (all three branches) and the varlen span backward queue their kernels without a
+    host sync (each one stalls the GPU for the host's next launches; torch raises on one in 'error' mode).
+    The layout and the forward may sync (once per forward)."""
+    from d3ds2.attention.varlen import varlen_attention
+
+    cfg = SSAConfig(m_cmp=8, m_slc=8, topk=4, window_shift=window_shift)
+    lay = build_ssa_layout(_batch([40, 56], seed=7), cfg.m_cmp, cfg.m_slc)
+    leaves = [t.clone().requires_grad_() for t in _inputs(lay, 32, 2, 32, torch.bfloat16, 8)]
+    out = spatial_sparse_attention(*leaves, lay, cfg)
+    q, k, v = (t.detach().clone().requires_grad_() for t in leaves[:3])
+    cu = lay.sample_token_offsets
+    full = varlen_attention(q, k, v, cu, cu, lay.num_tokens, lay.num_tokens, kernel="span")
+    grad, grad_full = torch.randn_like(out), torch.randn_like(full)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out.backward(grad)
+        full.backward(grad_full)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(t.grad is not None for t in leaves[:3] + [q, k, v])
