@@ -141,8 +141,8 @@ def report(rows: list[dict]) -> str:
     lines = ["| kernel | warps | registers | spill bytes | shared KiB | wgmma shapes | loop instructions / score"
              " | of which exp2 / bf16 packs |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['warps']} | {r['registers']} | {r['spill_bytes']} | {r['shared_kib']:.0f} | "
-              f"{', '.join(r['wgmma'])} | {r['per_score']:.1f} | {r['exp2_per_score']:.2f} / {r['packs_per_score']:.2f} |"
-              for r in rows]
+              f"{', '.join(r['wgmma'])} | {r['per_score']:.1f} | {r['exp2_per_score']:.2f} / "
+              f"{r['packs_per_score']:.2f} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -537,11 +537,11 @@ def _work_plan(plan: SpanPlan, block_kv: int, hkv: int, n_keys: int, per_item: i
     s = plan.n_spans
     dev = soff.device
     u = n_keys // block_kv + s + 1
-    slot = torch.arange(u, device=dev)
     if s == 0:  # nothing to attend to: no work
         zeros = torch.zeros(u, dtype=torch.int32, device=dev)
         plan.work[key] = (zeros, zeros, torch.zeros(hkv * u, dtype=torch.int32, device=dev))
         return plan.work[key]
+    slot = torch.arange(u, device=dev)
     n_ch = (soff[1:] - soff[:-1] + block_kv - 1) // block_kv
     cum_ch = n_ch.cumsum(0)
     span = torch.searchsorted(cum_ch, slot, right=True)
@@ -597,10 +597,11 @@ def span_backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: i
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32) if dk is None else dk
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32) if dv is None else dv
     n_slots = cum_items.numel()
+    next_item = torch.zeros(1, device=q.device, dtype=torch.int32)
     _span_bwd_dkdv_kernel[(_persistent_programs(q.device),)](
         q, k, v, do, lse2, delta, dk, dv, qidx, ch_span, ch_start, plan.span_offsets, poff, pq, cum_items,
-        torch.zeros(1, device=q.device, dtype=torch.int32), n_slots, ch_span.numel(), plan.n_spans, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d,
-        BQ=block_q, BK=block_kv, PER_ITEM=PAIRS_PER_ITEM, SEARCH_STEPS=n_slots.bit_length(),
+        next_item, n_slots, ch_span.numel(), plan.n_spans, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g,
+        D=d, BQ=block_q, BK=block_kv, PER_ITEM=PAIRS_PER_ITEM, SEARCH_STEPS=n_slots.bit_length(),
         HAS_QIDX=q_index is not None, num_warps=_num_warps(block_q * g, d), num_stages=2)
     return dq, dk, dv, delta
 
