@@ -11,7 +11,7 @@ x3 for forward + backward, recomputation not counted) / step time / 989 TFLOP/s 
 
 Before the rows: the bf16 GPU model vs float64 CPU check, the modulation kernels vs their reference on a
 full-size problem, and a micro-benchmark of the attention kernels at 10,655 tokens x 3 (varlen flash vs
-dense SDPA backends). After the rows: a torch.profiler breakdown of one full-attention step at 10,655.
+dense SDPA backends). After the rows: a torch.profiler breakdown of one step of the first mode at 10,655.
 Modes: 'full' (FlashAttention varlen), 'ssa'; '-span' appended ('full-span', 'ssa-span') runs the varlen
 attentions (cross, and self in 'full') through the project's Triton span kernel instead.
 Usage: python benchmarks/dit_step.py --out results.json [--tokens 10655] [--modes full,full-span]
@@ -300,7 +300,7 @@ def profile_step(model, n: int, device, path: str | None) -> dict:
         elif "_mod_ln" in name or "_gated_res" in name:
             g = "modulation kernels (ours)"
         elif "span" in name or "topk" in name or "score" in name:
-            g = "SSA kernels"
+            g = "span / SSA kernels (ours)"
         elif "adam" in name or "multi_tensor" in name:
             g = "optimizer"
         elif "elementwise" in name or "vectorized" in name or "unrolled" in name or "reduce" in name:
@@ -344,7 +344,7 @@ def main() -> None:
     ap.add_argument("--out", default="dit_step.json")
     ap.add_argument("--tokens", default=",".join(map(str, TABLE1)))
     ap.add_argument("--modes", default="full,ssa")
-    ap.add_argument("--profile-out", default=None, help="also profile one full-attention step at 10,655 tokens")
+    ap.add_argument("--profile-out", default=None, help="also profile one step of the first mode at 10,655 tokens")
     ap.add_argument("--compile-row", action="store_true", help="one extra row: full, 10,655, blocks torch.compile'd")
     ap.add_argument("--time-budget", type=float, default=330.0, help="seconds after which optional parts are skipped")
     args = ap.parse_args()
@@ -378,7 +378,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 report["results"].append(r)
                 save()
-        if mode == "full" and args.profile_out:
+        if mode == modes[0] and args.profile_out:
             model.use_checkpoint = False
             try:
                 report["profile"] = profile_step(model, 10655, device, args.profile_out)

@@ -119,7 +119,7 @@ def span_kernels(keep: str | None = None) -> list[Compiled]:
                          "SOFF": "*i32", "POFF": "*i32", "PQ": "*i32", "CUM_ITEMS": "*i32", "NEXT_ITEM": "*i32",
                          "n_slots": "i32", "n_chunk_slots": "i32", "n_spans": "i32", "sm_scale": "fp32",
                          "sm_scale_log2": "fp32"},
-                        {**shapes, "HI": 1, "BQ": bq, "BK": bkv, "PER_ITEM": sa.PAIRS_PER_ITEM, "SEARCH_STEPS": 12},
+                        {**shapes, "HI": 1, "BQ": bq, "BK": bkv, "PER_ITEM": sa.ROWS_PER_ITEM // g, "SEARCH_STEPS": 12},
                         sa._num_warps(bq * g, D), bq * g * bkv, keep)
     return [fwd, dq, dkdv]
 

@@ -10,9 +10,11 @@ output). Definitions (the PyTorch references below):
 - ``gated_residual``: out = res + h * gate[b] (in res's dtype, the fp32 residual stream).
 
 The Triton kernels never build a per-token [N, C] modulation tensor: the forward gathers the sample's row
-inside the kernel; the backward writes dx / dh per row and reduces the per-sample gradients (dscale, dshift,
-dgate) over the BLOCK_M rows of a program, then adds them with one fp32 atomic per sample present in those
-rows (rows are sorted by sample, so almost always one). A gather ``mod[batch_ids]`` instead costs an
+inside the kernel; the backward writes dx / dh per row and sums the per-sample gradients (dscale, dshift,
+dgate) in registers over the consecutive row tiles of a program (a few programs per multiprocessor), then
+adds them with one fp32 atomic per sample present in those rows (rows are sorted by sample, so almost
+always one). The backward runs on smaller tiles than the forward (registers): with the forward's tiles and
+one atomic per tile it took 2x the time (docs/benchmarks.md). A gather ``mod[batch_ids]`` instead costs an
 [N, C] tensor per use and its backward an index_put that walks the thousands of rows of a sample serially.
 """
 from __future__ import annotations
@@ -26,10 +28,10 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _row_tile(n_rows, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        """This program's BLOCK_M rows of a row-major [n_rows, C] tensor: row and column indices, their
-        masks, the 2D mask and the element offsets."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    def _row_tile(tile, n_rows, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Rows tile * BLOCK_M + [0, BLOCK_M) of a row-major [n_rows, C] tensor: row and column indices,
+        their masks, the 2D mask and the element offsets."""
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_C)
         rmask, cmask = rows < n_rows, cols < C
         mask = rmask[:, None] & cmask[None, :]
@@ -40,7 +42,7 @@ if triton is not None:
     def _mod_ln_fwd_kernel(X, Y, SHIFT, SCALE, IDS, MEAN, RSTD, n_rows, C, stride_mod, eps,
                            ONE: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_C: tl.constexpr):
-        rows, cols, rmask, cmask, mask, offs = _row_tile(n_rows, C, BLOCK_M, BLOCK_C)
+        rows, cols, rmask, cmask, mask, offs = _row_tile(tl.program_id(0), n_rows, C, BLOCK_M, BLOCK_C)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / C
         xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -58,43 +60,69 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=rmask)
 
     @triton.jit
-    def _segment_atomic_add(OUT, vals, b, rmask, cols, cmask, C):
-        """OUT[b[i]] += vals[i] for the rows i of vals [BLOCK_M, BLOCK_C]: one reduction and one atomic per
-        sample present among the (sorted) rows."""
+    def _segment_sum(OUT, acc, cur, vals, b, rmask, cols, cmask, C):
+        """Per-sample column sums of vals [BLOCK_M, BLOCK_C] (rows sorted by sample b, rows out of range
+        zero), carried over a program's tiles: acc [BLOCK_M, BLOCK_C] holds sample cur's running sums (-1:
+        none yet), summed over its rows only when written. A tile of sample cur only adds to acc; otherwise
+        acc goes to OUT[cur], each other sample of the tile but the last to its OUT row (one fp32 atomic
+        each), and the last one's rows become acc. Returns (acc, cur)."""
         lo = tl.min(tl.where(rmask, b, 2147483647), axis=0)
         hi = tl.max(tl.where(rmask, b, -1), axis=0)
-        for s in range(lo, hi + 1):
-            sel = (rmask & (b == s))[:, None]
-            tl.atomic_add(OUT + s * C + cols, tl.sum(tl.where(sel, vals, 0.0), axis=0), mask=cmask)
+        if (lo == hi) & (lo == cur):
+            acc += vals
+        else:
+            _flush(OUT, acc, cur, cols, cmask, C)
+            for s in range(lo, hi):
+                sel = (rmask & (b == s))[:, None]
+                tl.atomic_add(OUT + s * C + cols, tl.sum(tl.where(sel, vals, 0.0), axis=0), mask=cmask,
+                              sem="relaxed")
+            acc = tl.where((rmask & (b == hi))[:, None], vals, 0.0)
+            cur = hi
+        return acc, cur
+
+    @triton.jit
+    def _flush(OUT, acc, cur, cols, cmask, C):
+        """OUT[cur] += the column sums of acc [BLOCK_M, BLOCK_C] unless cur < 0 (no rows yet)."""
+        if cur >= 0:
+            tl.atomic_add(OUT + cur * C + cols, tl.sum(acc, axis=0), mask=cmask, sem="relaxed")
 
     @triton.jit
     def _mod_ln_bwd_kernel(DY, X, SCALE, IDS, MEAN, RSTD, DX, DSCALE, DSHIFT, n_rows, C, stride_mod,
-                           ONE: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr,
+                           tiles_per_program, ONE: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_C: tl.constexpr):
-        rows, cols, rmask, cmask, mask, offs = _row_tile(n_rows, C, BLOCK_M, BLOCK_C)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-        if HAS_IDS:
-            b = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int32)
-        else:
-            b = tl.zeros([BLOCK_M], dtype=tl.int32)
-        scale = tl.load(SCALE + b[:, None].to(tl.int64) * stride_mod + cols[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = dy * (scale + ONE)
-        c1 = tl.sum(g * xhat, axis=1) / C
-        c2 = tl.sum(g, axis=1) / C
-        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        _segment_atomic_add(DSCALE, dy * xhat, b, rmask, cols, cmask, C)
-        _segment_atomic_add(DSHIFT, dy, b, rmask, cols, cmask, C)
+        acc_scale = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        acc_shift = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        cur_scale = tl.program_id(0) * 0 - 1
+        cur_shift = cur_scale
+        for i in range(tiles_per_program):
+            tile = tl.program_id(0) * tiles_per_program + i
+            rows, cols, rmask, cmask, mask, offs = _row_tile(tile, n_rows, C, BLOCK_M, BLOCK_C)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+            if HAS_IDS:
+                b = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int32)
+            else:
+                b = tl.zeros([BLOCK_M], dtype=tl.int32)
+            scale = tl.load(SCALE + b[:, None].to(tl.int64) * stride_mod + cols[None, :], mask=mask,
+                            other=0.0).to(tl.float32)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            g = dy * (scale + ONE)
+            c1 = tl.sum(g * xhat, axis=1) / C
+            c2 = tl.sum(g, axis=1) / C
+            dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            acc_scale, cur_scale = _segment_sum(DSCALE, acc_scale, cur_scale, dy * xhat, b, rmask, cols, cmask, C)
+            acc_shift, cur_shift = _segment_sum(DSHIFT, acc_shift, cur_shift, dy, b, rmask, cols, cmask, C)
+        cols = tl.arange(0, BLOCK_C)
+        _flush(DSCALE, acc_scale, cur_scale, cols, cols < C, C)
+        _flush(DSHIFT, acc_shift, cur_shift, cols, cols < C, C)
 
     @triton.jit
     def _gated_res_fwd_kernel(RES, H, GATE, IDS, OUT, n_rows, C, stride_mod, BLOCK_M: tl.constexpr,
                               BLOCK_C: tl.constexpr):
-        rows, cols, rmask, cmask, mask, offs = _row_tile(n_rows, C, BLOCK_M, BLOCK_C)
+        rows, cols, rmask, cmask, mask, offs = _row_tile(tl.program_id(0), n_rows, C, BLOCK_M, BLOCK_C)
         b = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int64)
         gate = tl.load(GATE + b[:, None] * stride_mod + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         res = tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
@@ -102,16 +130,22 @@ if triton is not None:
         tl.store(OUT + offs, (res + h * gate).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gated_res_bwd_kernel(DOUT, H, GATE, IDS, DH, DGATE, n_rows, C, stride_mod,
+    def _gated_res_bwd_kernel(DOUT, H, GATE, IDS, DH, DGATE, n_rows, C, stride_mod, tiles_per_program,
                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        rows, cols, rmask, cmask, mask, offs = _row_tile(n_rows, C, BLOCK_M, BLOCK_C)
-        b = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int32)
-        gate = tl.load(GATE + b[:, None].to(tl.int64) * stride_mod + cols[None, :], mask=mask,
-                       other=0.0).to(tl.float32)
-        dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
-        h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DH + offs, (dout * gate).to(DH.dtype.element_ty), mask=mask)
-        _segment_atomic_add(DGATE, dout * h, b, rmask, cols, cmask, C)
+        acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        cur = tl.program_id(0) * 0 - 1
+        for i in range(tiles_per_program):
+            tile = tl.program_id(0) * tiles_per_program + i
+            rows, cols, rmask, cmask, mask, offs = _row_tile(tile, n_rows, C, BLOCK_M, BLOCK_C)
+            b = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int32)
+            gate = tl.load(GATE + b[:, None].to(tl.int64) * stride_mod + cols[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
+            dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+            h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DH + offs, (dout * gate).to(DH.dtype.element_ty), mask=mask)
+            acc, cur = _segment_sum(DGATE, acc, cur, dout * h, b, rmask, cols, cmask, C)
+        cols = tl.arange(0, BLOCK_C)
+        _flush(DGATE, acc, cur, cols, cols < C, C)
 
 
 def _tiles(c: int) -> tuple[int, int, int]:
@@ -119,6 +153,24 @@ def _tiles(c: int) -> tuple[int, int, int]:
     block_c = triton.next_power_of_2(c)
     block_m = max(1, 8192 // block_c) if block_c <= 8192 else 1
     return block_m, block_c, 8 if block_m * block_c >= 4096 else 4
+
+
+def _bwd_tiles(c: int) -> tuple[int, int, int]:
+    """Backward tiles (BLOCK_M rows, BLOCK_C >= c, num_warps): about 1024 elements over 8 warps, fastest of
+    1-8 rows x 1024 on an H200 (docs/benchmarks.md). The forward's 8192-element tiles cost the backward (which
+    holds x, dy, the modulation rows and the running sums) 244 registers per thread."""
+    block_c = triton.next_power_of_2(c)
+    return max(1, 1024 // block_c), block_c, 8
+
+
+BWD_PROGRAMS_PER_SM = 4  # backward programs per multiprocessor (each sums its row tiles' per-sample gradients)
+
+
+def _bwd_grid(n_tiles: int, device: torch.device) -> tuple[int, int]:
+    """(programs, consecutive row tiles per program) of the backward kernels."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    per_program = triton.cdiv(n_tiles, BWD_PROGRAMS_PER_SM * sms)
+    return triton.cdiv(n_tiles, per_program), per_program
 
 
 def _rows(t: torch.Tensor, name: str, c: int) -> torch.Tensor:
@@ -153,12 +205,13 @@ class _ModulatedLayerNorm(torch.autograd.Function):
         dx = torch.empty_like(x)
         dscale = torch.zeros((rows, c), device=x.device, dtype=torch.float32)
         dshift = torch.zeros_like(dscale)
-        bm, bc, warps = _tiles(c)
+        bm, bc, warps = _bwd_tiles(c)
         has_ids = batch_ids is not None
         ids = batch_ids if has_ids else mean
-        _mod_ln_bwd_kernel[(triton.cdiv(n, bm),)](dy.contiguous(), x, scale, ids, mean, rstd, dx, dscale, dshift,
-                                                  n, c, c, ONE=ctx.one, HAS_IDS=has_ids, BLOCK_M=bm, BLOCK_C=bc,
-                                                  num_warps=warps)
+        programs, per_program = _bwd_grid(triton.cdiv(n, bm), x.device)
+        _mod_ln_bwd_kernel[(programs,)](dy.contiguous(), x, scale, ids, mean, rstd, dx, dscale, dshift, n, c, c,
+                                        per_program, ONE=ctx.one, HAS_IDS=has_ids, BLOCK_M=bm, BLOCK_C=bc,
+                                        num_warps=warps)
         return dx, dshift.to(shift_dtype), dscale.to(scale_dtype), None, None, None, None
 
 
@@ -180,9 +233,10 @@ class _GatedResidual(torch.autograd.Function):
         n, c = h.shape
         dh = torch.empty_like(h)
         dgate = torch.zeros(gate.shape, device=h.device, dtype=torch.float32)
-        bm, bc, warps = _tiles(c)
-        _gated_res_bwd_kernel[(triton.cdiv(n, bm),)](dout.contiguous(), h, gate, batch_ids, dh, dgate, n, c, c,
-                                                     BLOCK_M=bm, BLOCK_C=bc, num_warps=warps)
+        bm, bc, warps = _bwd_tiles(c)
+        programs, per_program = _bwd_grid(triton.cdiv(n, bm), h.device)
+        _gated_res_bwd_kernel[(programs,)](dout.contiguous(), h, gate, batch_ids, dh, dgate, n, c, c, per_program,
+                                           BLOCK_M=bm, BLOCK_C=bc, num_warps=warps)
         return dout, dh, dgate.to(gate.dtype), None
 
 

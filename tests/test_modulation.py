@@ -57,6 +57,31 @@ def test_modulated_layer_norm_and_gated_residual_match_float64(gen, c, counts):
         _close(out, r, 1e-5)
 
 
+@pytest.mark.parametrize("programs_per_sm", [1, 3])
+def test_backward_sums_samples_across_the_tiles_of_a_program(gen, monkeypatch, programs_per_sm):
+    """4-row tiles, several per program: per-sample gradient sums carried across tiles, samples that change
+    inside a tile and between tiles, an empty sample; also without batch_ids (every row one sample)."""
+    import kernels.modulation as mod
+
+    monkeypatch.setattr(mod, "_bwd_tiles", lambda c: (4, mod.triton.next_power_of_2(c), 4))
+    monkeypatch.setattr(mod, "BWD_PROGRAMS_PER_SM", programs_per_sm)
+    ids, x, mods = _batch(gen, [5, 1, 20, 0, 9], 24)
+    h = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+    def block(backend, dev, dtype):
+        def fn(x, mods, h):
+            shift, scale, gate = mods.chunk(3, dim=1)
+            i = ids.to(dev)
+            y = modulated_layer_norm(x, shift, scale, i, 1e-6, backend=backend)
+            z = modulated_layer_norm(y, shift[:1], scale[:1], None, 1e-6, one=0.0, backend=backend)
+            return gated_residual(x, z * h, gate, i, backend=backend)
+        return _grads(fn, x.to(dev, dtype), mods.to(dev, dtype), h.to(dev, dtype))
+
+    ref = block("torch", "cpu", torch.float64)
+    for out, r in zip(block("triton", DEVICE, torch.float32), ref):
+        _close(out, r, 1e-5)
+
+
 def test_reference_is_layer_norm_with_per_sample_modulation(gen):
     ids, x, mods = _batch(gen, [4, 7], 16)
     shift, scale, _ = mods.chunk(3, dim=1)
@@ -93,12 +118,13 @@ def test_bf16_output_and_modulation(gen):
 
 
 def test_bad_inputs_are_named():
-    x, ids = torch.randn(4, 8), torch.zeros(4, dtype=torch.int32)
+    x, ids = torch.randn(4, 8, device=DEVICE), torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    rows = lambda n, c: torch.zeros(n, c, device=DEVICE)  # noqa: E731
     with pytest.raises(ValueError, match="shift"):
-        modulated_layer_norm(x, torch.zeros(1, 7), torch.zeros(1, 8), ids, backend="triton")
+        modulated_layer_norm(x, rows(1, 7), rows(1, 8), ids, backend="triton")
     with pytest.raises(ValueError, match="single"):
-        modulated_layer_norm(x, torch.zeros(2, 8), torch.zeros(2, 8), None)
+        modulated_layer_norm(x, rows(2, 8), rows(2, 8), None)
     with pytest.raises(ValueError, match="same"):
-        gated_residual(x, torch.randn(3, 8), torch.zeros(1, 8), ids)
+        gated_residual(x, torch.randn(3, 8, device=DEVICE), rows(1, 8), ids)
     with pytest.raises(ValueError, match="backend"):
-        gated_residual(x, x, torch.zeros(1, 8), ids, backend="cuda")
+        gated_residual(x, x, rows(1, 8), ids, backend="cuda")

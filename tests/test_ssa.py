@@ -67,7 +67,7 @@ def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, t
     are q rows in a shuffled order (q_index)."""
     import kernels.span_attention as sa
 
-    monkeypatch.setattr(sa, "PAIRS_PER_ITEM", 5)  # several dK/dV work items per chunk (atomics)
+    monkeypatch.setattr(sa, "ROWS_PER_ITEM", 10)  # several dK/dV work items per chunk (atomics)
     nq, nk, n_spans = 37, 61, 9
     if spans == "random":
         soff = _random_spans(gen, n_spans, nk)
