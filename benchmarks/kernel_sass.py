@@ -57,7 +57,8 @@ def compile_sm90(name: str, fn, signature: dict[str, str], constexprs: dict, num
     names = list(sig)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 2})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": sa.SPAN_STAGES})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(keep or tmp, f"{name}.cubin")
         with open(cubin, "wb") as f:

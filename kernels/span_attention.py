@@ -479,6 +479,9 @@ def _num_warps(rows: int, d: int) -> int:
     return 8 if rows * d >= 128 * 64 else 4
 
 
+SPAN_STAGES = 3  # software-pipeline depth of the kernel loops (H200, d 32: fwd 5.05 -> 4.77 ms, dQ 5.50 -> 5.17)
+
+
 def _check(q, k, v, plan):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
@@ -516,7 +519,7 @@ def span_forward(q, k, v, plan: SpanPlan, scale: float, block_k: int = 64, q_ind
         n_tiles,
         scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk),
         UMAX=plan.union.shape[2], BM=bm, BK=block_k, HAS_QIDX=q_index is not None,
-        num_warps=_num_warps(bm * g, d), num_stages=2)
+        num_warps=_num_warps(bm * g, d), num_stages=SPAN_STAGES)
     return o, lse2
 
 
@@ -591,7 +594,7 @@ def span_backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: i
         q, k, v, o, do, lse2, delta, dq, qidx, plan.idx, plan.union, plan.union_count, plan.union_full,
         plan.span_offsets, nq, n_tiles, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d, TOPK=topk,
         TOPK_P=triton.next_power_of_2(topk), UMAX=plan.union.shape[2], BM=bm, BK=block_k, ACC=acc,
-        HAS_QIDX=q_index is not None, num_warps=_num_warps(bm * g, d), num_stages=2)
+        HAS_QIDX=q_index is not None, num_warps=_num_warps(bm * g, d), num_stages=SPAN_STAGES)
     poff, pq = plan.pairs()
     per_item = max(1, ROWS_PER_ITEM // g)  # queries per item: 1024 at 16 q heads per KV head, 16,384 at 1
     ch_span, ch_start, cum_items = _work_plan(plan, block_kv, hkv, k.shape[0], per_item)
@@ -603,7 +606,7 @@ def span_backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: i
         q, k, v, do, lse2, delta, dk, dv, qidx, ch_span, ch_start, plan.span_offsets, poff, pq, cum_items,
         next_item, n_slots, ch_span.numel(), plan.n_spans, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g,
         D=d, BQ=block_q, BK=block_kv, PER_ITEM=per_item, SEARCH_STEPS=n_slots.bit_length(),
-        HAS_QIDX=q_index is not None, num_warps=_num_warps(block_q * g, d), num_stages=2)
+        HAS_QIDX=q_index is not None, num_warps=_num_warps(block_q * g, d), num_stages=SPAN_STAGES)
     return dq, dk, dv, delta
 
 
