@@ -39,8 +39,9 @@ def _close(a, b, tol):
     assert err < tol, f"relative error {err:.3g} >= {tol}"
 
 
-@pytest.mark.parametrize("c,counts", [(48, [5, 1, 20, 0, 9]), (32, [3]), (72, [40, 13])])
-def test_modulated_layer_norm_and_gated_residual_match_float64(gen, c, counts):
+def _check_block(gen, counts, c, affine=False):
+    """Modulated LayerNorm (then, with ``affine``, an affine LayerNorm) -> gated residual: the Triton kernels
+    in float32 against the float64 reference, output and gradients of x, the modulation rows and h."""
     ids, x, mods = _batch(gen, counts, c)
     h = torch.randn(x.shape, generator=gen, dtype=torch.float64)
 
@@ -49,12 +50,19 @@ def test_modulated_layer_norm_and_gated_residual_match_float64(gen, c, counts):
             shift, scale, gate = mods.chunk(3, dim=1)
             i = ids.to(dev)
             y = modulated_layer_norm(x, shift, scale, i, 1e-6, backend=backend)
+            if affine:
+                y = modulated_layer_norm(y, shift[:1], scale[:1], None, 1e-6, one=0.0, backend=backend)
             return gated_residual(x, y * h, gate, i, backend=backend)
         return _grads(fn, x.to(dev, dtype), mods.to(dev, dtype), h.to(dev, dtype))
 
     ref = block("torch", "cpu", torch.float64)
     for out, r in zip(block("triton", DEVICE, torch.float32), ref):
         _close(out, r, 1e-5)
+
+
+@pytest.mark.parametrize("c,counts", [(48, [5, 1, 20, 0, 9]), (32, [3]), (72, [40, 13])])
+def test_modulated_layer_norm_and_gated_residual_match_float64(gen, c, counts):
+    _check_block(gen, counts, c)
 
 
 @pytest.mark.parametrize("programs_per_sm", [1, 3])
@@ -65,21 +73,7 @@ def test_backward_sums_samples_across_the_tiles_of_a_program(gen, monkeypatch, p
 
     monkeypatch.setattr(mod, "_bwd_tiles", lambda c: (4, mod.triton.next_power_of_2(c), 4))
     monkeypatch.setattr(mod, "BWD_PROGRAMS_PER_SM", programs_per_sm)
-    ids, x, mods = _batch(gen, [5, 1, 20, 0, 9], 24)
-    h = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-
-    def block(backend, dev, dtype):
-        def fn(x, mods, h):
-            shift, scale, gate = mods.chunk(3, dim=1)
-            i = ids.to(dev)
-            y = modulated_layer_norm(x, shift, scale, i, 1e-6, backend=backend)
-            z = modulated_layer_norm(y, shift[:1], scale[:1], None, 1e-6, one=0.0, backend=backend)
-            return gated_residual(x, z * h, gate, i, backend=backend)
-        return _grads(fn, x.to(dev, dtype), mods.to(dev, dtype), h.to(dev, dtype))
-
-    ref = block("torch", "cpu", torch.float64)
-    for out, r in zip(block("triton", DEVICE, torch.float32), ref):
-        _close(out, r, 1e-5)
+    _check_block(gen, [5, 1, 20, 0, 9], 24, affine=True)
 
 
 def test_reference_is_layer_norm_with_per_sample_modulation(gen):
