@@ -129,8 +129,8 @@ def bench_row(model, opt, mode: str, ckpt: bool, n: int, device) -> dict:
         except Exception as e:
             flops, row["flops_error"] = float("nan"), repr(e)[:200]
         row.update(step_ms=step * 1e3, steps=len(times), step_ms_each=[round(t * 1e3, 1) for t in times],
-                   tokens_per_s=x.num_voxels / step, tflops=flops / step / 1e12, mfu=flops / step / PEAK_BF16, peak_gib=torch.cuda.max_memory_allocated(device) / 2**30,
-                   loss=float(loss.detach()))
+                   tokens_per_s=x.num_voxels / step, tflops=flops / step / 1e12, mfu=flops / step / PEAK_BF16,
+                   peak_gib=torch.cuda.max_memory_allocated(device) / 2**30, loss=float(loss.detach()))
     opt.zero_grad(set_to_none=True)
     del x, cond, t, target
     torch.cuda.empty_cache()
