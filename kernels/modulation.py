@@ -92,8 +92,7 @@ if triton is not None:
                            BLOCK_C: tl.constexpr):
         acc_scale = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         acc_shift = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-        cur_scale = tl.program_id(0) * 0 - 1
-        cur_shift = cur_scale
+        cur = tl.program_id(0) * 0 - 1  # the sample both sums are carrying (they share the rows)
         for i in range(tiles_per_program):
             tile = tl.program_id(0) * tiles_per_program + i
             rows, cols, rmask, cmask, mask, offs = _row_tile(tile, n_rows, C, BLOCK_M, BLOCK_C)
@@ -113,11 +112,11 @@ if triton is not None:
             c2 = tl.sum(g, axis=1) / C
             dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-            acc_scale, cur_scale = _segment_sum(DSCALE, acc_scale, cur_scale, dy * xhat, b, rmask, cols, cmask, C)
-            acc_shift, cur_shift = _segment_sum(DSHIFT, acc_shift, cur_shift, dy, b, rmask, cols, cmask, C)
+            acc_scale, _ = _segment_sum(DSCALE, acc_scale, cur, dy * xhat, b, rmask, cols, cmask, C)
+            acc_shift, cur = _segment_sum(DSHIFT, acc_shift, cur, dy, b, rmask, cols, cmask, C)
         cols = tl.arange(0, BLOCK_C)
-        _flush(DSCALE, acc_scale, cur_scale, cols, cols < C, C)
-        _flush(DSHIFT, acc_shift, cur_shift, cols, cols < C, C)
+        _flush(DSCALE, acc_scale, cur, cols, cols < C, C)
+        _flush(DSHIFT, acc_shift, cur, cols, cols < C, C)
 
     @triton.jit
     def _gated_res_fwd_kernel(RES, H, GATE, IDS, OUT, n_rows, C, stride_mod, BLOCK_M: tl.constexpr,
