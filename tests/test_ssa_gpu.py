@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from d3ds2.attention.ssa import SSAConfig, block_mean, build_ssa_layout, spatial_sparse_attention
-from kernels.span_attention import span_attention_reference
+from kernels.span_attention import plan_spans, span_attention, span_attention_reference
 from kernels.ssa_topk import block_scores_reference
 from sparse_helpers import shell
 
@@ -170,3 +170,17 @@ def test_backward_does_not_sync_with_the_host(window_shift):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert all(t.grad is not None for t in leaves[:3] + [q, k, v])
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability()[0] != 9, reason="the guard is for sm_90 (Hopper)")
+def test_dkdv_tiles_below_64_keys_are_refused_on_hopper():
+    q = torch.randn(64, 4, 32, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(64, 1, 32, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 64], device="cuda", dtype=torch.int32)
+    plan = plan_spans(torch.zeros(64, 1, 1, device="cuda", dtype=torch.int32), cu, 16, query_offsets=cu,
+                      check_unique=False)
+    with pytest.raises(ValueError, match="block_kv=32 .*Use block_kv >= 64"):
+        span_attention(q, k, k, plan, block_kv=32)
+    o, _ = span_attention(q, k, k, plan, block_kv=64)
+    ref, _ = span_attention_reference(q.float(), k.float(), k.float(), plan.idx, plan.span_offsets)
+    assert _rel(o, ref) < 2e-2

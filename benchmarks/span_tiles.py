@@ -1,0 +1,162 @@
+"""Tile and warp sweep of the span-attention kernels at the SS-DiT's shapes (GPU).
+
+Self-attention: 3 samples x 10,655 tokens, 32 q heads, 2 KV heads (G = 16), head dim 32, bf16. Cross-attention:
+the same queries to 3 x 1,374 condition tokens, 32 heads each (G = 1). Per variant: the forward and
+forward+backward medians (``triton.testing.do_bench``), the time of each kernel (torch.profiler, mean of 5
+steps), and the largest relative L2 difference of o, dQ, dK, dV from the default tiles; the default's output is
+also checked against the float64 reference on 256 queries. A variant sets the forward/dQ tile (queries per tile,
+keys per step), the dK/dV tile (queries x keys) and, where given, the warps of those kernels (the library
+derives them from the rows of a tile). Rows = queries x the q heads of a KV head.
+Usage: python benchmarks/span_tiles.py --out tiles.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+
+import kernels.span_attention as sa
+
+TOKENS, CONTEXT, BATCH = 10655, 1374, 3
+KERNELS = ("_span_fwd_kernel", "_span_bwd_dq_kernel", "_span_bwd_dkdv_kernel")
+
+
+@dataclass
+class Variant:
+    """Tiles of one run; None = the library default."""
+
+    label: str
+    kind: str  # 'self' | 'cross'
+    block_m: int | None = None  # queries per forward / dQ tile
+    block_k: int = 64  # keys per forward / dQ step
+    fwd_warps: int | None = None
+    block_q: int | None = None  # queries per dK/dV step
+    block_kv: int = 64  # keys per dK/dV tile
+    dkdv_warps: int | None = None
+
+
+VARIANTS = [
+    Variant("default", "self"),
+    Variant("fwd/dQ 128 rows, 8 warps", "self", block_m=8, fwd_warps=8),
+    Variant("fwd/dQ 128 rows x 128 keys, 8 warps", "self", block_m=8, block_k=128, fwd_warps=8),
+    Variant("fwd/dQ 256 rows, 8 warps", "self", block_m=16, fwd_warps=8),
+    Variant("fwd/dQ 32 keys per step", "self", block_k=32),
+    Variant("dK/dV 64 rows x 64 keys", "self", block_q=4),
+    Variant("dK/dV 32 rows x 64 keys", "self", block_q=2),
+    Variant("dK/dV 128 rows x 128 keys, 8 warps", "self", block_q=8, block_kv=128, dkdv_warps=8),
+    Variant("dK/dV 64 rows x 128 keys, 8 warps", "self", block_q=4, block_kv=128, dkdv_warps=8),
+    Variant("dK/dV 128 rows x 32 keys (refused on sm_90)", "self", block_q=8, block_kv=32),
+    Variant("default", "cross"),
+    Variant("fwd/dQ 128 rows, 8 warps", "cross", block_m=128, fwd_warps=8),
+    Variant("dK/dV 64 rows x 64 keys", "cross", block_q=64),
+    Variant("dK/dV 128 rows x 128 keys, 8 warps", "cross", block_q=128, block_kv=128, dkdv_warps=8),
+]
+
+
+class _LaunchOptions:
+    """A Triton kernel whose launches get ``options`` (e.g. num_warps) over the library's own."""
+
+    def __init__(self, kernel, **options):
+        self.kernel, self.options = kernel, options
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            return launch(*args, **{**kwargs, **self.options})
+        return run
+
+
+def problem(kind: str, device):
+    """(q, k, v, dO, query offsets, key offsets, sample of each query) of the self- or cross-attention."""
+    gen = torch.Generator(device=device).manual_seed(5)
+    n_keys, heads_kv = (TOKENS, 2) if kind == "self" else (CONTEXT, 32)
+
+    def randn(*shape):
+        return torch.randn(shape, device=device, generator=gen).to(torch.bfloat16)
+    q, do = randn(BATCH * TOKENS, 32, 32), randn(BATCH * TOKENS, 32, 32)
+    k, v = randn(BATCH * n_keys, heads_kv, 32), randn(BATCH * n_keys, heads_kv, 32)
+    cu_q = torch.arange(BATCH + 1, device=device, dtype=torch.int32) * TOKENS
+    cu_k = torch.arange(BATCH + 1, device=device, dtype=torch.int32) * n_keys
+    sample = torch.repeat_interleave(torch.arange(BATCH, device=device), TOKENS).int().view(-1, 1, 1)
+    return q, k, v, do, cu_q, cu_k, sample
+
+
+def kernel_ms(fn, reps: int = 5) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name in KERNELS:
+            out[e.name] = out.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3 / reps
+    return {name: round(ms, 3) for name, ms in out.items()}
+
+
+def run_variant(var: Variant, device, baseline: dict) -> dict:
+    originals = {name: getattr(sa, name) for name in KERNELS}
+    row = asdict(var)
+    try:
+        if var.fwd_warps:
+            for name in KERNELS[:2]:
+                setattr(sa, name, _LaunchOptions(originals[name], num_warps=var.fwd_warps))
+        if var.dkdv_warps:
+            sa._span_bwd_dkdv_kernel = _LaunchOptions(originals[KERNELS[2]], num_warps=var.dkdv_warps)
+        q, k, v, do, cu_q, cu_k, sample = problem(var.kind, device)
+        group = q.shape[1] // k.shape[1]
+        plan = sa.plan_spans(sample, cu_k, var.block_m or sa.default_block_m(group, 1), query_offsets=cu_q,
+                             check_unique=False)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+        def forward():
+            return sa.span_attention(*leaves, plan, backend="triton", block_k=var.block_k, block_q=var.block_q,
+                                     block_kv=var.block_kv)[0]
+
+        def forward_backward():
+            forward().backward(do)
+        out = forward()
+        got = [out.float()] + [g.float() for g in torch.autograd.grad(out, leaves, do)]
+        if var.kind not in baseline:
+            baseline[var.kind] = got
+            sub = torch.arange(0, q.shape[0], q.shape[0] // 256, device=device)[:256]
+            ref, _ = sa.span_attention_reference(q[sub].double(), k.double(), v.double(), plan.idx[sub],
+                                                 plan.span_offsets)
+            row["fwd_err_vs_float64"] = ((out[sub].double() - ref).norm() / ref.norm()).item()
+        row["max_err_vs_default"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, baseline[var.kind]))
+        row["fwd_ms"] = triton.testing.do_bench(forward, warmup=20, rep=200, return_mode="median")
+        row["fwd_bwd_ms"] = triton.testing.do_bench(forward_backward, warmup=20, rep=200, grad_to_none=leaves,
+                                                    return_mode="median")
+        row["kernel_ms"] = kernel_ms(forward_backward)
+    except Exception as e:  # recorded; the next variant runs
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        for name, kernel in originals.items():
+            setattr(sa, name, kernel)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="span_tiles.json")
+    ap.add_argument("--kinds", default="self,cross")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    baseline: dict = {}
+    rows = []
+    for var in VARIANTS:
+        if var.kind in args.kinds.split(","):
+            rows.append(run_variant(var, device, baseline))
+            print(json.dumps(rows[-1]), flush=True)
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(device), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
