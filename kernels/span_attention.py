@@ -560,6 +560,18 @@ def _work_plan(plan: SpanPlan, block_kv: int, hkv: int, n_keys: int, per_item: i
     return work
 
 
+MIN_BLOCK_KV_SM90 = 64  # dK/dV keys per tile on Hopper: the rows (M) of its wgmma; fewer compile to mma.sync
+
+
+def _check_block_kv(q: torch.Tensor, block_kv: int) -> None:
+    """On Hopper, a dK/dV tile of fewer than 64 keys falls back to mma.sync and spills: block_kv 32 took
+    525 ms instead of 8.5 (3 x 10,655 tokens, H200, docs/benchmarks.md), so it is refused, not run."""
+    if q.is_cuda and block_kv < MIN_BLOCK_KV_SM90 and torch.cuda.get_device_capability(q.device)[0] == 9:
+        raise ValueError(f"span_attention: block_kv={block_kv} is below {MIN_BLOCK_KV_SM90} on this sm_90 GPU; "
+                         f"such dK/dV tiles compile to mma.sync with register spills (60x slower). "
+                         f"Use block_kv >= {MIN_BLOCK_KV_SM90} (default 64)")
+
+
 def _persistent_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRET_PROGRAMS
@@ -576,6 +588,7 @@ def span_backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: i
     the given fp32 accumulators (else new); delta [Nq, Hq] fp32 = rowsum(o * do), so that the gate's
     gradient is delta.sum(1). ``q_index`` as in :func:`span_forward`.
     """
+    _check_block_kv(q, block_kv)
     nq, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -644,18 +657,6 @@ class _SpanAttention(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
-MIN_BLOCK_KV_SM90 = 64  # dK/dV keys per tile on Hopper: the rows (M) of its wgmma; fewer compile to mma.sync
-
-
-def _check_block_kv(q: torch.Tensor, block_kv: int) -> None:
-    """On Hopper, a dK/dV tile of fewer than 64 keys falls back to mma.sync and spills: block_kv 32 took
-    525 ms instead of 8.5 (3 x 10,655 tokens, H200, docs/benchmarks.md), so it is refused, not run."""
-    if q.is_cuda and block_kv < MIN_BLOCK_KV_SM90 and torch.cuda.get_device_capability(q.device)[0] == 9:
-        raise ValueError(f"span_attention: block_kv={block_kv} is below {MIN_BLOCK_KV_SM90} on this sm_90 GPU; "
-                         f"such dK/dV tiles compile to mma.sync with register spills (60x slower). "
-                         f"Use block_kv >= {MIN_BLOCK_KV_SM90} (default 64)")
-
-
 def default_block_m(group: int, topk: int) -> int:
     """Queries per forward tile: 64 rows (q heads x queries); fastest on an H200 for d 32 (docs/ssa.md)."""
     return max(1, 64 // group)
@@ -691,7 +692,7 @@ def span_attention(q, k, v, plan: SpanPlan, scale: float | None = None, *, backe
         raise ValueError(f"span_attention: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if not triton_usable(q):
         raise RuntimeError("span_attention: the triton backend needs CUDA tensors or TRITON_INTERPRET=1")
-    _check_block_kv(q, block_kv)
+    _check_block_kv(q, block_kv)  # before the forward's work, not only in the backward
     g = q.shape[1] // k.shape[1]
     block_q = block_q or max(1, 128 // g)
     q_index = None if q_index is None else q_index.to(torch.int32).contiguous()
