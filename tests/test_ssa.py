@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from d3ds2.attention.ssa import (SSAConfig, SpatialSparseAttention, block_mean, build_ssa_layout,
-                                 spatial_sparse_attention)
+                                 compressed_attention, spatial_sparse_attention)
 from d3ds2.sparse import SparseTensor
 from kernels.span_attention import plan_spans, span_attention, span_attention_reference
 from kernels.ssa_topk import block_scores_reference, score_chunks, score_topk, shared_score_topk, topk_reference
@@ -273,8 +273,8 @@ CONFIGS = [
 def _selection_is_clear(q, kc, vc, lay, cfg, margin=2e-6) -> bool:
     """Whether every (query, KV head)'s float64 top-k is unambiguous: its k-th block score beats the
     next one by more than ``margin`` (fp32 kernels may swap blocks closer than that)."""
-    q, kc, vc = q.double(), kc.double(), vc.double()
-    _, lse = span_attention_reference(q, kc, vc, lay.sample_of_token.view(-1, 1, 1), lay.sample_cmp_offsets)
+    q, kc = q.double(), kc.double()
+    _, lse = compressed_attention(q, kc, vc.double(), lay, backend="torch")
     if cfg.shared_topk:
         _, val = shared_score_topk(q, kc, lse, lay.cmp_offsets, lay.sample_of_cmp, lay.sample_block_offsets,
                                    lay.slots, lay.block_of_cmp, cfg.topk + 1, backend="torch")
