@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
 import kernels.span_attention as sa
+import kernels.span_dkdv_hopper as hopper
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 HQ, HKV, D = 32, 2, 32
@@ -50,13 +52,13 @@ def tools_available() -> bool:
 
 
 def compile_sm90(name: str, fn, signature: dict[str, str], constexprs: dict, num_warps: int,
-                 scores_per_iteration: int, keep: str | None = None) -> Compiled:
-    """Compile ``fn`` (a @triton.jit kernel) for sm_90; ``signature`` maps every argument to its Triton type
-    ('*bf16', 'i32', ...), constexpr arguments included (their values in ``constexprs``)."""
+                 scores_per_iteration: int, keep: str | None = None, gluon: bool = False) -> Compiled:
+    """Compile ``fn`` (a @triton.jit kernel, or @gluon.jit with ``gluon``) for sm_90; ``signature`` maps every
+    argument to its Triton type ('*bf16', 'i32', ...), constexpr arguments included (values in ``constexprs``)."""
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     names = list(sig)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    src = (GluonASTSource if gluon else ASTSource)(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": sa.SPAN_STAGES})
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,15 +85,33 @@ def instructions(sass: str) -> list[tuple[int, str]]:
     return [(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION.search, sass.splitlines()) if m]
 
 
-def innermost_loop(sass: str) -> collections.Counter:
-    """Opcode counts of the shortest loop (a backward branch and the instructions it jumps over), every
-    instruction of the body counted once, the masking of partial chunks included (interior chunks skip it)."""
+def _innermost_span(sass: str) -> tuple[int, int]:
+    """Address range of the shortest loop: a backward branch and the instructions it jumps over ((0, -1): none)."""
     loops = [(int(m.group(2), 16), int(m.group(1), 16)) for m in map(_BRANCH.search, sass.splitlines())
              if m and int(m.group(2), 16) < int(m.group(1), 16)]
-    if not loops:
-        return collections.Counter()
-    lo, hi = min(loops, key=lambda span: span[1] - span[0])
+    return min(loops, key=lambda span: span[1] - span[0]) if loops else (0, -1)
+
+
+def innermost_loop(sass: str) -> collections.Counter:
+    """Opcode counts of the shortest loop, every instruction of the body counted once, the masking of partial
+    chunks included (interior chunks skip it)."""
+    lo, hi = _innermost_span(sass)
     return collections.Counter(op for addr, op in instructions(sass) if lo <= addr <= hi)
+
+
+def wgmma_before_wait(sass: str) -> int:
+    """wgmma instructions the innermost loop issues before it first waits on one (WARPGROUP.DEPBAR): how much
+    tensor-core work is in flight while the warps go on (a Triton loop waits after each matmul)."""
+    ops = _loop_opcodes(sass)
+    first_wait = next((i for i, (op, suffix) in enumerate(ops) if op == "WARPGROUP" and "DEPBAR" in suffix), len(ops))
+    return sum(op == "HGMMA" for op, _ in ops[:first_wait])
+
+
+def _loop_opcodes(sass: str) -> list[tuple[str, str]]:
+    """(opcode, suffix) of the innermost loop's instructions in program order."""
+    lo, hi = _innermost_span(sass)
+    return [(m.group(2), m.group(3) or "") for m in map(_INSTRUCTION.search, sass.splitlines())
+            if m and lo <= int(m.group(1), 16) <= hi]
 
 
 def per_score(kernel: Compiled, count: int) -> float:
@@ -112,17 +132,18 @@ def span_kernels(keep: str | None = None) -> list[Compiled]:
                         "sm_scale_log2": "fp32"}, {**shapes, **tiles}, sa._num_warps(bm * g, D), bm * g * bk, keep)
     dq = compile_sm90("dQ", sa._span_bwd_dq_kernel,
                       {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "LSE": "*fp32",
-                       "DELTA": "*fp32", "DQ": "*bf16", **plan, "sm_scale": "fp32", "sm_scale_log2": "fp32"},
+                       "DELTA": "*fp32", "COLS": "*bf16", "DQ": "*bf16", **plan, "sm_scale": "fp32", "sm_scale_log2": "fp32"},
                       {**shapes, **tiles, "ACC": False}, sa._num_warps(bm * g, D), bm * g * bk, keep)
-    dkdv = compile_sm90("dK-dV", sa._span_bwd_dkdv_kernel,
-                        {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
-                         "DK": "*fp32", "DV": "*fp32", "QIDX": "*i32", "CH_SPAN": "*i32", "CH_START": "*i32",
-                         "SOFF": "*i32", "POFF": "*i32", "PQ": "*i32", "CUM_ITEMS": "*i32", "NEXT_ITEM": "*i32",
-                         "n_slots": "i32", "n_chunk_slots": "i32", "n_spans": "i32", "sm_scale": "fp32",
-                         "sm_scale_log2": "fp32"},
-                        {**shapes, "HI": 1, "BQ": bq, "BK": bkv, "PER_ITEM": sa.ROWS_PER_ITEM // g, "SEARCH_STEPS": 12},
-                        sa._num_warps(bq * g, D), bq * g * bkv, keep)
-    return [fwd, dq, dkdv]
+    dkdv_signature = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "COLS": "*bf16", "DK": "*fp32",
+                      "DV": "*fp32", "QIDX": "*i32", "CH_SPAN": "*i32", "CH_START": "*i32", "SOFF": "*i32",
+                      "POFF": "*i32", "PQ": "*i32", "CUM_ITEMS": "*i32", "NEXT_ITEM": "*i32", "n_slots": "i32",
+                      "n_chunk_slots": "i32", "n_spans": "i32", "sm_scale": "fp32", "sm_scale_log2": "fp32"}
+    dkdv_shape = {**shapes, "HI": 1, "BQ": bq, "BK": bkv, "PER_ITEM": sa.ROWS_PER_ITEM // g, "SEARCH_STEPS": 12}
+    dkdv = compile_sm90("dK-dV", sa._span_bwd_dkdv_kernel, dkdv_signature, dkdv_shape, sa._num_warps(bq * g, D),
+                        bq * g * bkv, keep)
+    hopper_dkdv = compile_sm90("dK-dV (Gluon)", hopper._span_dkdv_hopper_kernel, dkdv_signature,
+                               {**dkdv_shape, "STAGES": hopper.STAGES}, 4, bq * g * bkv, keep, gluon=True)
+    return [fwd, dq, dkdv, hopper_dkdv]
 
 
 def summary(kernels: list[Compiled]) -> list[dict]:
@@ -134,16 +155,16 @@ def summary(kernels: list[Compiled]) -> list[dict]:
         rows.append(dict(kernel=k.name, warps=k.num_warps, registers=k.registers, spill_bytes=k.stack,
                          shared_kib=k.shared / 1024, wgmma=sorted(set(re.findall(r"HGMMA\.(\d+x\d+x\d+)", k.sass))),
                          per_score=per_score(k, sum(loop.values())), exp2_per_score=per_score(k, loop["MUFU"]),
-                         packs_per_score=per_score(k, loop["F2FP"])))
+                         packs_per_score=per_score(k, loop["F2FP"]), wgmma_before_wait=wgmma_before_wait(k.sass)))
     return rows
 
 
 def report(rows: list[dict]) -> str:
     lines = ["| kernel | warps | registers | spill bytes | shared KiB | wgmma shapes | loop instructions / score"
-             " | of which exp2 / bf16 packs |", "|---|---|---|---|---|---|---|---|"]
+             " | of which exp2 / bf16 packs | wgmma before the first wait |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['warps']} | {r['registers']} | {r['spill_bytes']} | {r['shared_kib']:.0f} | "
               f"{', '.join(r['wgmma'])} | {r['per_score']:.1f} | {r['exp2_per_score']:.2f} / "
-              f"{r['packs_per_score']:.2f} |" for r in rows]
+              f"{r['packs_per_score']:.2f} | {r['wgmma_before_wait']} |" for r in rows]
     return "\n".join(lines)
 
 

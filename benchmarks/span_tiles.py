@@ -6,7 +6,8 @@ forward+backward medians (``triton.testing.do_bench``), the time of each kernel 
 steps), and the largest relative L2 difference of o, dQ, dK, dV from the default tiles; the default's output is
 also checked against the float64 reference on 256 queries. A variant sets the forward/dQ tile (queries per tile,
 keys per step), the dK/dV tile (queries x keys) and, where given, the warps of those kernels (the library
-derives them from the rows of a tile). Rows = queries x the q heads of a KV head.
+derives them from the rows of a tile), and which dK/dV kernel runs on Hopper (the Gluon one by default, or
+the Triton one). Rows = queries x the q heads of a KV head.
 Usage: python benchmarks/span_tiles.py --out tiles.json
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import kernels.span_attention as sa
 
 TOKENS, CONTEXT, BATCH = 10655, 1374, 3
 KERNELS = ("_span_fwd_kernel", "_span_bwd_dq_kernel", "_span_bwd_dkdv_kernel")
+HOPPER_KERNEL = "_span_dkdv_hopper_kernel"  # the Gluon dK/dV kernel: timed, not wrapped
 
 
 @dataclass
@@ -36,10 +38,12 @@ class Variant:
     block_q: int | None = None  # queries per dK/dV step
     block_kv: int = 64  # keys per dK/dV tile
     dkdv_warps: int | None = None
+    hopper_dkdv: bool = True  # False: the Triton dK/dV kernel where the Gluon one would run
 
 
 VARIANTS = [
     Variant("default", "self"),
+    Variant("Triton dK/dV kernel", "self", hopper_dkdv=False),
     Variant("fwd/dQ 128 rows, 8 warps", "self", block_m=8, fwd_warps=8),
     Variant("fwd/dQ 128 rows x 128 keys, 8 warps", "self", block_m=8, block_k=128, fwd_warps=8),
     Variant("fwd/dQ 256 rows, 8 warps", "self", block_m=16, fwd_warps=8),
@@ -50,6 +54,7 @@ VARIANTS = [
     Variant("dK/dV 64 rows x 128 keys, 8 warps", "self", block_q=4, block_kv=128, dkdv_warps=8),
     Variant("dK/dV 128 rows x 32 keys (refused on sm_90)", "self", block_q=8, block_kv=32),
     Variant("default", "cross"),
+    Variant("Triton dK/dV kernel", "cross", hopper_dkdv=False),
     Variant("fwd/dQ 128 rows, 8 warps", "cross", block_m=128, fwd_warps=8),
     Variant("dK/dV 64 rows x 64 keys", "cross", block_q=64),
     Variant("dK/dV 128 rows x 128 keys, 8 warps", "cross", block_q=128, block_kv=128, dkdv_warps=8),
@@ -95,7 +100,7 @@ def kernel_ms(fn, reps: int = 5) -> dict[str, float]:
         torch.cuda.synchronize()
     out: dict[str, float] = {}
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.name in KERNELS:
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name in KERNELS + (HOPPER_KERNEL,):
             out[e.name] = out.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3 / reps
     return {name: round(ms, 3) for name, ms in out.items()}
 
@@ -109,6 +114,7 @@ def run_variant(var: Variant, device, baseline: dict) -> dict:
                 setattr(sa, name, _LaunchOptions(originals[name], num_warps=var.fwd_warps))
         if var.dkdv_warps:
             sa._span_bwd_dkdv_kernel = _LaunchOptions(originals[KERNELS[2]], num_warps=var.dkdv_warps)
+        sa.HOPPER_DKDV = var.hopper_dkdv
         q, k, v, do, cu_q, cu_k, sample = problem(var.kind, device)
         group = q.shape[1] // k.shape[1]
         plan = sa.plan_spans(sample, cu_k, var.block_m or sa.default_block_m(group, 1), query_offsets=cu_q,
@@ -139,6 +145,7 @@ def run_variant(var: Variant, device, baseline: dict) -> dict:
     finally:
         for name, kernel in originals.items():
             setattr(sa, name, kernel)
+        sa.HOPPER_DKDV = True
     return row
 
 

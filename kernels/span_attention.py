@@ -22,8 +22,10 @@ Kernel design (Triton, fp16/bf16/fp32, head dim 16..128):
   windows) and are gathered BQ at a time; dK/dV accumulate in fp32 registers and are added with fp32
   atomics (a span chosen by many queries is split over many items: balanced). The item count stays on the
   device: a fixed grid of persistent programs takes items from an atomic counter (no host sync in the
-  backward).
-  delta = rowsum(o * dO) is computed by the dQ kernel, which runs first.
+  backward). On Hopper the same work runs in a Gluon kernel with asynchronous wgmma
+  (:mod:`kernels.span_dkdv_hopper`).
+  delta = rowsum(o * dO) is computed by the dQ kernel, which runs first; it also writes each row's
+  lse / scale and delta as three bf16-exact terms, so that the dK/dV pass subtracts them in its matmuls.
 - ``q_index``: plan row i may be q row q_index[i] (a permutation), so a plan built over regrouped queries
   (shifted windows) reads q and writes o, lse, dQ in place without copies.
 - :func:`span_backward` differentiates gate[:, None, None] * o for a per-row gate by subtracting
@@ -42,6 +44,8 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton is optional on CPU machines
     triton = None
+
+from kernels.span_dkdv_hopper import hopper_dkdv_usable, span_dkdv_hopper
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -225,7 +229,6 @@ def span_attention_reference(q, k, v, idx, span_offsets, scale=None):
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 if triton is not None:
-
     @triton.jit
     def _sort_rows_minmax(x, TT: tl.constexpr, W: tl.constexpr, LOG_W: tl.constexpr):
         """x [TT, W] sorted ascending along dim 1: the bitonic network of tl.sort with each compare-exchange
@@ -344,13 +347,14 @@ if triton is not None:
         tl.store(LSE + qrow * HQ + hq, lse2, mask=rmask)
 
     @triton.jit
-    def _span_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, QIDX, IDX, UNION, UCNT, UFULL, SOFF, n_q, n_tiles,
+    def _span_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, COLS, DQ, QIDX, IDX, UNION, UCNT, UFULL, SOFF, n_q, n_tiles,
                             sm_scale, sm_scale_log2,
                             HQ: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, G: tl.constexpr,
                             D: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, UMAX: tl.constexpr,
                             BM: tl.constexpr, BK: tl.constexpr, HAS_QIDX: tl.constexpr, ACC: tl.constexpr):
-        """dQ (added to DQ if ACC) and DELTA = rowsum(o * dO). LSE may carry a gate: LSE - log2(gate) makes
-        p the gated probabilities, hence dQ, dK, dV those of gate * o."""
+        """dQ (added to DQ if ACC), DELTA = rowsum(o * dO) and the folded columns COLS [Nq, Hq, 16] of the
+        dK/dV pass: split(lse2 / c) in columns 0..7 and split(delta) in 8..15 (see _split3). LSE may carry a
+        gate: LSE - log2(gate) makes p the gated probabilities, hence dQ, dK, dV those of gate * o."""
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         hi = kvh % HI
@@ -368,9 +372,16 @@ if triton is not None:
         lse2 = tl.load(LSE + qrow * HQ + hq, mask=rmask, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # rowsum(o * do), reused by dK/dV
         tl.store(DELTA + qrow * HQ + hq, delta, mask=rmask)
+        e = tl.arange(0, 16)
+        cols = tl.where(e[None, :] < 8, _split3(lse2 / sm_scale_log2, e), _split3(delta, e - 8))
+        tl.store(COLS + (qrow[:, None] * HQ + hq[:, None]) * 16 + e[None, :], cols.to(COLS.dtype.element_ty),
+                 mask=rmask[:, None])
         t = tl.arange(0, TOPK_P)
         sel = tl.load(IDX + (qi[:, None] * HI + hi) * TOPK + t[None, :],
                       mask=rmask[:, None] & (t[None, :] < TOPK), other=-1)
+        # dp - delta as one matmul, [dO | split(delta)] @ [V^T ; -1s]: one FADD less per score
+        xd = _split3(delta, e).to(do.dtype)
+        minus_t = tl.where(e[:, None] < 8, -1.0, 0.0).to(K.dtype.element_ty) + tl.zeros([16, BK], K.dtype.element_ty)
         dq = tl.zeros([R, D], tl.float32)
         n_u = tl.load(UCNT + hi * n_tiles + tile)
         for u in range(0, n_u):
@@ -383,8 +394,7 @@ if triton is not None:
                 p = tl.math.exp2(tl.dot(q, kt) * sm_scale_log2 - lse2[:, None])
                 if (k0 + BK > k_hi) | (all_rows == 0):
                     p = tl.where(row_sel[:, None] & kmask[None, :], p, 0.0)
-                dp = tl.dot(do, vt)
-                ds = p * (dp - delta[:, None])
+                ds = p * tl.dot(xd, minus_t, tl.dot(do, vt))
                 dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
         dq = dq * sm_scale
         if ACC:
@@ -392,7 +402,20 @@ if triton is not None:
         tl.store(DQ + rows, dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
-    def _span_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QIDX, CH_SPAN, CH_START, SOFF, POFF, PQ, CUM_ITEMS,
+    def _split3(x, e):
+        """x [R] fp32 -> [R, E]: three bf16-exact terms hi + mid + lo = x (24 bits) in columns 0..2, zeros
+        elsewhere (non-finite x: x, 0, 0). A matmul against -1s in those columns subtracts x in fp32."""
+        finite = tl.abs(x) < float("inf")
+        xf = tl.where(finite, x, 0.0)
+        hi = xf.to(tl.bfloat16).to(tl.float32)
+        mid = (xf - hi).to(tl.bfloat16).to(tl.float32)
+        lo = (xf - hi - mid).to(tl.bfloat16).to(tl.float32)
+        hi = tl.where(finite, hi, x)
+        return tl.where(e[None, :] == 0, hi[:, None], tl.where(e[None, :] == 1, mid[:, None],
+                                                               tl.where(e[None, :] == 2, lo[:, None], 0.0)))
+
+    @triton.jit
+    def _span_bwd_dkdv_kernel(Q, K, V, DO, COLS, DK, DV, QIDX, CH_SPAN, CH_START, SOFF, POFF, PQ, CUM_ITEMS,
                               NEXT_ITEM, n_slots, n_chunk_slots, n_spans, sm_scale, sm_scale_log2,
                               HQ: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, G: tl.constexpr,
                               D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, PER_ITEM: tl.constexpr,
@@ -401,12 +424,17 @@ if triton is not None:
         takes the next work item from the counter NEXT_ITEM until none is left, so the item count stays on
         the device (no host sync) and the load balances itself. A slot = (KV head, chunk slot); CUM_ITEMS
         [n_slots] is the inclusive running count of items per slot, and an item = (slot, up to PER_ITEM
-        consecutive selecting queries) is found by a binary search of it."""
+        consecutive selecting queries) is found by a binary search of it. COLS [Nq, Hq, 16] holds each q row's
+        split lse2 / c and delta (see the dQ kernel), which a [BK, 16] block of -1s subtracts inside the score
+        matmuls: the loop gets c*S - lse2 and dP - delta from the tensor cores, not from per-column vectors."""
         n_items = tl.load(CUM_ITEMS + n_slots - 1)
         d = tl.arange(0, D)
         R: tl.constexpr = BQ * G
         r = tl.arange(0, R)
         item = tl.atomic_add(NEXT_ITEM, 1)
+        e = tl.arange(0, 16)
+        minus = tl.where(e[None, :] < 8, -1.0, 0.0).to(K.dtype.element_ty) + tl.zeros([BK, 16], K.dtype.element_ty)
+        emask = e[None, :] < 8
         while item < n_items:
             lo = 0
             hi = n_slots
@@ -442,14 +470,14 @@ if triton is not None:
                 rows = (qrow[:, None] * HQ + hq[:, None]) * D + d[None, :]
                 q = tl.load(Q + rows, mask=jm[:, None], other=0.0)
                 do = tl.load(DO + rows, mask=jm[:, None], other=0.0)
-                lse2 = tl.load(LSE + qrow * HQ + hq, mask=jm, other=0.0)
-                delta = tl.load(DELTA + qrow * HQ + hq, mask=jm, other=0.0)
-                pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * sm_scale_log2 - lse2[None, :])
+                xrow = (qrow[:, None] * HQ + hq[:, None]) * 16 + e[None, :]
+                xl = tl.load(COLS + xrow, mask=jm[:, None] & emask, other=0.0)
+                xd = tl.load(COLS + xrow + 8, mask=jm[:, None] & emask, other=0.0)
+                pt = tl.math.exp2(tl.dot(minus, tl.trans(xl), tl.dot(k, tl.trans(q))) * sm_scale_log2)
                 if (j0 + BQ > j_hi) | part_keys:
                     pt = tl.where(kmask[:, None] & jm[None, :], pt, 0.0)
                 dv += tl.dot(pt.to(do.dtype), do)
-                dpt = tl.dot(v, tl.trans(do))
-                dst = pt * (dpt - delta[None, :])
+                dst = pt * tl.dot(minus, tl.trans(xd), tl.dot(v, tl.trans(do)))
                 dk += tl.dot(dst.to(q.dtype), q)
             tl.atomic_add(DK + kv_off, dk * sm_scale, mask=kmask[:, None], sem="relaxed")
             tl.atomic_add(DV + kv_off, dv, mask=kmask[:, None], sem="relaxed")
@@ -560,6 +588,7 @@ def _work_plan(plan: SpanPlan, block_kv: int, hkv: int, n_keys: int, per_item: i
     return work
 
 
+HOPPER_DKDV = True  # the Gluon dK/dV kernel where it can run (sm_90, 16-bit); False: the Triton kernel (A/B timing)
 MIN_BLOCK_KV_SM90 = 64  # dK/dV keys per tile on Hopper: the rows (M) of its wgmma; fewer compile to mma.sync
 
 
@@ -603,8 +632,9 @@ def span_backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: i
         lse2 = lse2 - torch.log2(gate.float())[:, None]
     n_tiles = plan.union.shape[1]
     bm = plan.block_m
+    cols = torch.empty((nq, hq, 16), device=q.device, dtype=q.dtype)
     _span_bwd_dq_kernel[(n_tiles, hkv)](
-        q, k, v, o, do, lse2, delta, dq, qidx, plan.idx, plan.union, plan.union_count, plan.union_full,
+        q, k, v, o, do, lse2, delta, cols, dq, qidx, plan.idx, plan.union, plan.union_count, plan.union_full,
         plan.span_offsets, nq, n_tiles, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g, D=d, TOPK=topk,
         TOPK_P=triton.next_power_of_2(topk), UMAX=plan.union.shape[2], BM=bm, BK=block_k, ACC=acc,
         HAS_QIDX=q_index is not None, num_warps=_num_warps(bm * g, d), num_stages=SPAN_STAGES)
@@ -615,11 +645,15 @@ def span_backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: i
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32) if dv is None else dv
     n_slots = cum_items.numel()
     next_item = torch.zeros(1, device=q.device, dtype=torch.int32)
-    _span_bwd_dkdv_kernel[(_persistent_programs(q.device),)](
-        q, k, v, do, lse2, delta, dk, dv, qidx, ch_span, ch_start, plan.span_offsets, poff, pq, cum_items,
-        next_item, n_slots, ch_span.numel(), plan.n_spans, scale, scale * LOG2E, HQ=hq, HKV=hkv, HI=hi, G=g,
-        D=d, BQ=block_q, BK=block_kv, PER_ITEM=per_item, SEARCH_STEPS=n_slots.bit_length(),
-        HAS_QIDX=q_index is not None, num_warps=_num_warps(block_q * g, d), num_stages=SPAN_STAGES)
+    args = (q, k, v, do, cols, dk, dv, qidx, ch_span, ch_start, plan.span_offsets, poff, pq, cum_items, next_item,
+            n_slots, ch_span.numel(), plan.n_spans, scale, scale * LOG2E)
+    shape = dict(HQ=hq, HKV=hkv, HI=hi, G=g, D=d, BQ=block_q, BK=block_kv, PER_ITEM=per_item,
+                 SEARCH_STEPS=n_slots.bit_length(), HAS_QIDX=q_index is not None)
+    grid = (_persistent_programs(q.device),)
+    if HOPPER_DKDV and hopper_dkdv_usable(q, block_q * g, block_kv):
+        span_dkdv_hopper(grid, args, shape)
+    else:
+        _span_bwd_dkdv_kernel[grid](*args, **shape, num_warps=_num_warps(block_q * g, d), num_stages=SPAN_STAGES)
     return dq, dk, dv, delta
 
 

@@ -1,6 +1,7 @@
 """The span kernels compile for sm_90 on a CPU machine (Triton's bundled ptxas, benchmarks/kernel_sass.py)
-into the code the GPU timings rely on: wgmma tensor-core instructions, no register spills in the forward
-and dQ kernels, one exp2 per score in each kernel's inner loop, and an inner loop that stays short. Runs
+into the code the GPU timings rely on: wgmma tensor-core instructions, no register spills in the forward,
+dQ and Gluon dK/dV kernels, one exp2 per score in each kernel's inner loop, an inner loop that stays short,
+and the Gluon kernel's asynchronous schedule. Runs
 the tool in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled)."""
 import json
 import os
@@ -27,14 +28,22 @@ def rows():
 
 
 def test_span_kernels_use_wgmma_and_do_not_spill(rows):
-    assert set(rows) == {"forward", "dQ", "dK-dV"}
+    assert set(rows) == {"forward", "dQ", "dK-dV", "dK-dV (Gluon)"}
     for name, r in rows.items():
         assert r["wgmma"], name
         assert r["registers"] <= 255, name
-    assert rows["forward"]["spill_bytes"] == 0 and rows["dQ"]["spill_bytes"] == 0
+    for name in ("forward", "dQ", "dK-dV (Gluon)"):
+        assert rows[name]["spill_bytes"] == 0, name
 
 
 def test_inner_loops_spend_one_exp2_per_score(rows):
     for name, r in rows.items():
         assert 0.95 <= r["exp2_per_score"] <= 1.1, name
         assert r["per_score"] < 14, name  # 10-11 now; scalar (unvectorised) loads would add about 5
+
+
+def test_gluon_dkdv_issues_both_score_matmuls_before_waiting(rows):
+    """The point of the Gluon kernel: S^T and dP^T (3 wgmma each with the folded columns) are in flight
+    together, where the Triton loop waits after the first matmul's instructions."""
+    assert rows["dK-dV (Gluon)"]["wgmma_before_wait"] >= 6
+    assert rows["dK-dV"]["wgmma_before_wait"] < rows["dK-dV (Gluon)"]["wgmma_before_wait"]

@@ -316,7 +316,8 @@ def test_functional_ssa_triton_matches_torch(gen, cfg):
 def test_triton_ssa_memory_design(gen):
     """The Triton path saves q as its only [N, Hq, D] tensor (plus k/v, compressed k/v, gates and two LSEs);
     the forward allocates the three branch outputs and the output, the backward only dQ and the
-    recomputed window output (no gated dO copies, no zero gradients for the inspection outputs)."""
+    recomputed window output (no gated dO copies, no zero gradients for the inspection outputs). Head dim 32:
+    the backward's folded-column buffers are [N, Hq, 16], which head dim 16 would count as activations."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountActivations(TorchDispatchMode):
@@ -336,7 +337,7 @@ def test_triton_ssa_memory_design(gen):
 
     cfg = SSAConfig(m_cmp=2, m_slc=4, m_win=4, topk=3, window_shift=2)
     lay = build_ssa_layout(_coords(gen), cfg.m_cmp, cfg.m_slc)
-    n, hq, hkv, d = lay.num_tokens, 4, 2, 16
+    n, hq, hkv, d = lay.num_tokens, 4, 2, 32
     q = torch.randn(n, hq, d, generator=gen, requires_grad=True)
     k, v = (torch.randn(n, hkv, d, generator=gen, requires_grad=True) for _ in range(2))
     kc = block_mean(k.detach().view(n, -1), lay).view(-1, hkv, d)

@@ -184,3 +184,31 @@ def test_dkdv_tiles_below_64_keys_are_refused_on_hopper():
     o, _ = span_attention(q, k, k, plan, block_kv=64)
     ref, _ = span_attention_reference(q.float(), k.float(), k.float(), plan.idx, plan.span_offsets)
     assert _rel(o, ref) < 2e-2
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability()[0] != 9, reason="the Gluon dK/dV kernel is for sm_90")
+@pytest.mark.parametrize("cfg,hq,hkv,d,dtype", [
+    (SSAConfig(m_cmp=8, m_slc=8, topk=8), 32, 2, 32, torch.bfloat16),  # selection: Hi = Hkv, many queries/block
+    (SSAConfig(m_cmp=4, m_slc=8, topk=4, window_shift=4), 32, 2, 32, torch.bfloat16),  # shifted windows: q_index
+    (SSAConfig(m_cmp=8, m_slc=8, topk=8, shared_topk=True), 16, 1, 64, torch.float16),  # head dim 64, fp16
+])
+def test_hopper_dkdv_kernel_matches_the_triton_kernel(cfg, hq, hkv, d, dtype):
+    """SSA's backward (three gated branches sharing dQ) with the Gluon dK/dV kernel against the same backward
+    with the Triton dK/dV kernel: same selections, so the gradients agree up to the fp32 atomics' order."""
+    import kernels.span_attention as sa
+
+    lay = build_ssa_layout(_batch([48, 64], seed=9), cfg.m_cmp, cfg.m_slc)
+    ins = _inputs(lay, hq, hkv, d, dtype, 10)
+    gout = torch.randn(lay.num_tokens, hq, d, device="cuda", dtype=dtype)
+    grads = {}
+    for hopper in (True, False):
+        sa.HOPPER_DKDV = hopper
+        try:
+            leaves = [t.clone().requires_grad_() for t in ins]
+            spatial_sparse_attention(*leaves, lay, cfg).backward(gout)
+        finally:
+            sa.HOPPER_DKDV = True
+        grads[hopper] = [t.grad for t in leaves]
+    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gates"), grads[True], grads[False]):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 2e-3, name
