@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover - triton is optional on CPU machines
     triton = None
 
 from kernels.span_dkdv_hopper import hopper_dkdv_usable, span_dkdv_hopper
+from kernels.span_work import _work_item
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -436,24 +437,8 @@ if triton is not None:
         minus = tl.where(e[None, :] < 8, -1.0, 0.0).to(K.dtype.element_ty) + tl.zeros([BK, 16], K.dtype.element_ty)
         emask = e[None, :] < 8
         while item < n_items:
-            lo = 0
-            hi = n_slots
-            for _ in tl.static_range(SEARCH_STEPS):  # first slot whose running count exceeds item
-                active = lo < hi
-                mid = (lo + hi) // 2
-                right = active & (tl.load(CUM_ITEMS + mid, mask=active, other=0) <= item)
-                hi = tl.where(active & ~right, mid, hi)
-                lo = tl.where(right, mid + 1, lo)
-            slot = lo
-            first_item = tl.load(CUM_ITEMS + slot - 1, mask=slot > 0, other=0)
-            kvh = slot // n_chunk_slots
-            c = slot % n_chunk_slots
-            span = tl.load(CH_SPAN + c)
-            k0 = tl.load(CH_START + c)
-            k_hi = tl.load(SOFF + span + 1)
-            pair = (kvh % HI) * n_spans + span
-            j_lo = tl.load(POFF + pair) + (item - first_item) * PER_ITEM
-            j_hi = tl.minimum(j_lo + PER_ITEM, tl.load(POFF + pair + 1))
+            kvh, k0, k_hi, j_lo, j_hi = _work_item(item, CUM_ITEMS, CH_SPAN, CH_START, SOFF, POFF, n_slots,
+                                                   n_chunk_slots, n_spans, HI, PER_ITEM, SEARCH_STEPS)
             kn = k0 + tl.arange(0, BK)
             kmask = kn < k_hi
             part_keys = k0 + BK > k_hi

@@ -26,6 +26,8 @@ try:
 except ImportError:  # pragma: no cover - older triton without Gluon
     gluon = None
 
+from kernels.span_work import _work_item
+
 STAGES = 2  # shared-memory ring of q / dO tiles (2, 3 and 4 time the same on an H200)
 
 
@@ -47,33 +49,35 @@ def span_dkdv_hopper(grid: tuple, args: tuple, constexprs: dict) -> None:
 if gluon is not None:
 
     @gluon.jit
+    def _tile_rows(QIDX, PQ, j0, j_hi, kvh, HQ: gl.constexpr, G: gl.constexpr, R: gl.constexpr,
+                   HAS_QIDX: gl.constexpr, layout: gl.constexpr):
+        """The R q rows of a tile, laid out along dim 0 of ``layout``: (row numbers in the [N * Hq] rows of q,
+        valid) for the queries PQ[j0 : j0 + R // G] (valid while < j_hi) x the G q heads of KV head kvh."""
+        r = gl.arange(0, R, gl.SliceLayout(1, layout))
+        jj = j0 + r // G
+        valid = jj < j_hi
+        qrow = gl.load(PQ + jj, mask=valid, other=0)
+        if HAS_QIDX:
+            qrow = gl.load(QIDX + qrow, mask=valid, other=0)
+        return qrow * HQ + kvh * G + r % G, valid
+
+    @gluon.jit
     def _copy_tile(Q, DO, COLS, QIDX, PQ, q_buf, do_buf, xl_buf, xd_buf, j0, j_hi, kvh,
                    HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, R: gl.constexpr, HAS_QIDX: gl.constexpr,
                    ROWS_L: gl.constexpr, COLS_L: gl.constexpr):
-        """Start the cp.async copies of one tile into its buffers: the q and dO rows [R, D] of the queries
-        PQ[j0 : j0 + R // G] x the G q heads of KV head kvh, and their folded columns [R, 16] each; rows
-        past j_hi are zero-filled. One commit group."""
-        r = gl.arange(0, R, gl.SliceLayout(1, ROWS_L))
-        jj = j0 + r // G
-        jm = jj < j_hi
-        qrow = gl.load(PQ + jj, mask=jm, other=0)
-        if HAS_QIDX:
-            qrow = gl.load(QIDX + qrow, mask=jm, other=0)
+        """Start the cp.async copies of one tile into its buffers: the q and dO rows [R, D] and their folded
+        columns [R, 16] each (see _tile_rows); rows past j_hi are zero-filled. One commit group."""
+        row, valid = _tile_rows(QIDX, PQ, j0, j_hi, kvh, HQ, G, R, HAS_QIDX, ROWS_L)
         d = gl.arange(0, D, gl.SliceLayout(0, ROWS_L))
-        off = ((qrow * HQ + kvh * G + r % G) * D)[:, None] + d[None, :]
-        async_copy.async_copy_global_to_shared(q_buf, Q + off, mask=jm[:, None])
-        async_copy.async_copy_global_to_shared(do_buf, DO + off, mask=jm[:, None])
-        rc = gl.arange(0, R, gl.SliceLayout(1, COLS_L))
-        jc = j0 + rc // G
-        jcm = jc < j_hi
-        qc = gl.load(PQ + jc, mask=jcm, other=0)
-        if HAS_QIDX:
-            qc = gl.load(QIDX + qc, mask=jcm, other=0)
+        off = (row * D)[:, None] + d[None, :]
+        async_copy.async_copy_global_to_shared(q_buf, Q + off, mask=valid[:, None])
+        async_copy.async_copy_global_to_shared(do_buf, DO + off, mask=valid[:, None])
+        row, valid = _tile_rows(QIDX, PQ, j0, j_hi, kvh, HQ, G, R, HAS_QIDX, COLS_L)
         e = gl.arange(0, 16, gl.SliceLayout(0, COLS_L))
-        coff = ((qc * HQ + kvh * G + rc % G) * 16)[:, None] + e[None, :]
-        cmask = jcm[:, None] & (e[None, :] < 8)
-        async_copy.async_copy_global_to_shared(xl_buf, COLS + coff, mask=cmask)
-        async_copy.async_copy_global_to_shared(xd_buf, COLS + coff + 8, mask=cmask)
+        off = (row * 16)[:, None] + e[None, :]
+        mask = valid[:, None] & (e[None, :] < 8)
+        async_copy.async_copy_global_to_shared(xl_buf, COLS + off, mask=mask)
+        async_copy.async_copy_global_to_shared(xd_buf, COLS + off + 8, mask=mask)
         async_copy.commit_group()
 
     @gluon.jit
@@ -107,24 +111,8 @@ if gluon is not None:
         n_items = gl.load(CUM_ITEMS + n_slots - 1)
         item = gl.atomic_add(NEXT_ITEM, 1)
         while item < n_items:
-            lo = 0
-            hi = n_slots
-            for _ in gl.static_range(SEARCH_STEPS):  # first slot whose running count exceeds item
-                active = lo < hi
-                mid = (lo + hi) // 2
-                right = active & (gl.load(CUM_ITEMS + mid, mask=active, other=0) <= item)
-                hi = gl.where(active & ~right, mid, hi)
-                lo = gl.where(right, mid + 1, lo)
-            slot = lo
-            first_item = gl.load(CUM_ITEMS + slot - 1, mask=slot > 0, other=0)
-            kvh = slot // n_chunk_slots
-            c = slot % n_chunk_slots
-            span = gl.load(CH_SPAN + c)
-            k0 = gl.load(CH_START + c)
-            k_hi = gl.load(SOFF + span + 1)
-            pair = (kvh % HI) * n_spans + span
-            j_lo = gl.load(POFF + pair) + (item - first_item) * PER_ITEM
-            j_hi = gl.minimum(j_lo + PER_ITEM, gl.load(POFF + pair + 1))
+            kvh, k0, k_hi, j_lo, j_hi = _work_item(item, CUM_ITEMS, CH_SPAN, CH_START, SOFF, POFF, n_slots,
+                                                   n_chunk_slots, n_spans, HI, PER_ITEM, SEARCH_STEPS)
             part_keys = k0 + BK > k_hi
 
             kn = k0 + gl.arange(0, BK, gl.SliceLayout(1, ROWS_L))
