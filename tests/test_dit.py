@@ -128,8 +128,8 @@ def test_span_attention_kernel_matches_torch_kernel():
         outs[kernel].square().sum().backward()
         grads[kernel] = [p.grad for p in model.parameters()]
     torch.testing.assert_close(outs["span"], outs["torch"], atol=1e-4, rtol=1e-4)
-    for a, b in zip(grads["span"], grads["torch"]):
-        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    for a, b in zip(grads["span"], grads["torch"]):  # entries near 0 in gradients of scale ~500 carry fp32
+        torch.testing.assert_close(a, b, atol=2e-5 * b.abs().max().item(), rtol=1e-3)  # sums' noise, ~1e-3
 
 
 def test_sparse_conditions_and_checkpointing_match():
