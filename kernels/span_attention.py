@@ -46,7 +46,6 @@ except ImportError:  # pragma: no cover - triton is optional on CPU machines
     triton = None
 
 from kernels.span_dkdv_hopper import hopper_dkdv_usable, span_dkdv_hopper
-from kernels.span_work import _work_item
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -230,6 +229,8 @@ def span_attention_reference(q, k, v, idx, span_offsets, scale=None):
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 if triton is not None:
+    from kernels.span_work import _work_item
+
     @triton.jit
     def _sort_rows_minmax(x, TT: tl.constexpr, W: tl.constexpr, LOG_W: tl.constexpr):
         """x [TT, W] sorted ascending along dim 1: the bitonic network of tl.sort with each compare-exchange
@@ -405,7 +406,9 @@ if triton is not None:
     @triton.jit
     def _split3(x, e):
         """x [R] fp32 -> [R, E]: three bf16-exact terms hi + mid + lo = x (24 bits) in columns 0..2, zeros
-        elsewhere (non-finite x: x, 0, 0). A matmul against -1s in those columns subtracts x in fp32."""
+        elsewhere (non-finite x: x, 0, 0). A matmul against -1s in those columns subtracts x in fp32. The
+        terms are exact in bf16, tf32 and fp32, and in fp16 while |x| < 65504 (a log-sum-exp over the scale
+        of that size means raw scores beyond 10^4)."""
         finite = tl.abs(x) < float("inf")
         xf = tl.where(finite, x, 0.0)
         hi = xf.to(tl.bfloat16).to(tl.float32)

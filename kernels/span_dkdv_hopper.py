@@ -26,8 +26,6 @@ try:
 except ImportError:  # pragma: no cover - older triton without Gluon
     gluon = None
 
-from kernels.span_work import _work_item
-
 STAGES = 2  # shared-memory ring of q / dO tiles (2, 3 and 4 time the same on an H200)
 
 
@@ -47,6 +45,7 @@ def span_dkdv_hopper(grid: tuple, args: tuple, constexprs: dict) -> None:
 
 
 if gluon is not None:
+    from kernels.span_work import _work_item
 
     @gluon.jit
     def _tile_rows(QIDX, PQ, j0, j_hi, kvh, HQ: gl.constexpr, G: gl.constexpr, R: gl.constexpr,
