@@ -80,11 +80,6 @@ _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z
 _BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]\s+)?BRA\s+(?:!?U?P[T\d], )?0x([0-9a-f]+)")
 
 
-def instructions(sass: str) -> list[tuple[int, str]]:
-    """(address, opcode) of every instruction."""
-    return [(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION.search, sass.splitlines()) if m]
-
-
 def _innermost_span(sass: str) -> tuple[int, int]:
     """Address range of the shortest loop: a backward branch and the instructions it jumps over ((0, -1): none)."""
     loops = [(int(m.group(2), 16), int(m.group(1), 16)) for m in map(_BRANCH.search, sass.splitlines())
@@ -95,8 +90,7 @@ def _innermost_span(sass: str) -> tuple[int, int]:
 def innermost_loop(sass: str) -> collections.Counter:
     """Opcode counts of the shortest loop, every instruction of the body counted once, the masking of partial
     chunks included (interior chunks skip it)."""
-    lo, hi = _innermost_span(sass)
-    return collections.Counter(op for addr, op in instructions(sass) if lo <= addr <= hi)
+    return collections.Counter(op for op, _ in _loop_opcodes(sass))
 
 
 def wgmma_before_wait(sass: str) -> int:

@@ -106,7 +106,7 @@ def kernel_ms(fn, reps: int = 5) -> dict[str, float]:
 
 
 def run_variant(var: Variant, device, baseline: dict) -> dict:
-    originals = {name: getattr(sa, name) for name in KERNELS}
+    originals = {name: getattr(sa, name) for name in KERNELS + ("HOPPER_DKDV",)}
     row = asdict(var)
     try:
         if var.fwd_warps:
@@ -143,9 +143,8 @@ def run_variant(var: Variant, device, baseline: dict) -> dict:
     except Exception as e:  # recorded; the next variant runs
         row["error"] = f"{type(e).__name__}: {e}"[:300]
     finally:
-        for name, kernel in originals.items():
-            setattr(sa, name, kernel)
-        sa.HOPPER_DKDV = True
+        for name, value in originals.items():  # the kernels and the Gluon switch
+            setattr(sa, name, value)
     return row
 
 

@@ -192,7 +192,7 @@ def test_dkdv_tiles_below_64_keys_are_refused_on_hopper():
     (SSAConfig(m_cmp=4, m_slc=8, topk=4, window_shift=4), 32, 2, 32, torch.bfloat16),  # shifted windows: q_index
     (SSAConfig(m_cmp=8, m_slc=8, topk=8, shared_topk=True), 16, 1, 64, torch.float16),  # head dim 64, fp16
 ])
-def test_hopper_dkdv_kernel_matches_the_triton_kernel(cfg, hq, hkv, d, dtype):
+def test_hopper_dkdv_kernel_matches_the_triton_kernel(cfg, hq, hkv, d, dtype, monkeypatch):
     """SSA's backward (three gated branches sharing dQ) with the Gluon dK/dV kernel against the same backward
     with the Triton dK/dV kernel: same selections, so the gradients agree up to the fp32 atomics' order."""
     import kernels.span_attention as sa
@@ -202,12 +202,9 @@ def test_hopper_dkdv_kernel_matches_the_triton_kernel(cfg, hq, hkv, d, dtype):
     gout = torch.randn(lay.num_tokens, hq, d, device="cuda", dtype=dtype)
     grads = {}
     for hopper in (True, False):
-        sa.HOPPER_DKDV = hopper
-        try:
-            leaves = [t.clone().requires_grad_() for t in ins]
-            spatial_sparse_attention(*leaves, lay, cfg).backward(gout)
-        finally:
-            sa.HOPPER_DKDV = True
+        monkeypatch.setattr(sa, "HOPPER_DKDV", hopper)
+        leaves = [t.clone().requires_grad_() for t in ins]
+        spatial_sparse_attention(*leaves, lay, cfg).backward(gout)
         grads[hopper] = [t.grad for t in leaves]
     for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gates"), grads[True], grads[False]):
         assert torch.isfinite(a).all(), name
