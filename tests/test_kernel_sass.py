@@ -2,7 +2,9 @@
 into the code the GPU timings rely on: wgmma tensor-core instructions, no register spills in the forward,
 dQ and Gluon dK/dV kernels, one exp2 per score in each kernel's inner loop, an inner loop that stays short,
 and the Gluon kernel's asynchronous schedule. Runs
-the tool in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled)."""
+the tool in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled). Also: the forward
+ablations of benchmarks/span_forward_ablation.py still find the kernel lines they replace."""
+import inspect
 import json
 import os
 import subprocess
@@ -47,3 +49,16 @@ def test_gluon_dkdv_issues_both_score_matmuls_before_waiting(rows):
     together, where the Triton loop waits after the first matmul's instructions."""
     assert rows["dK-dV (Gluon)"]["wgmma_before_wait"] >= 6
     assert rows["dK-dV"]["wgmma_before_wait"] < rows["dK-dV (Gluon)"]["wgmma_before_wait"]
+
+
+def test_forward_ablations_find_their_lines(tmp_path):
+    """benchmarks/span_forward_ablation.py times the forward kernel with one line replaced: each line must still
+    be in the kernel (else the benchmark stops and names ABLATIONS), and the rewritten kernel must load."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import span_forward_ablation as ablation
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for label, (old, new) in ablation.ABLATIONS.items():
+        source = inspect.getsource(ablation.ablated_kernel(label, str(tmp_path)).fn)
+        assert new in source and old not in source, label
