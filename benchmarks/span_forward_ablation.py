@@ -6,8 +6,8 @@ as it is and with one part of its loop removed, in the same process:
 - *no P @ V*: the second matmul dropped (and with it the V copies and the bf16 pack of P);
 - *128 keys per step*: the library's ``block_k`` at 128 instead of 64.
 The ablated kernels compute wrong outputs on purpose; only their time is reported. The variants are the
-library's kernel source with one line replaced (an assertion checks the line is there), compiled from a
-temporary module. The probe measures the SFU's exp2 rate with 4 independent exp2 chains per thread.
+library's kernel source with one line replaced (the benchmark stops if the line is gone; a CPU test checks it),
+compiled from a temporary module. The probe measures the SFU's exp2 rate with 4 independent exp2 chains per thread.
 Usage: python benchmarks/span_forward_ablation.py --out ablation.json
 """
 from __future__ import annotations
