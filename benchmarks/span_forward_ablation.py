@@ -91,7 +91,6 @@ def main() -> None:
                          check_unique=False)
     scale = q.shape[-1] ** -0.5
     exps = sum(int(n) ** 2 for n in cu_q.diff()) * q.shape[1]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         variants = [("default", sa._span_fwd_kernel, 64)]
@@ -112,7 +111,7 @@ def main() -> None:
     rows.append(probe)
     print(json.dumps(rows[-1]), flush=True)
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(device), "sms": sms, "rows": rows}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(device), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
