@@ -6,7 +6,8 @@ forward+backward medians (``triton.testing.do_bench``), the time of each kernel 
 steps), and the largest relative L2 difference of o, dQ, dK, dV from the default tiles; the default's output is
 also checked against the float64 reference on 256 queries. A variant sets the forward/dQ tile (queries per tile,
 keys per step), the dK/dV tile (queries x keys) and, where given, the warps of those kernels (the library
-derives them from the rows of a tile), and which dK/dV kernel runs on Hopper (the Gluon one by default, or
+derives them from the rows of a tile), a register cap of the forward/dQ kernels (ptxas ``maxnreg``: more CTAs per
+multiprocessor, at the price of spills where the cap is below what the kernel needs), and which dK/dV kernel runs on Hopper (the Gluon one by default, or
 the Triton one). Rows = queries x the q heads of a KV head.
 Usage: python benchmarks/span_tiles.py --out tiles.json
 """
@@ -35,6 +36,7 @@ class Variant:
     block_m: int | None = None  # queries per forward / dQ tile
     block_k: int = 64  # keys per forward / dQ step
     fwd_warps: int | None = None
+    fwd_maxnreg: int | None = None  # register cap of the forward / dQ kernels (more CTAs per SM, maybe spills)
     block_q: int | None = None  # queries per dK/dV step
     block_kv: int = 64  # keys per dK/dV tile
     dkdv_warps: int | None = None
@@ -48,6 +50,10 @@ VARIANTS = [
     Variant("fwd/dQ 128 rows x 128 keys, 8 warps", "self", block_m=8, block_k=128, fwd_warps=8),
     Variant("fwd/dQ 256 rows, 8 warps", "self", block_m=16, fwd_warps=8),
     Variant("fwd/dQ 32 keys per step", "self", block_k=32),
+    Variant("fwd/dQ 96 registers (5 CTAs per SM)", "self", fwd_maxnreg=96),
+    Variant("fwd/dQ 80 registers (6 CTAs per SM)", "self", fwd_maxnreg=80),
+    Variant("fwd/dQ 32 keys per step, 64 registers (8 CTAs per SM)", "self", block_k=32, fwd_maxnreg=64),
+    Variant("fwd/dQ 128 rows, 4 warps (two m64 tiles per warpgroup)", "self", block_m=8, fwd_warps=4),
     Variant("dK/dV 64 rows x 64 keys", "self", block_q=4),
     Variant("dK/dV 32 rows x 64 keys", "self", block_q=2),
     Variant("dK/dV 128 rows x 128 keys, 8 warps", "self", block_q=8, block_kv=128, dkdv_warps=8),
@@ -56,6 +62,8 @@ VARIANTS = [
     Variant("default", "cross"),
     Variant("Triton dK/dV kernel", "cross", hopper_dkdv=False),
     Variant("fwd/dQ 128 rows, 8 warps", "cross", block_m=128, fwd_warps=8),
+    Variant("fwd/dQ 96 registers (5 CTAs per SM)", "cross", fwd_maxnreg=96),
+    Variant("fwd/dQ 80 registers (6 CTAs per SM)", "cross", fwd_maxnreg=80),
     Variant("dK/dV 64 rows x 64 keys", "cross", block_q=64),
     Variant("dK/dV 128 rows x 128 keys, 8 warps", "cross", block_q=128, block_kv=128, dkdv_warps=8),
 ]
@@ -109,9 +117,11 @@ def run_variant(var: Variant, device, baseline: dict) -> dict:
     originals = {name: getattr(sa, name) for name in KERNELS + ("HOPPER_DKDV",)}
     row = asdict(var)
     try:
-        if var.fwd_warps:
+        fwd_options = {key: value for key, value in (("num_warps", var.fwd_warps), ("maxnreg", var.fwd_maxnreg))
+                       if value}
+        if fwd_options:
             for name in KERNELS[:2]:
-                setattr(sa, name, _LaunchOptions(originals[name], num_warps=var.fwd_warps))
+                setattr(sa, name, _LaunchOptions(originals[name], **fwd_options))
         if var.dkdv_warps:
             sa._span_bwd_dkdv_kernel = _LaunchOptions(originals[KERNELS[2]], num_warps=var.dkdv_warps)
         sa.HOPPER_DKDV = var.hopper_dkdv
