@@ -4,9 +4,11 @@ Times the Triton forward kernel (self-attention, 3 x 10,655 tokens, 32 q heads, 
 as it is and with one part of its loop removed, in the same process:
 - *no exp2*: p = a linear function of the score instead of exp2 (no SFU work; the rest of the loop unchanged);
 - *no P @ V*: the second matmul dropped (and with it the V copies and the bf16 pack of P);
+- *no running max*: the row maximum fixed at 0, so the row max, its shuffles and the rescaling of the
+  accumulator drop out of the loop (what a forward that subtracts a precomputed bound on the scores would save);
 - *128 keys per step*: the library's ``block_k`` at 128 instead of 64.
 The ablated kernels compute wrong outputs on purpose; only their time is reported. The variants are the
-library's kernel source with one line replaced (the benchmark stops if the line is gone; a CPU test checks it),
+library's kernel source with one or two lines replaced (the benchmark stops if a line is gone; a CPU test checks it),
 compiled from a temporary module. The probe measures the SFU's exp2 rate with 4 independent exp2 chains per thread.
 Usage: python benchmarks/span_forward_ablation.py --out ablation.json
 """
@@ -27,27 +29,30 @@ import kernels.span_attention as sa
 from span_tiles import problem
 
 KERNEL = "_span_fwd_kernel"
-ABLATIONS = {  # label: (line of the kernel, its replacement)
-    "no exp2": ("p = tl.math.exp2(s * sm_scale_log2 - m_new[:, None])",
-                "p = (s * sm_scale_log2 - m_new[:, None]) * 0.001"),
-    "no P @ V": ("acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)", "acc = acc * alpha[:, None]"),
+ABLATIONS = {  # label: [(line of the kernel, its replacement), ...]
+    "no exp2": [("p = tl.math.exp2(s * sm_scale_log2 - m_new[:, None])",
+                 "p = (s * sm_scale_log2 - m_new[:, None]) * 0.001")],
+    "no P @ V": [("acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)", "acc = acc * alpha[:, None]")],
+    "no running max": [("m_i = tl.full([R], -1.0e30, tl.float32)", "m_i = tl.zeros([R], tl.float32)"),
+                       ("m_new = tl.maximum(m_i, tl.max(s, 1) * sm_scale_log2)", "m_new = m_i")],
 }
 
 
 def ablated_kernel(label: str, directory: str):
-    """The forward kernel with the line of ``ABLATIONS[label]`` replaced, compiled from a module in ``directory``."""
+    """The forward kernel with the lines of ``ABLATIONS[label]`` replaced, compiled from a module in ``directory``."""
     source = inspect.getsource(sa)
     start = source.index(f"    @triton.jit\n    def {KERNEL}(")
     end = source.index("    @triton.jit\n", start + 1)
     body = "\n".join(line[4:] for line in source[start:end].splitlines())  # out of the `if triton` block
-    old, new = ABLATIONS[label]
-    if old not in body:
-        raise RuntimeError(f"{KERNEL} no longer contains {old!r}; update ABLATIONS")
+    for old, new in ABLATIONS[label]:
+        if old not in body:
+            raise RuntimeError(f"{KERNEL} no longer contains {old!r}; update ABLATIONS")
+        body = body.replace(old, new)
     name = "ablation_" + "".join(c if c.isalnum() else "_" for c in label)
     path = os.path.join(directory, name + ".py")
     with open(path, "w") as f:
         f.write("import triton\nimport triton.language as tl\nfrom kernels.span_attention import _query_rows, _tile_span\n")
-        f.write(body.replace(old, new))
+        f.write(body)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
