@@ -103,8 +103,8 @@ def overlap_rows(device) -> list[dict]:
         y = torch.empty(programs, 64, 32, device=device)
         expected = PROBE_ITERATIONS * (a.float() @ b.float())
         for mma in (MMA_NONE, MMA_RS, MMA_SS):
-            for work, exp in PROBE_WORK if mma == MMA_NONE else [(0, False)] + PROBE_WORK[1:]:
-                if mma == MMA_NONE and work == 0:
+            for work, exp in PROBE_WORK:
+                if mma == MMA_NONE and work == 0:  # nothing to time
                     continue
                 run = lambda: _overlap_probe[(programs,)](a, b, x, c, y, N_ITER=PROBE_ITERATIONS, K=k, N=n, MMA=mma,
                                                           WORK=work, EXP=exp, num_warps=4)
@@ -144,8 +144,9 @@ def attention_rows(device, exp2_per_s: float) -> list[dict]:
         dense = lambda t: t.view(BATCH, TOKENS, heads, d).transpose(1, 2)
         undense = lambda t: t.transpose(1, 2).reshape(n_all, heads, d)
         expand = lambda t: t.repeat_interleave(heads // 2, dim=1)  # 2 KV heads -> one per q head, for the checks
+        # name: (attention, its K and V, exps per score forward + backward, SDPA backend)
         kernels = {"span kernel (ours, 2 KV heads)": (lambda qq, kk, vv: sa.span_attention(qq, kk, vv, plan)[0],
-                                                      (k2, v2), 3, None)}  # exps per score fwd+bwd
+                                                      (k2, v2), 3, None)}
         for name, backend in (("FlashAttention-2 (SDPA)", SDPBackend.FLASH_ATTENTION),
                               ("cuDNN (SDPA)", SDPBackend.CUDNN_ATTENTION)):
             kernels[name] = (lambda qq, kk, vv: undense(F.scaled_dot_product_attention(dense(qq), dense(kk), dense(vv))),

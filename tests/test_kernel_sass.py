@@ -67,7 +67,7 @@ def test_forward_ablations_find_their_lines(tmp_path):
 
 
 PROBE_CHECK = """
-import itertools, json
+import json
 import kernel_sass as ks, attention_bounds as ab
 sig = {"A": "*bf16", "B": "*bf16", "X": "*fp32", "C": "*fp32", "Y": "*fp32"}
 out = {}
@@ -88,6 +88,8 @@ def test_overlap_probe_runs_its_alu_work_while_the_wgmma_is_in_flight():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, "-c", PROBE_CHECK], env=env, capture_output=True, text=True)
+    if run.returncode and "not found" in run.stderr:  # no ptxas / cuobjdump in this triton wheel
+        pytest.skip(run.stderr.strip()[-300:])
     assert run.returncode == 0, run.stderr[-2000:]
     for variant, ops in json.loads(run.stdout).items():
         first_mma = ops.index("HGMMA")
