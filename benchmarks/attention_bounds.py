@@ -149,8 +149,8 @@ def attention_rows(device, exp2_per_s: float) -> list[dict]:
                                                       (k2, v2), 3, None)}
         for name, backend in (("FlashAttention-2 (SDPA)", SDPBackend.FLASH_ATTENTION),
                               ("cuDNN (SDPA)", SDPBackend.CUDNN_ATTENTION)):
-            kernels[name] = (lambda qq, kk, vv: undense(F.scaled_dot_product_attention(dense(qq), dense(kk), dense(vv))),
-                             (k, v), 2, backend)
+            sdpa = lambda qq, kk, vv: undense(F.scaled_dot_product_attention(dense(qq), dense(kk), dense(vv)))
+            kernels[name] = (sdpa, (k, v), 2, backend)
         scores = BATCH * heads * TOKENS ** 2
         flops = 4.0 * scores * d
         reference = None

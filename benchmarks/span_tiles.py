@@ -6,9 +6,9 @@ forward+backward medians (``triton.testing.do_bench``), the time of each kernel 
 steps), and the largest relative L2 difference of o, dQ, dK, dV from the default tiles; the default's output is
 also checked against the float64 reference on 256 queries. A variant sets the forward/dQ tile (queries per tile,
 keys per step), the dK/dV tile (queries x keys) and, where given, the warps of those kernels (the library
-derives them from the rows of a tile), a register cap of the forward/dQ kernels (ptxas ``maxnreg``: more CTAs per
-multiprocessor, at the price of spills where the cap is below what the kernel needs), and which dK/dV kernel runs on Hopper (the Gluon one by default, or
-the Triton one). Rows = queries x the q heads of a KV head.
+derives them from the rows of a tile), a register cap of the forward/dQ kernels (ptxas ``maxnreg``: more
+CTAs per multiprocessor, at the price of spills where the cap is below what the kernel needs), and which dK/dV
+kernel runs on Hopper (the Gluon one by default, or the Triton one). Rows = queries x the q heads of a KV head.
 Usage: python benchmarks/span_tiles.py --out tiles.json
 """
 from __future__ import annotations
