@@ -32,6 +32,7 @@ from d3ds2.attention import varlen as varlen_module
 from d3ds2.attention import varlen_attention
 from d3ds2.models.sparse_dit import SparseDiT
 from d3ds2.sparse import SparseTensor
+import kernels.span_attention as span_kernels
 from kernels.modulation import (gated_residual, gated_residual_reference, modulated_layer_norm,
                                 modulated_layer_norm_reference)
 
@@ -346,6 +347,8 @@ def main() -> None:
     ap.add_argument("--modes", default="full,ssa")
     ap.add_argument("--profile-out", default=None, help="also profile one step of the first mode at 10,655 tokens")
     ap.add_argument("--compile-row", action="store_true", help="one extra row: full, 10,655, blocks torch.compile'd")
+    ap.add_argument("--online-forward-row", action="store_true",
+                    help="per '-span' mode and token count, one more row with the online-softmax span forward")
     ap.add_argument("--time-budget", type=float, default=330.0, help="seconds after which optional parts are skipped")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -372,8 +375,13 @@ def main() -> None:
     for mode in modes:  # full first: the rows of the MFU target come before the rest
         model, opt = build(mode, device)
         for n in map(int, args.tokens.split(",")):
-            for ckpt in (False, True):
-                r = bench_row(model, opt, mode, ckpt, n, device)
+            rows = [(mode, False), (mode, True)]
+            if args.online_forward_row and mode.endswith("span"):
+                rows.append((mode + " (online-softmax forward)", False))
+            for label, ckpt in rows:
+                span_kernels.BOUNDED_FORWARD = "online" not in label
+                r = bench_row(model, opt, label, ckpt, n, device)
+                span_kernels.BOUNDED_FORWARD = True
                 r["elapsed_s"] = time.perf_counter() - t0
                 print(json.dumps(r), flush=True)
                 report["results"].append(r)

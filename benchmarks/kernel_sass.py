@@ -114,16 +114,20 @@ def per_score(kernel: Compiled, count: int) -> float:
 
 
 def span_kernels(keep: str | None = None) -> list[Compiled]:
-    """The forward, dQ and dK/dV kernels at the default tiles of :func:`kernels.span_attention.span_attention`."""
+    """The forward (bounded and online softmax), dQ and dK/dV kernels at the default tiles of
+    :func:`kernels.span_attention.span_attention`."""
     g = HQ // HKV
     bm, bk, bq, bkv = sa.default_block_m(g, 1), 64, max(1, 128 // g), 64
     shapes = dict(HQ=HQ, HKV=HKV, G=g, D=D, HAS_QIDX=False)
     plan = dict(QIDX="*i32", IDX="*i32", UNION="*i32", UCNT="*i32", UFULL="*i8", SOFF="*i32", n_q="i32",
                 n_tiles="i32")
     tiles = dict(HI=1, TOPK=1, TOPK_P=1, UMAX=bm, BM=bm, BK=bk)
-    fwd = compile_sm90("forward", sa._span_fwd_kernel,
-                       {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", **plan,
-                        "sm_scale_log2": "fp32"}, {**shapes, **tiles}, sa._num_warps(bm * g, D), bm * g * bk, keep)
+    plan_ids = {name: t for name, t in plan.items() if name not in ("n_q", "n_tiles")}
+    fwd_signature = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", **plan_ids,
+                     "KB": "*fp32", "REDO": "*i32", "n_q": "i32", "n_tiles": "i32", "sm_scale_log2": "fp32"}
+    fwd = [compile_sm90(name, sa._span_fwd_kernel, fwd_signature, {**shapes, **tiles, "MODE": mode},
+                        sa._num_warps(bm * g, D), bm * g * bk, keep)
+           for name, mode in (("forward (bounded)", 1), ("forward (online softmax)", 0))]
     dq = compile_sm90("dQ", sa._span_bwd_dq_kernel,
                       {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "LSE": "*fp32",
                        "DELTA": "*fp32", "COLS": "*bf16", "DQ": "*bf16", **plan, "sm_scale": "fp32", "sm_scale_log2": "fp32"},
@@ -137,19 +141,20 @@ def span_kernels(keep: str | None = None) -> list[Compiled]:
                         bq * g * bkv, keep)
     hopper_dkdv = compile_sm90("dK-dV (Gluon)", hopper._span_dkdv_hopper_kernel, dkdv_signature,
                                {**dkdv_shape, "STAGES": hopper.STAGES}, 4, bq * g * bkv, keep, gluon=True)
-    return [fwd, dq, dkdv, hopper_dkdv]
+    return [*fwd, dq, dkdv, hopper_dkdv]
 
 
 def summary(kernels: list[Compiled]) -> list[dict]:
     """Per kernel: resources, wgmma shapes and the innermost loop's instructions per score and thread (all,
-    exp2 on the SFU, bf16 packs)."""
+    exp2 on the SFU, bf16 packs, and per opcode)."""
     rows = []
     for k in kernels:
         loop = innermost_loop(k.sass)
         rows.append(dict(kernel=k.name, warps=k.num_warps, registers=k.registers, spill_bytes=k.stack,
                          shared_kib=k.shared / 1024, wgmma=sorted(set(re.findall(r"HGMMA\.(\d+x\d+x\d+)", k.sass))),
                          per_score=per_score(k, sum(loop.values())), exp2_per_score=per_score(k, loop["MUFU"]),
-                         packs_per_score=per_score(k, loop["F2FP"]), wgmma_before_wait=wgmma_before_wait(k.sass)))
+                         packs_per_score=per_score(k, loop["F2FP"]), wgmma_before_wait=wgmma_before_wait(k.sass),
+                         opcodes_per_score={op: round(per_score(k, n), 3) for op, n in loop.most_common()}))
     return rows
 
 

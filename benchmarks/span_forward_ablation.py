@@ -1,7 +1,8 @@
 """What bounds the span-attention forward kernel at the SS-DiT's shapes (GPU): ablations and an SFU probe.
 
 Times the Triton forward kernel (self-attention, 3 x 10,655 tokens, 32 q heads, 2 KV heads, head dim 32, bf16)
-as it is and with one part of its loop removed, in the same process:
+in its online-softmax mode as it is and with one part of its loop removed, and the library's bounded forward
+(no running max, see kernels/span_attention.py), in the same process:
 - *no exp2*: p = a linear function of the score instead of exp2 (no SFU work; the rest of the loop unchanged);
 - *no P @ V*: the second matmul dropped (and with it the V copies and the bf16 pack of P);
 - *no running max*: the row maximum fixed at 0, so the row max, its shuffles and the rescaling of the
@@ -51,7 +52,8 @@ def ablated_kernel(label: str, directory: str):
     name = "ablation_" + "".join(c if c.isalnum() else "_" for c in label)
     path = os.path.join(directory, name + ".py")
     with open(path, "w") as f:
-        f.write("import triton\nimport triton.language as tl\nfrom kernels.span_attention import _query_rows, _tile_span\n")
+        f.write("import triton\nimport triton.language as tl\n"
+                "from kernels.span_attention import BOUND_SUM_MIN, _query_rows, _tile_span\n")
         f.write(body)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -98,18 +100,20 @@ def main() -> None:
     exps = sum(int(n) ** 2 for n in cu_q.diff()) * q.shape[1]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        variants = [("default", sa._span_fwd_kernel, 64)]
-        variants += [(label, ablated_kernel(label, tmp), 64) for label in ABLATIONS]
-        variants += [("128 keys per step", sa._span_fwd_kernel, 128), ("default", sa._span_fwd_kernel, 64)]
+        variants = [("default", sa._span_fwd_kernel, 64, False)]
+        variants += [(label, ablated_kernel(label, tmp), 64, False) for label in ABLATIONS]
+        variants += [("128 keys per step", sa._span_fwd_kernel, 128, False),
+                     ("default", sa._span_fwd_kernel, 64, False),
+                     ("bounded forward (library default)", sa._span_fwd_kernel, 64, True)]
         original = sa._span_fwd_kernel
-        for label, kernel, block_k in variants:
+        for label, kernel, block_k, bounded in variants:
             sa._span_fwd_kernel = kernel
             try:
-                ms = triton.testing.do_bench(lambda: sa.span_forward(q, k, v, plan, scale, block_k), warmup=25,
-                                             rep=300, return_mode="median")
+                ms = triton.testing.do_bench(lambda: sa.span_forward(q, k, v, plan, scale, block_k, bounded=bounded),
+                                             warmup=25, rep=300, return_mode="median")
             finally:
                 sa._span_fwd_kernel = original
-            rows.append({"variant": label, "fwd_ms": ms})
+            rows.append({"variant": label, "fwd_ms": ms, "bounded": bounded})
             print(json.dumps(rows[-1]), flush=True)
     probe = exp2_rate(device, args.clock_ghz)
     probe["exp2_bound_ms"] = exps / probe["exp2_per_s"] * 1e3  # this problem's exps at the measured rate

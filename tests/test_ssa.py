@@ -58,16 +58,18 @@ def _random_spans(gen, n_spans, n_keys):
     return torch.cat([torch.tensor([0]), cuts, torch.tensor([n_keys])]).int()
 
 
-@pytest.mark.parametrize("hq,hkv,d,topk,spans,permuted", [
-    (8, 2, 16, 3, "random", False), (2, 1, 32, 1, "random", True), (4, 2, 16, 12, "random", False),
-    (4, 2, 16, 2, "shared", False), (2, 1, 16, 2, "shared", True)])
-def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, topk, spans, permuted):
+@pytest.mark.parametrize("hq,hkv,d,topk,spans,permuted,bounded", [
+    (8, 2, 16, 3, "random", False, True), (2, 1, 32, 1, "random", True, True), (4, 2, 16, 12, "random", False, True),
+    (4, 2, 16, 2, "shared", False, True), (2, 1, 16, 2, "shared", True, True), (8, 2, 16, 3, "random", True, False),
+    (4, 2, 16, 2, "shared", False, False)])
+def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, topk, spans, permuted, bounded):
     """random: each query picks random spans (1-key span, padded slot, topk > #spans); shared: every query
     picks the same two long spans, so whole chunks run the kernels' unmasked path. permuted: plan rows
-    are q rows in a shuffled order (q_index)."""
+    are q rows in a shuffled order (q_index). bounded: the forward without a running max (else online softmax)."""
     import kernels.span_attention as sa
 
     monkeypatch.setattr(sa, "ROWS_PER_ITEM", 10)  # several dK/dV work items per chunk (atomics)
+    monkeypatch.setattr(sa, "BOUNDED_FORWARD", bounded)
     nq, nk, n_spans = 37, 61, 9
     if spans == "random":
         soff = _random_spans(gen, n_spans, nk)
@@ -97,6 +99,69 @@ def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, t
     o_ref.backward(g.double())
     for a, b in zip(leaves, ref_leaves):
         _close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("hkv", [2, 3])
+def test_span_key_bounds_hold_every_key_of_each_span(gen, hkv):
+    """Per span: a center (the mean of its first 128 keys), the largest |k| and the largest |k - center|."""
+    from kernels.span_attention import span_key_bounds
+
+    nk, d = 700, 16  # spans longer than one program's 128 keys, a span of one key, an empty span
+    soff = torch.tensor([0, 300, 301, 301, 650, nk], dtype=torch.int32)
+    k = torch.randn(nk, hkv, d, generator=gen) * torch.rand(nk, hkv, 1, generator=gen) * 3 + 2
+    got = span_key_bounds(k, soff)
+    for s, (a, b) in enumerate(zip(soff[:-1].tolist(), soff[1:].tolist())):
+        if a == b:
+            assert not bool(got[s].any())
+            continue
+        center = k[a:min(b, a + 128)].mean(0)
+        assert torch.allclose(got[s, :, :d], center, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(got[s, :, d], k[a:b].norm(dim=-1).amax(0), rtol=1e-6, atol=0)
+        assert torch.allclose(got[s, :, d + 1], (k[a:b] - got[s, :, :d]).norm(dim=-1).amax(0), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("keys,loose", [("outlier 25", False), ("outlier 2000", True), ("offset 200", False)])
+def test_bounded_forward_redoes_tiles_whose_bound_is_too_loose(gen, keys, loose):
+    """Span 0's keys get a large component along a direction u every query turns away from (q.u <= -0.5):
+    *outlier*: one key of that norm, so the bound of the rows that select span 0 lies above their scores by
+    about 0.36 |q| norm log2 units: ~40, within the 64 the bounded pass keeps, or ~3000 (every p flushes to
+    zero); *offset*: all of its keys shifted by 200 u, which the bound about 0 (|q| max|k|) would miss by ~300
+    but the bound about the span's center does not. The loose tiles must be flagged, and the result must
+    match the float64 reference either way."""
+    import kernels.span_attention as sa
+
+    nq, nk, hq, hkv, d = 40, 90, 4, 2, 16
+    soff = torch.tensor([0, 30, 60, nk], dtype=torch.int32)
+    idx = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(nq)]).view(nq, 1, 2).int()
+    q = torch.randn(nq, hq, d, generator=gen)
+    k, v = (torch.randn(nk, hkv, d, generator=gen) for _ in range(2))
+    u = torch.randn(d, generator=gen)
+    u /= u.norm()
+    q -= (q @ u).clamp_min(0)[..., None] * u + 0.5 * u
+    kind, size = keys.split()
+    if kind == "outlier":
+        k[7] = float(size) * u
+    else:
+        k[:30] += float(size) * u
+    plan = plan_spans(idx, soff, block_m=4)
+    scale = d ** -0.5
+    o_ref, lse_ref = span_attention_reference(q.double(), k.double(), v.double(), idx, soff, scale)
+
+    o, lse2 = sa.span_forward(q, k, v, plan, scale, 16, bounded=True)
+    _close(o, o_ref)
+    _close(lse2 * sa.LN2, lse_ref)
+
+    o1, lse1 = torch.empty_like(q), torch.empty(nq, hq)  # the bounded pass alone, without its redo
+    redo = torch.empty(plan.union.shape[1], hkv, dtype=torch.int32)
+    sa._forward_launch(q, k, v, o1, lse1, plan, scale, 16, None, 1, sa.span_key_bounds(k, soff), redo)
+    tiles_with_span0 = (plan.union[0] == 0).any(-1)
+    flagged = tiles_with_span0[:, None].expand(-1, hkv) if loose else torch.zeros_like(redo.bool())
+    assert torch.equal(redo.bool(), flagged)
+    if loose:  # the redo is what makes it right: alone, the rows that selected span 0 lost every score
+        lost = (idx[:, 0] == 0).any(-1)
+        assert bool(torch.isinf(lse1[lost]).all()) and bool(torch.isfinite(lse1[~lost]).all())
+    else:
+        _close(o1, o_ref)
 
 
 def test_tile_unions_flag_spans_selected_by_every_query(gen):
