@@ -311,26 +311,26 @@ if triton is not None:
                                 BKEYS: tl.constexpr):
         """KB [S, HKV, D + 2] fp32 (zeroed) <- per span and KV head: a center c (the mean of the span's first
         BKEYS keys) in columns 0..D-1, max |k| in column D and max |k - c| in column D + 1, by atomic max.
-        Program (s, j) takes the key chunks j, j + SPLIT, ... of span s; every program computes the same c."""
+        Program (s, j, h) takes the key chunks j, j + SPLIT, ... of span s, head h; all compute the same c."""
         s = tl.program_id(0)
+        h = tl.program_id(2)
         lo = tl.load(SOFF + s)
         hi = tl.load(SOFF + s + 1)
         kn = tl.arange(0, BKEYS)
         d = tl.arange(0, D)
         first = lo + kn < hi
-        for h in tl.static_range(HKV):
-            x0 = tl.load(K + ((lo + kn)[:, None] * HKV + h) * D + d[None, :], mask=first[:, None], other=0.0)
-            center = tl.sum(x0.to(tl.float32), 0) / tl.maximum(tl.sum(first.to(tl.float32), 0), 1.0)
-            row = KB + (s * HKV + h) * (D + 2)
-            if tl.program_id(1) == 0:
-                tl.store(row + d, center)
-            for k0 in range(lo + tl.program_id(1) * BKEYS, hi, SPLIT * BKEYS):
-                keys = k0 + kn
-                x = tl.load(K + (keys[:, None] * HKV + h) * D + d[None, :], mask=(keys < hi)[:, None],
-                            other=0.0).to(tl.float32)
-                off = tl.where((keys < hi)[:, None], x - center[None, :], 0.0)
-                tl.atomic_max(row + D, tl.max(tl.sqrt(tl.sum(x * x, 1)), 0), sem="relaxed")
-                tl.atomic_max(row + D + 1, tl.max(tl.sqrt(tl.sum(off * off, 1)), 0), sem="relaxed")
+        x0 = tl.load(K + ((lo + kn)[:, None] * HKV + h) * D + d[None, :], mask=first[:, None], other=0.0)
+        center = tl.sum(x0.to(tl.float32), 0) / tl.maximum(tl.sum(first.to(tl.float32), 0), 1.0)
+        row = KB + (s * HKV + h) * (D + 2)
+        if tl.program_id(1) == 0:
+            tl.store(row + d, center)
+        for k0 in range(lo + tl.program_id(1) * BKEYS, hi, SPLIT * BKEYS):
+            keys = k0 + kn
+            x = tl.load(K + (keys[:, None] * HKV + h) * D + d[None, :], mask=(keys < hi)[:, None],
+                        other=0.0).to(tl.float32)
+            off = tl.where((keys < hi)[:, None], x - center[None, :], 0.0)
+            tl.atomic_max(row + D, tl.max(tl.sqrt(tl.sum(x * x, 1)), 0), sem="relaxed")
+            tl.atomic_max(row + D + 1, tl.max(tl.sqrt(tl.sum(off * off, 1)), 0), sem="relaxed")
 
     @triton.jit
     def _span_fwd_kernel(Q, K, V, O, LSE, QIDX, IDX, UNION, UCNT, UFULL, SOFF, KB, REDO, n_q, n_tiles,
@@ -586,9 +586,9 @@ def span_key_bounds(k: torch.Tensor, span_offsets: torch.Tensor) -> torch.Tensor
     n_spans, hkv, d = span_offsets.numel() - 1, k.shape[1], k.shape[2]
     out = torch.zeros((n_spans, hkv, d + 2), device=k.device, dtype=torch.float32)
     if n_spans and k.shape[0]:
-        _span_key_bounds_kernel[(n_spans, KEY_BOUNDS_SPLIT)](k, span_offsets, out, HKV=hkv, D=d,
-                                                             SPLIT=KEY_BOUNDS_SPLIT, BKEYS=KEY_BOUNDS_BLOCK,
-                                                             num_warps=4)
+        grid = (n_spans, KEY_BOUNDS_SPLIT, hkv)
+        _span_key_bounds_kernel[grid](k, span_offsets, out, HKV=hkv, D=d, SPLIT=KEY_BOUNDS_SPLIT,
+                                      BKEYS=KEY_BOUNDS_BLOCK, num_warps=4)
     return out
 
 
@@ -600,11 +600,12 @@ def span_forward(q, k, v, plan: SpanPlan, scale: float, block_k: int = 64, q_ind
     written in q's row order. ``bounded`` (default ``BOUNDED_FORWARD``): offset each row's scores by a
     Cauchy-Schwarz bound on them instead of a running max (fewer instructions per score), then redo
     the tiles whose bound was too loose with the running max (a second launch; its programs exit at once
-    on the other tiles).
+    on the other tiles). Not for fp16: p = exp2(c s - b) < 1 is rounded to q's dtype for P @ V, and fp16's
+    5-bit exponent would flush what bf16 and fp32 keep.
     """
     o = torch.empty_like(q)
     lse2 = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
-    if (BOUNDED_FORWARD if bounded is None else bounded) and scale > 0:
+    if (BOUNDED_FORWARD if bounded is None else bounded) and scale > 0 and q.dtype != torch.float16:
         bounds = span_key_bounds(k, plan.span_offsets)
         redo = torch.empty((plan.union.shape[1], k.shape[1]), device=q.device, dtype=torch.int32)
         _forward_launch(q, k, v, o, lse2, plan, scale, block_k, q_index, 1, bounds, redo)

@@ -164,6 +164,27 @@ def test_bounded_forward_redoes_tiles_whose_bound_is_too_loose(gen, keys, loose)
         _close(o1, o_ref)
 
 
+def test_fp16_forward_keeps_the_online_softmax(gen):
+    """In fp16, P @ V would flush the bounded pass's p = exp2(c s - b) once the bound sits ~20 log2 units above
+    the scores (span 0's keys shifted by 40 u: ~55 for the bound about 0): the forward keeps its running max."""
+    import kernels.span_attention as sa
+
+    nq, nk, hq, hkv, d = 24, 60, 2, 1, 16
+    soff = torch.tensor([0, 30, nk], dtype=torch.int32)
+    idx = torch.zeros(nq, 1, 1, dtype=torch.int32)
+    q = torch.randn(nq, hq, d, generator=gen)
+    k, v = (torch.randn(nk, hkv, d, generator=gen) for _ in range(2))
+    u = torch.randn(d, generator=gen)
+    u /= u.norm()
+    q -= (q @ u).clamp_min(0)[..., None] * u + 0.5 * u
+    k[7] = 40 * u
+    q, k, v = (t.half() for t in (q, k, v))
+    plan = plan_spans(idx, soff, block_m=8)
+    o_ref, _ = span_attention_reference(q.double(), k.double(), v.double(), idx, soff, d ** -0.5)
+    o, _ = sa.span_forward(q, k, v, plan, d ** -0.5, 16, bounded=True)
+    _close(o, o_ref, tol=2e-3)
+
+
 def test_tile_unions_flag_spans_selected_by_every_query(gen):
     """plan_spans: per tile, the sorted unique spans and a flag where every query of the tile chose the span."""
     n, hi, topk, bm, n_spans = 23, 2, 3, 4, 5
