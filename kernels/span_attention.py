@@ -15,8 +15,12 @@ Kernel design (Triton, fp16/bf16/fp32, head dim 16..128):
   BM * G so ``tl.dot`` runs on tensor cores. The program loops over the *union* of the spans its queries
   selected (precomputed, sorted, deduplicated: O(N * TOPK) ints) in BK-key chunks; rows of queries that
   did not select a span and keys past its end are masked, and chunks where every row selected the span
-  and every key is inside it skip the masking. Online softmax in base 2, the scale folded into the
-  exponent's FMA.
+  and every key is inside it skip the masking. Softmax in base 2, the scale folded into the exponent's FMA.
+  Where the spans are long (full attention, cross-attention), the forward offsets each row's scores by a
+  precomputed bound instead of a running max, b = c * min(|q| max|k|, q.center + |q| max|k - center|)
+  over the row's spans (Cauchy-Schwarz; per-span key statistics from one small kernel), which drops the row
+  max, its shuffles and the rescaling from the loop; tiles whose bound lies more than ~64 log2 units above
+  their scores (fp32 would flush them) are redone with the online softmax by a second launch.
 - dK/dV: work items = (BK-key chunk of a span, KV head, up to 1024 of the queries that selected the span);
   the queries come from a CSR list built by one argsort of ``idx`` (the identity for spans = samples/
   windows) and are gathered BQ at a time; dK/dV accumulate in fp32 registers and are added with fp32
