@@ -378,10 +378,11 @@ def main() -> None:
             rows = [(mode, False), (mode, True)]
             if args.online_forward_row and mode.endswith("span"):
                 rows.append((mode + " (online-softmax forward)", False))
+            bounded = span_kernels.BOUNDED_FORWARD
             for label, ckpt in rows:
-                span_kernels.BOUNDED_FORWARD = "online" not in label
+                span_kernels.BOUNDED_FORWARD = bounded and "online" not in label
                 r = bench_row(model, opt, label, ckpt, n, device)
-                span_kernels.BOUNDED_FORWARD = True
+                span_kernels.BOUNDED_FORWARD = bounded
                 r["elapsed_s"] = time.perf_counter() - t0
                 print(json.dumps(r), flush=True)
                 report["results"].append(r)

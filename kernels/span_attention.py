@@ -606,11 +606,10 @@ def span_forward(q, k, v, plan: SpanPlan, scale: float, block_k: int = 64, q_ind
 
     Plan row i is q row ``q_index[i]`` (a permutation of the rows; None = identity); o and lse2 are
     written in q's row order. ``bounded`` (default: ``BOUNDED_FORWARD`` where the spans average at least
-    ``BOUNDED_MIN_KEYS`` keys): offset each row's scores by a
-    Cauchy-Schwarz bound on them instead of a running max (fewer instructions per score), then redo
-    the tiles whose bound was too loose with the running max (a second launch; its programs exit at once
-    on the other tiles). Not for fp16: p = exp2(c s - b) < 1 is rounded to q's dtype for P @ V, and fp16's
-    5-bit exponent would flush what bf16 and fp32 keep.
+    ``BOUNDED_MIN_KEYS`` keys): offset each row's scores by a Cauchy-Schwarz bound on them instead of a
+    running max (fewer instructions per score), then redo the tiles whose bound was too loose with the
+    running max (a second launch; its programs exit at once on the other tiles). Not for fp16: p = exp2(c s
+    - b) <= 1 is rounded to q's dtype for P @ V, and fp16's 5-bit exponent would flush what bf16 and fp32 keep.
     """
     o = torch.empty_like(q)
     lse2 = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
