@@ -4,6 +4,8 @@ TRITON_INTERPRET must be set before triton is first imported, hence at conftest 
 """
 import os
 
+import pytest
+
 try:
     import torch
 
@@ -13,3 +15,9 @@ except ImportError:  # pragma: no cover
 
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def gen():
+    """A CPU torch.Generator with a fresh seed per test: fresh random inputs on every run."""
+    return torch.Generator().manual_seed(torch.seed() % 2**31)

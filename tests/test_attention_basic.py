@@ -8,11 +8,6 @@ from d3ds2.attention import sparse_cross_attention, sparse_self_attention, varle
 from sparse_helpers import random_sparse
 
 
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
-
-
 def _dense_reference(q, k, v):
     """softmax(q k^T / sqrt(D)) v for one segment, GQA by repeating kv heads. [Lq, Hq, D]."""
     g = q.shape[1] // k.shape[1]

@@ -11,11 +11,6 @@ from kernels.modulation import (gated_residual, gated_residual_reference, modula
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
-
-
 def _batch(gen, counts, c):
     """Rows packed by sample (an empty sample and a 1-row sample included), per-sample rows [B, 3C]."""
     ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).int()

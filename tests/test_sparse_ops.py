@@ -25,11 +25,6 @@ SIZES = [37, 0, 90]  # batch > 1, different sizes, one empty sample
 RES = 8
 
 
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
-
-
 def _leaf(x: SparseTensor) -> SparseTensor:
     return x.replace(x.feats.clone().requires_grad_(True))
 

@@ -22,11 +22,6 @@ from d3ds2.sparse import (
 from sparse_helpers import random_sparse, read_dense, shell, to_dense
 
 
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
-
-
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_inputs_give_clear_errors():
     c = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.int32)

@@ -13,11 +13,6 @@ from kernels.ssa_topk import block_scores_reference, score_chunks, score_topk, s
 from sparse_helpers import shell
 
 
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
-
-
 def _coords(gen, shuffle=True):
     """Two shells of different sizes, a sample made of one voxel (a single 1-token block), shuffled."""
     c = torch.cat([shell(10, 3.5, 0.7, 0), shell(6, 2.0, 0.6, 1), torch.tensor([[2, 5, 6, 7]], dtype=torch.int32)])
