@@ -16,7 +16,6 @@ from d3ds2.sparse import (
     hilbert_code,
     set_backend,
     submanifold_conv,
-    window_partition,
     zorder_code,
 )
 from sparse_helpers import random_sparse, read_dense, shell, to_dense

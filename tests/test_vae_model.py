@@ -1,7 +1,6 @@
 """Sparse SDF VAE: official v1.1 sizes, shapes, posterior, chunked decoding, occupancy pruning."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from d3ds2.data.sdf_transforms import analytic_sample, collate

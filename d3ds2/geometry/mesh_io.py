@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import trimesh
 
 SUPPORTED_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".stl", ".off")

@@ -22,7 +22,7 @@ import numpy as np
 import trimesh
 from scipy import ndimage
 
-from d3ds2.geometry.sparse_sdf import CELL, candidate_cells, cell_voxel_coords, surface_distance, voxel_centres
+from d3ds2.geometry.sparse_sdf import candidate_cells, cell_voxel_coords, surface_distance, voxel_centres
 
 
 class WatertightError(RuntimeError):

@@ -15,7 +15,6 @@ from ..sparse import (
     SparseDownsample,
     SparseGroupNorm,
     SparseLayerNorm,
-    SparseLinear,
     SparseSiLU,
     SparseSubdivide,
     SparseTensor,

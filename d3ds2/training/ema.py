@@ -1,8 +1,6 @@
 """Exponential moving average of the trained ``net``'s weights, as a Lightning callback."""
 from __future__ import annotations
 
-import copy
-
 import lightning as L
 import torch
 
