@@ -269,8 +269,8 @@ def attention_microbench(device, n: int = 10655, b: int = 3) -> list[dict]:
     return results
 
 
-def profile_step(model, n: int, device, path: str | None) -> dict:
-    """CUDA time of one step by kernel group (torch.profiler), the 15 longest kernels."""
+def profile_step(model, n: int, device, path: str | None, top: int = 15) -> dict:
+    """CUDA time of one step by kernel group (torch.profiler), the ``top`` longest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     x, cond, t, target = make_batch(n, device)
@@ -312,7 +312,7 @@ def profile_step(model, n: int, device, path: str | None) -> dict:
         kernels.append((us / 1e3, key[:120], count))
     kernels.sort(reverse=True)
     res = {"tokens": n, "batch": x.batch_size, "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
-           "total_ms": sum(groups.values()), "top_kernels": [{"ms": ms, "name": k, "calls": c} for ms, k, c in kernels[:15]]}
+           "total_ms": sum(groups.values()), "top_kernels": [{"ms": ms, "name": k, "calls": c} for ms, k, c in kernels[:top]]}
     if path:
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
@@ -346,6 +346,7 @@ def main() -> None:
     ap.add_argument("--tokens", default=",".join(map(str, TABLE1)))
     ap.add_argument("--modes", default="full,ssa")
     ap.add_argument("--profile-out", default=None, help="also profile one step of the first mode at 10,655 tokens")
+    ap.add_argument("--profile-top", type=int, default=15, help="kernels listed in the profile, longest first")
     ap.add_argument("--compile-row", action="store_true", help="one extra row: full, 10,655, blocks torch.compile'd")
     ap.add_argument("--online-forward-row", action="store_true",
                     help="per '-span' mode and token count, one more row with the online-softmax span forward")
@@ -390,7 +391,7 @@ def main() -> None:
         if mode == modes[0] and args.profile_out:
             model.use_checkpoint = False
             try:
-                report["profile"] = profile_step(model, 10655, device, args.profile_out)
+                report["profile"] = profile_step(model, 10655, device, args.profile_out, args.profile_top)
                 print(json.dumps(report["profile"]["groups_ms"]), flush=True)
             except Exception as e:
                 report["profile"] = {"error": repr(e)[:400]}

@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - triton is optional on CPU machines
     triton = None
 
 from kernels.span_dkdv_hopper import hopper_dkdv_usable, span_dkdv_hopper
+from kernels.span_work import work_plan
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -72,7 +73,7 @@ class SpanPlan:
     union [Hi, T, BM*TOPK] int32 sorted unique spans of each tile (padding -1), union_count [Hi, T],
     union_full [Hi, T, BM*TOPK] int8: 1 where every query of the tile selected that span;
     pair_offsets [Hi*S+1] int32 / pair_query [P] int32: the queries that selected each (head, span);
-    work: the dK/dV kernel's chunk slots and item counts per tile shape (see ``_work_plan``).
+    work: the dK/dV kernel's chunk slots and item counts per tile shape (see :mod:`kernels.span_work`).
     """
 
     idx: torch.Tensor
@@ -649,35 +650,17 @@ INTERPRET_PROGRAMS = 3  # persistent programs under the CPU interpreter (each ta
 
 
 def _work_plan(plan: SpanPlan, block_kv: int, hkv: int, n_keys: int, per_item: int):
-    """What the persistent dK/dV kernel walks, built on the device without a host sync and cached on the plan:
-    (ch_span, ch_start) [U] int32, the span and first key of each BK-key chunk slot (U = n_keys // BK + S + 1
-    bounds the chunk count; unused slots have no work), and cum_items [Hkv * U] int32, the inclusive running
-    count of work items over the slots (KV head major): a slot of p selecting queries has ceil(p / per_item)."""
+    """The persistent dK/dV kernel's work plan (:func:`kernels.span_work.work_plan`), built on the device without
+    a host sync and cached on the plan."""
     key = (block_kv, hkv, n_keys, per_item)
-    if key in plan.work:
-        return plan.work[key]
-    soff = plan.span_offsets.long()
-    s = plan.n_spans
-    dev = soff.device
-    u = n_keys // block_kv + s + 1
-    if s == 0:  # nothing to attend to: no work
-        zeros = torch.zeros(u, dtype=torch.int32, device=dev)
-        plan.work[key] = (zeros, zeros, torch.zeros(hkv * u, dtype=torch.int32, device=dev))
-        return plan.work[key]
-    slot = torch.arange(u, device=dev)
-    n_ch = (soff[1:] - soff[:-1] + block_kv - 1) // block_kv
-    cum_ch = n_ch.cumsum(0)
-    span = torch.searchsorted(cum_ch, slot, right=True)
-    used = span < s
-    span = span.clamp(max=s - 1)
-    start = soff[span] + (slot - (cum_ch[span] - n_ch[span])) * block_kv
-    poff = plan.pairs()[0].long()
-    pair = (torch.arange(hkv, device=dev) % plan.idx.shape[1])[:, None] * s + span[None, :]  # [Hkv, U]
-    items = torch.where(used[None, :], (poff[pair + 1] - poff[pair] + per_item - 1) // per_item, 0)
-    work = (span.to(torch.int32).contiguous(), start.to(torch.int32).contiguous(),
-            items.flatten().cumsum(0).to(torch.int32).contiguous())
-    plan.work[key] = work
-    return work
+    if key not in plan.work:
+        if plan.n_spans == 0:  # nothing to attend to: no work
+            u = n_keys // block_kv + 1
+            zeros = torch.zeros(u, dtype=torch.int32, device=plan.span_offsets.device)
+            plan.work[key] = (zeros, zeros, torch.zeros(hkv * u, dtype=torch.int32, device=zeros.device))
+        else:
+            plan.work[key] = work_plan(plan.span_offsets, plan.pairs()[0], n_keys, block_kv, hkv, per_item)
+    return plan.work[key]
 
 
 HOPPER_DKDV = True  # the Gluon dK/dV kernel where it can run (sm_90, 16-bit); False: the Triton kernel (A/B timing)
