@@ -4,7 +4,8 @@ Per mode at 3 x 10,655 tokens (the rows of ``dit_step.py``): the step's wall tim
 takes to issue it (until ``train_step`` returns, before the final synchronize; it includes every wait on
 the GPU inside), the GPU kernel time and launch count (torch.profiler), and each synchronizing CUDA call
 with the line of the project that made it (``torch.cuda.set_sync_debug_mode``); optionally the operators that
-take the most host time, and the Python functions (cProfile). A step whose wall time
+take the most host time, and the Python functions (cProfile); optionally each mode again with the dK/dV work
+plan built by its PyTorch reference (the code before the one-launch kernel). A step whose wall time
 exceeds its kernel time leaves the GPU idle for the difference: launch overhead or host syncs.
 Usage: python benchmarks/dit_host_time.py --out host.json [--modes ssa-span,full-span] [--tokens 10655]
 """
@@ -21,7 +22,9 @@ import warnings
 
 import torch
 
+import kernels.span_attention as span_kernels
 from benchmarks.dit_step import build, make_batch, train_step
+from kernels.span_work import work_plan, work_plan_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,13 +124,20 @@ def main() -> None:
     ap.add_argument("--out", default="dit_host_time.json")
     ap.add_argument("--modes", default="ssa-span,full-span")
     ap.add_argument("--tokens", type=int, default=10655)
+    ap.add_argument("--reference-work-plan", action="store_true",
+                    help="per mode, a second row with the dK/dV work plan built by its PyTorch reference (~30 ops)")
     ap.add_argument("--host-ops", type=int, default=0,
                     help="also list this many operators and Python functions (cProfile) by host time")
     args = ap.parse_args()
     device = torch.device("cuda")
     rows = []
-    for mode in args.modes.split(","):
-        rows.append(measure(mode, args.tokens, device, top=args.host_ops))
+    runs = [(mode, ref) for mode in args.modes.split(",") for ref in ((False, True) if args.reference_work_plan
+                                                                       else (False,))]
+    for mode, ref in runs:
+        span_kernels.work_plan = work_plan_reference if ref else work_plan
+        rows.append(dict(measure(mode, args.tokens, device, top=args.host_ops), work_plan="reference" if ref
+                         else "kernel"))
+        span_kernels.work_plan = work_plan
         print(json.dumps(rows[-1]), flush=True)
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(device), "rows": rows}, f, indent=1)
