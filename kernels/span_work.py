@@ -61,6 +61,20 @@ def work_plan(span_offsets: torch.Tensor, pair_offsets: torch.Tensor, n_keys: in
 if triton is not None:
 
     @triton.jit
+    def _count_at_most(SORTED, n, x, STEPS: tl.constexpr):
+        """How many of the ascending values SORTED[0:n] are <= x (a scalar or a tensor of them): the first
+        index whose value exceeds x, by a binary search of STEPS >= bit_length(n) halvings."""
+        lo = x * 0
+        hi = x * 0 + n
+        for _ in tl.static_range(STEPS):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            right = active & (tl.load(SORTED + mid, mask=active, other=0) <= x)
+            hi = tl.where(active & ~right, mid, hi)
+            lo = tl.where(right, mid + 1, lo)
+        return lo
+
+    @triton.jit
     def _work_plan_kernel(SOFF, POFF, CUM_CH, CH_SPAN, CH_START, CUM_ITEMS, n_spans, n_slots, BKV: tl.constexpr,
                           PER_ITEM: tl.constexpr, HKV: tl.constexpr, HI: tl.constexpr, SEARCH_STEPS: tl.constexpr,
                           BLOCK: tl.constexpr):
@@ -78,16 +92,9 @@ if triton is not None:
         tl.debug_barrier()  # the running counts are read back by every thread below
         for u0 in range(0, n_slots, BLOCK):
             slot = u0 + r
-            lo = tl.zeros([BLOCK], tl.int32)
-            hi = tl.zeros([BLOCK], tl.int32) + n_spans
-            for _ in tl.static_range(SEARCH_STEPS):
-                active = lo < hi
-                mid = (lo + hi) // 2
-                right = active & (tl.load(CUM_CH + mid, mask=active, other=0) <= slot)
-                hi = tl.where(active & ~right, mid, hi)
-                lo = tl.where(right, mid + 1, lo)
-            used = lo < n_spans
-            span = tl.minimum(lo, n_spans - 1)
+            span = _count_at_most(CUM_CH, n_spans, slot, SEARCH_STEPS)
+            used = span < n_spans
+            span = tl.minimum(span, n_spans - 1)
             k_lo = tl.load(SOFF + span)
             n_ch = (tl.load(SOFF + span + 1) - k_lo + BKV - 1) // BKV
             first_slot = tl.load(CUM_CH + span) - n_ch
@@ -113,15 +120,7 @@ if triton is not None:
         """dK/dV work item number ``item`` (scalars): its KV head, first key k0, the end k_hi of its span, and
         its range [j_lo, j_hi) of the span's selecting queries in the CSR list. The slot (KV head, chunk slot)
         is the first whose running item count CUM_ITEMS exceeds ``item`` (a binary search)."""
-        lo = 0
-        hi = n_slots
-        for _ in tl.static_range(SEARCH_STEPS):
-            active = lo < hi
-            mid = (lo + hi) // 2
-            right = active & (tl.load(CUM_ITEMS + mid, mask=active, other=0) <= item)
-            hi = tl.where(active & ~right, mid, hi)
-            lo = tl.where(right, mid + 1, lo)
-        slot = lo
+        slot = _count_at_most(CUM_ITEMS, n_slots, item, SEARCH_STEPS)
         first_item = tl.load(CUM_ITEMS + slot - 1, mask=slot > 0, other=0)
         kvh = slot // n_chunk_slots
         c = slot % n_chunk_slots
