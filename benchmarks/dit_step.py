@@ -312,7 +312,8 @@ def profile_step(model, n: int, device, path: str | None, top: int = 15) -> dict
         kernels.append((us / 1e3, key[:120], count))
     kernels.sort(reverse=True)
     res = {"tokens": n, "batch": x.batch_size, "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
-           "total_ms": sum(groups.values()), "top_kernels": [{"ms": ms, "name": k, "calls": c} for ms, k, c in kernels[:top]]}
+           "total_ms": sum(groups.values()),
+           "top_kernels": [{"ms": ms, "name": k, "calls": c} for ms, k, c in kernels[:top]]}
     if path:
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
