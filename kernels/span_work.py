@@ -44,7 +44,8 @@ def work_plan_reference(span_offsets: torch.Tensor, pair_offsets: torch.Tensor, 
 def work_plan(span_offsets: torch.Tensor, pair_offsets: torch.Tensor, n_keys: int, block_kv: int, hkv: int,
               per_item: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`work_plan_reference` in one launch of ``_work_plan_kernel`` (the reference takes ~30 small ops,
-    a host cost paid per layer for SSA's selection); int32 inputs on the kernels' device."""
+    a host cost paid for every new plan: each layer's selection, self- and cross-attention); int32 inputs on
+    the kernels' device."""
     s = span_offsets.numel() - 1
     u = n_keys // block_kv + s + 1
     dev = span_offsets.device
