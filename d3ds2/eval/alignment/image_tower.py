@@ -1,0 +1,63 @@
+"""CLIP image tower of an alignment model (transformers ``CLIPVisionModelWithProjection``).
+
+ULIP-2 and OpenShape align their point encoders with OpenCLIP's ViT-bigG-14 image embedding; LAION publishes
+that model in transformers format too (``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k``), so it loads from a
+local directory or the hub like the DINOv2 conditioner. Images go through the conditioner's preprocessing
+(foreground crop from the alpha channel or the background estimate, composited over white, square), then
+CLIP's resize and normalisation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...models.conditioner import preprocess_image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BIGG_14 = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+
+
+class ClipImageTower(nn.Module):
+    """Frozen CLIP vision tower with its projection.
+
+    Args:
+        source: local directory or hub id of a transformers CLIP checkpoint (full CLIP or vision-only);
+            ignored when ``config`` is given.
+        config: kwargs of a ``CLIPVisionConfig`` (plus ``projection_dim``) for a randomly initialised tower
+            (tests), seeded by ``seed``.
+    forward(images [B, 3, S, S] in [0, 1], white background) -> unit-norm embeddings [B, projection_dim].
+    """
+
+    def __init__(self, source: str = BIGG_14, config: dict | None = None, seed: int = 0) -> None:
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        if config is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+        else:
+            try:
+                self.model = CLIPVisionModelWithProjection.from_pretrained(source)
+            except OSError as e:
+                raise OSError(f"ClipImageTower: cannot load CLIP weights from {source!r}; give a local directory "
+                              "holding a transformers CLIP checkpoint (config.json + weights) or a reachable hub "
+                              "id") from e
+        self.model.eval().requires_grad_(False)
+        self.image_size = self.model.config.image_size
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images: list) -> torch.Tensor:
+        """Paths / PIL images / arrays -> [B, 3, S, S] in [0, 1] on white (see module docstring)."""
+        return torch.stack([preprocess_image(im, size=self.image_size, pad=0)[:3] for im in images])
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.mean.device, self.mean.dtype)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", align_corners=False).clamp(0, 1)
+        emb = self.model(pixel_values=(x - self.mean) / self.std).image_embeds
+        return F.normalize(emb.float(), dim=-1)
