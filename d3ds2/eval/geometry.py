@@ -17,12 +17,18 @@ from ..geometry.metrics import mesh_metrics
 from ..geometry.normalize import normalise_mesh
 
 
+def list_meshes(mesh_dir: str | Path) -> list[Path]:
+    """The mesh files (obj/glb/gltf/ply/stl/off) directly in ``mesh_dir``, sorted; raises if there are none."""
+    meshes = [p for p in sorted(Path(mesh_dir).iterdir()) if p.is_file() and is_supported(str(p))]
+    if not meshes:
+        raise FileNotFoundError(f"no meshes (obj/glb/gltf/ply/stl/off) in {mesh_dir}")
+    return meshes
+
+
 def match_meshes(pred_dir: str | Path, ref_dir: str | Path) -> tuple[list[tuple[Path, Path]], list[str]]:
     """Pairs (pred, ref) with the same stem, and the stems of predictions that have no reference."""
     refs = {p.stem: p for p in sorted(Path(ref_dir).iterdir()) if p.is_file() and is_supported(str(p))}
-    preds = [p for p in sorted(Path(pred_dir).iterdir()) if p.is_file() and is_supported(str(p))]
-    if not preds:
-        raise FileNotFoundError(f"no meshes (obj/glb/gltf/ply/stl/off) in {pred_dir}")
+    preds = list_meshes(pred_dir)
     pairs = [(p, refs[p.stem]) for p in preds if p.stem in refs]
     return pairs, [p.stem for p in preds if p.stem not in refs]
 
@@ -53,12 +59,13 @@ def evaluate_pairs(
 
 
 def summarise(rows: list[dict]) -> dict[str, float]:
-    """Mean and median of every metric over the rows without errors, plus counts."""
-    ok = [r for r in rows if "error" not in r]
-    keys = sorted({k for r in ok for k in r if k != "name"})
-    out: dict[str, float] = {"evaluated": float(len(ok)), "failed": float(len(rows) - len(ok))}
+    """Counts (``evaluated``: rows without any ``error`` / ``*_error`` entry, ``failed``: the others) and the mean
+    and median of every numeric metric over the rows that have it."""
+    failed = sum(any(k == "error" or k.endswith("_error") for k in r) for r in rows)
+    out: dict[str, float] = {"evaluated": float(len(rows) - failed), "failed": float(failed)}
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     for k in keys:
-        vals = np.array([r[k] for r in ok], dtype=np.float64)
+        vals = np.array([r[k] for r in rows if isinstance(r.get(k), (int, float))], dtype=np.float64)
         out[f"{k}/mean"] = float(vals.mean()) if len(vals) else math.nan
         out[f"{k}/median"] = float(np.median(vals)) if len(vals) else math.nan
     return out
