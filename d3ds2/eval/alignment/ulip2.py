@@ -1,0 +1,336 @@
+"""ULIP-2 shape-image alignment: the coloured 10k-point PointBERT encoder and the OpenCLIP ViT-bigG-14 image
+tower it was aligned with (the paper's "ULIP-2" metric column).
+
+Facts used (salesforce/ULIP; the code here is our own):
+
+* Released checkpoint: ``ULIP-2-PointBERT-10k-colored-pc-pretrained.pt`` (README, "06/17/2024": the CVPR 2024
+  ensembled model on 10k xyzrgb points), GCS bucket ``sfr-ulip-code-release-research`` at
+  ``ULIP-2/models/ULIP-2-PointBERT-10k-colored-pc-pretrained.pt``; re-uploaded to the Hugging Face *dataset*
+  repository ``SFXX/ulip`` (README news), same path. It is a ``torch.save`` dict whose ``'state_dict'`` holds the
+  DDP-wrapped ``ULIP2_WITH_OPENCLIP`` parameters with a ``module.`` prefix (main.py ``test_zeroshot_3d_ulip2``
+  strips ``module.`` and loads with ``strict=False``). The older xyz-only ``pointbert_ULIP-2.pt`` (README,
+  "06/09/2023") is a different, 3-channel model and is rejected by :func:`ulip2_state_dict`.
+* Model (models/ULIP_models.py ``ULIP2_PointBERT_Colored`` / ``ULIP2_WITH_OPENCLIP``): ``point_encoder`` =
+  ``PointTransformer_Colored``, ``pc_projection`` [768, 1280] (``encode_pc = point_encoder(pc) @
+  pc_projection``), ``logit_scale``, and the OpenCLIP model ``open_clip_model`` =
+  ``open_clip.create_model_and_transforms('ViT-bigG-14', pretrained='laion2b_s39b_b160k')`` whose
+  ``encode_image`` is the image embedding (1280-d). The same weights in transformers format:
+  ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k`` (:data:`~d3ds2.eval.alignment.image_tower.BIGG_14`).
+* Hyperparameters (models/pointbert/ULIP_2_PointBERT_10k_colored_pointclouds.yaml): trans_dim 384, depth 18,
+  num_heads 6, group_size 32, num_group 512, encoder_dims 256, npoints 10000.
+* Point encoder (models/pointbert/point_encoder.py ``PointTransformer_Colored``, models/pointbert/dvae.py
+  ``Group``/``Encoder``): FPS centres + kNN groups with xyz relative to the centre and rgb untouched; mini-PointNet
+  ``Encoder(input_dim=6)``: first_conv = Conv1d(6,128)-BN-ReLU-Conv1d(128,256), max over the group, concat
+  [global, local] -> second_conv = Conv1d(512,512)-BN-ReLU-Conv1d(512,256), max; ``reduce_dim`` Linear(256,384);
+  ``cls_token``/``cls_pos`` [1,1,384]; ``pos_embed`` = Linear(3,128)-GELU-Linear(128,384) on the centres;
+  ``blocks.blocks[i]``: pre-norm ViT block (LayerNorm, attention with ``qkv`` Linear without bias + ``proj``,
+  LayerNorm, Mlp fc1-GELU-fc2, ratio 4), the positional embedding is added to the input of *every* block; final
+  ``norm``; feature = concat(cls token, max over the group tokens) = 768-d.
+* FPS (models/pointbert/misc.py ``fps``): pointnet2_ops ``furthest_point_sample`` — starts at index 0 and skips
+  points with squared norm <= 1e-3 (never selected, pointnet2_ops sampling_gpu.cu). The shared
+  :func:`~d3ds2.eval.alignment.points.farthest_point_sample` lacks that skip, hence :func:`pointnet2_fps` here.
+* kNN (dvae.py ``knn_point``): squared distances, ``topk(largest=False)``; the centre itself is in its group.
+* Preprocessing (data/dataset_3d.py ``Objaverse_Lvis_Colored``, the ULIP-2 LVIS evaluation): ``pc_norm`` on
+  xyz only (centre on the centroid, divide by the largest norm), rgb appended unchanged, no axis swap, 10k
+  points. The LVIS clouds are OpenShape's Objaverse ``.npy`` files (rgb in [0, 1]; stored y-up as the glTF
+  assets: OpenShape's own loader swaps y/z for its encoder, Colin97/OpenShape_code src/data.py, ULIP-2 does
+  not). So :class:`ULIP2Alignment` expects xyz in the y-up glTF frame (a GLB as trimesh loads it) and rgb in
+  [0, 1]; it applies no axis change.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import AlignmentModel
+from .points import gather, knn, normalise_unit_sphere
+
+CHECKPOINT_NAME = "ULIP-2-PointBERT-10k-colored-pc-pretrained.pt"
+CHECKPOINT_SOURCES = (
+    "gs://sfr-ulip-code-release-research/ULIP-2/models/" + CHECKPOINT_NAME,
+    "https://huggingface.co/datasets/SFXX/ulip (file ULIP-2/models/" + CHECKPOINT_NAME + ")",
+)
+
+# the released checkpoint's hyperparameters (ULIP_2_PointBERT_10k_colored_pointclouds.yaml; pointnet_widths,
+# pos_hidden and mlp_ratio are hard-coded in dvae.py Encoder / point_encoder.py; embed_dim = OpenCLIP
+# ViT-bigG-14's embedding width, the pc_projection's output)
+ULIP2_POINTBERT = dict(in_channels=6, trans_dim=384, depth=18, num_heads=6, mlp_ratio=4, num_group=512,
+                       group_size=32, encoder_dims=256, pointnet_widths=(128, 256, 512), pos_hidden=128,
+                       embed_dim=1280, n_points=10_000)
+# a tiny random encoder for tests
+ULIP2_TINY = dict(in_channels=6, trans_dim=32, depth=2, num_heads=4, mlp_ratio=4, num_group=16, group_size=8,
+                  encoder_dims=24, pointnet_widths=(16, 24, 40), pos_hidden=20, embed_dim=16, n_points=256)
+
+FPS_SKIP_SQ_NORM = 1e-3  # pointnet2_ops skips points with x^2 + y^2 + z^2 <= 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# grouping
+def pointnet2_fps(xyz: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices long [B, m] of farthest-point samples of xyz [B, N, 3] as pointnet2_ops' CUDA kernel picks
+    them: the first is index 0; points with squared norm <= 1e-3 are never picked afterwards (nor updated);
+    distances start at 1e10; ties go to the lowest index."""
+    b, n, _ = xyz.shape
+    if m > n:
+        raise ValueError(f"pointnet2_fps: {m} samples requested from {n} points")
+    rows = torch.arange(b, device=xyz.device)
+    eligible = xyz.square().sum(-1) > FPS_SKIP_SQ_NORM
+    idx = torch.zeros(b, m, dtype=torch.long, device=xyz.device)
+    dist = torch.full((b, n), 1e10, dtype=xyz.dtype, device=xyz.device)
+    last = torch.zeros(b, dtype=torch.long, device=xyz.device)
+    for i in range(1, m):
+        d = (xyz - xyz[rows, last][:, None]).square().sum(-1)
+        dist = torch.where(eligible, torch.minimum(dist, d), dist)
+        last = torch.where(eligible, dist, torch.full_like(dist, -1.0)).argmax(1)
+        idx[:, i] = last
+    return idx
+
+
+def group_points(points: torch.Tensor, num_group: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """points [B, N, C] (xyz first) -> (groups [B, G, K, C] with xyz relative to their centre and the other
+    channels untouched, centres [B, G, 3]); the official ``Group`` with :func:`pointnet2_fps` centres."""
+    xyz = points[..., :3].contiguous()
+    centers = gather(xyz, pointnet2_fps(xyz, num_group))
+    groups = gather(points, knn(centers, xyz, group_size))
+    return torch.cat([groups[..., :3] - centers[:, :, None], groups[..., 3:]], -1), centers
+
+
+# ------------------------------------------------------------------------------------------------
+# modules (attribute names follow the official ones so the checkpoint loads with prefix handling only)
+class FrozenBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d that always normalises with its running statistics (the official encoder is evaluated in
+    eval mode); same parameters and buffers as ``nn.BatchNorm1d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class MiniPointNet(nn.Module):
+    """Per-group mini-PointNet: [B, G, K, C] -> [B, G, out_dim] (``first_conv`` / ``second_conv``)."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, int, int], out_dim: int) -> None:
+        super().__init__()
+        w1, w2, w3 = widths
+        self.first_conv = nn.Sequential(nn.Conv1d(in_channels, w1, 1), FrozenBatchNorm1d(w1), nn.ReLU(),
+                                        nn.Conv1d(w1, w2, 1))
+        self.second_conv = nn.Sequential(nn.Conv1d(2 * w2, w3, 1), FrozenBatchNorm1d(w3), nn.ReLU(),
+                                         nn.Conv1d(w3, out_dim, 1))
+
+    def forward(self, groups: torch.Tensor) -> torch.Tensor:
+        b, g, k, c = groups.shape
+        f = self.first_conv(groups.reshape(b * g, k, c).transpose(1, 2))  # [BG, w2, K]
+        f = torch.cat([f.amax(2, keepdim=True).expand(-1, -1, k), f], 1)
+        return self.second_conv(f).amax(2).reshape(b, g, -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (LayerNorm eps 1e-5, exact GELU)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerEncoder(nn.Module):
+    """Blocks with the positional embedding added to every block's input."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x + pos)
+        return x
+
+
+class PointBERT(nn.Module):
+    """Coloured PointBERT: points [B, N, in_channels] (already normalised) -> [B, 2 * trans_dim]
+    (cls token concatenated with the max over the group tokens, after the final LayerNorm)."""
+
+    def __init__(self, in_channels: int, trans_dim: int, depth: int, num_heads: int, mlp_ratio: float,
+                 num_group: int, group_size: int, encoder_dims: int, pointnet_widths: tuple[int, int, int],
+                 pos_hidden: int) -> None:
+        super().__init__()
+        self.num_group, self.group_size = num_group, group_size
+        self.encoder = MiniPointNet(in_channels, tuple(pointnet_widths), encoder_dims)
+        self.reduce_dim = nn.Linear(encoder_dims, trans_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, trans_dim))
+        self.cls_pos = nn.Parameter(torch.randn(1, 1, trans_dim))
+        self.pos_embed = nn.Sequential(nn.Linear(3, pos_hidden), nn.GELU(), nn.Linear(pos_hidden, trans_dim))
+        self.blocks = TransformerEncoder(trans_dim, depth, num_heads, mlp_ratio)
+        self.norm = nn.LayerNorm(trans_dim)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        groups, centers = group_points(points, self.num_group, self.group_size)
+        tokens = self.reduce_dim(self.encoder(groups))
+        b = tokens.shape[0]
+        x = torch.cat([self.cls_token.expand(b, -1, -1), tokens], 1)
+        pos = torch.cat([self.cls_pos.expand(b, -1, -1), self.pos_embed(centers)], 1)
+        x = self.norm(self.blocks(x, pos))
+        return torch.cat([x[:, 0], x[:, 1:].amax(1)], -1)
+
+
+class ULIP2PointEncoder(nn.Module):
+    """``point_encoder`` + ``pc_projection``: normalised points [B, N, 6] -> embeddings [B, embed_dim]
+    (not unit-norm; ``encode_pc`` of the official model)."""
+
+    def __init__(self, config: dict = ULIP2_POINTBERT) -> None:
+        super().__init__()
+        c = dict(config)
+        self.point_encoder = PointBERT(c["in_channels"], c["trans_dim"], c["depth"], c["num_heads"], c["mlp_ratio"],
+                                       c["num_group"], c["group_size"], c["encoder_dims"], c["pointnet_widths"],
+                                       c["pos_hidden"])
+        self.pc_projection = nn.Parameter(torch.randn(2 * c["trans_dim"], c["embed_dim"])
+                                          * (2 * c["trans_dim"]) ** -0.5)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return self.point_encoder(points) @ self.pc_projection
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoint
+IGNORED_PREFIXES = ("open_clip_model.", "logit_scale")  # the image/text tower (loaded separately) and the temperature
+
+
+def ulip2_state_dict(official: dict, expected: dict | None = None) -> dict:
+    """The official ``ULIP2_WITH_OPENCLIP`` state dict (``ckpt['state_dict']``) -> :class:`ULIP2PointEncoder`'s.
+
+    Strips ``module.`` (DDP), drops ``open_clip_model.*`` and ``logit_scale``; every other key keeps its name
+    (``point_encoder.*``, ``pc_projection``). With ``expected`` (our ``state_dict()``), raises ``KeyError``
+    naming the missing / unexpected keys and ``ValueError`` naming shape mismatches.
+    """
+    out = {}
+    for key, value in official.items():
+        k = key[len("module."):] if key.startswith("module.") else key
+        if k.startswith(IGNORED_PREFIXES):
+            continue
+        out[k] = value
+    if expected is not None:
+        missing = sorted(set(expected) - set(out))
+        unexpected = sorted(set(out) - set(expected))
+        if missing or unexpected:
+            raise KeyError(f"ulip2_state_dict: the checkpoint does not match the ULIP-2 coloured PointBERT: missing "
+                           f"{missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected "
+                           f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
+        bad = [f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k].shape)}" for k in expected
+               if tuple(out[k].shape) != tuple(expected[k].shape)]
+        if bad:
+            hint = (" (a 3-channel first conv is the xyz-only pointbert_ULIP-2.pt, not the coloured 10k model "
+                    f"{CHECKPOINT_NAME})" if any(k.startswith("point_encoder.encoder.first_conv.0.weight") for k in bad)
+                    else "")
+            raise ValueError("ulip2_state_dict: shape mismatch: " + "; ".join(bad[:8]) + hint)
+    return out
+
+
+def load_ulip2_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict:
+    """The state dict stored in an official ULIP-2 checkpoint file (``ckpt['state_dict']``, or the dict itself
+    when it holds tensors directly). Loads with ``weights_only=True``, allowing ``argparse.Namespace`` (the
+    training script saves ``args``); ``trust_pickle=True`` falls back to a full unpickle (trusted files only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ULIP-2 checkpoint {str(path)!r} not found: download {CHECKPOINT_NAME} from "
+                                f"{' or '.join(CHECKPOINT_SOURCES)} and pass its local path")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix unless the caller trusts the file
+        if not trust_pickle:
+            raise RuntimeError(f"ULIP-2 checkpoint {str(path)!r} cannot be read with torch.load(weights_only=True) "
+                               f"({type(e).__name__}: {e}); if it is the official {CHECKPOINT_NAME}, pass "
+                               "trust_pickle=True to unpickle it fully") from e
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"ULIP-2 checkpoint {str(path)!r} holds no state dict (expected a dict with 'state_dict', "
+                         f"as {CHECKPOINT_NAME})")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# alignment model
+class ULIP2Alignment(AlignmentModel):
+    """ULIP-2 (coloured 10k-point PointBERT) + OpenCLIP ViT-bigG-14 (laion2b_s39b_b160k) image tower.
+
+    encode_points(points [B, N, 6]: xyz in the y-up glTF frame, rgb in [0, 1]) normalises each cloud's xyz to
+    the unit sphere (centroid, max norm) as the official evaluation does and returns unit-norm [B, 1280].
+    """
+
+    name = "ulip2"
+
+    def __init__(self, image_tower: nn.Module | None = None, config: dict = ULIP2_POINTBERT) -> None:
+        super().__init__()
+        self.config = dict(config)
+        self.n_points = self.config["n_points"]
+        self.encoder = ULIP2PointEncoder(self.config)
+        if image_tower is None:
+            from .image_tower import BIGG_14, ClipImageTower
+
+            image_tower = ClipImageTower(BIGG_14)
+        proj = getattr(getattr(getattr(image_tower, "model", None), "config", None), "projection_dim", None)
+        if proj is not None and proj != self.config["embed_dim"]:
+            raise ValueError(f"ULIP2Alignment: the image tower embeds to {proj} dims, the point encoder to "
+                             f"{self.config['embed_dim']}: ULIP-2 needs OpenCLIP ViT-bigG-14 (1280)")
+        self.image_tower = image_tower
+        self.requires_grad_(False).eval()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, image_tower: nn.Module | None = None, config: dict = ULIP2_POINTBERT,
+                        trust_pickle: bool = False) -> "ULIP2Alignment":
+        """Load the official ``ULIP-2-PointBERT-10k-colored-pc-pretrained.pt`` (see module docstring);
+        ``image_tower`` defaults to ``ClipImageTower('laion/CLIP-ViT-bigG-14-laion2B-39B-b160k')``."""
+        state = load_ulip2_checkpoint(path, trust_pickle=trust_pickle)
+        model = cls(image_tower=image_tower, config=config)
+        try:
+            mapped = ulip2_state_dict(state, model.encoder.state_dict())
+        except (KeyError, ValueError) as e:
+            raise type(e)(f"{path}: {e.args[0]}") from e
+        model.encoder.load_state_dict(mapped, strict=True)
+        return model
+
+    def preprocess_points(self, points: torch.Tensor) -> torch.Tensor:
+        """[B, N, 6] -> xyz centred on the centroid and scaled to max norm 1 (``pc_norm``), rgb unchanged."""
+        p = points.to(self.encoder.pc_projection.device, self.encoder.pc_projection.dtype)
+        return torch.cat([normalise_unit_sphere(p[..., :3]), p[..., 3:]], -1)
+
+    @torch.no_grad()
+    def encode_points(self, points: torch.Tensor) -> torch.Tensor:
+        if points.dim() != 3 or points.shape[-1] != self.config["in_channels"]:
+            raise ValueError(f"ULIP2Alignment.encode_points: expected [B, N, {self.config['in_channels']}] "
+                             f"(xyz + rgb), got {tuple(points.shape)}")
+        emb = self.encoder(self.preprocess_points(points))
+        return F.normalize(emb.to(torch.promote_types(emb.dtype, torch.float32)), dim=-1)  # >= float32
