@@ -144,9 +144,10 @@ class Uni3DPointEncoder(nn.Module):
 
     def group(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """points [B, N, 6] -> (patches [B, G, K, 6] with xyz relative to the center, centers [B, G, 3])."""
-        xyz = points[..., :3].float().contiguous()
+        points = points.to(torch.promote_types(points.dtype, torch.float32))  # geometry in >= float32
+        xyz = points[..., :3].contiguous()
         centers = gather(xyz, pointnet2_farthest_point_sample(xyz, self.config.num_group))
-        patches = gather(points.float(), knn(centers, xyz, self.config.group_size))
+        patches = gather(points, knn(centers, xyz, self.config.group_size))
         patches = torch.cat([patches[..., :3] - centers[:, :, None], patches[..., 3:]], -1)
         return patches, centers
 
@@ -174,12 +175,18 @@ def uni3d_state_dict(official: dict, config: Uni3DConfig = UNI3D_G) -> dict:
     state dict.
 
     Strips ``module.`` and ``point_encoder.``; ``visual.blocks.*`` -> ``blocks.*``, ``visual.fc_norm.*`` ->
-    ``fc_norm.*``; drops ``logit_scale``, the timm model's ``patch_embed``, ``pos_embed``, ``cls_token``,
-    ``head`` (and ``rope`` / ``attn.k_bias`` buffers if an export kept them). Raises KeyError naming missing /
+    ``fc_norm.*`` (``visual.norm.*`` -> ``fc_norm.*`` when the file has no ``fc_norm``); drops ``logit_scale``,
+    the timm model's ``patch_embed``, ``pos_embed``, ``cls_token``, ``head`` (and ``rope`` / ``attn.k_bias``
+    buffers if an export kept them). Raises KeyError naming missing /
     unexpected keys and ValueError naming shape mismatches against ``config``. Values pass through unchanged.
     """
     if "module" in official and isinstance(official["module"], dict):
         official = official["module"]
+    renames = _RENAMES
+    if not any(k.endswith("visual.fc_norm.weight") for k in official):
+        # A timm model built with token pooling keeps its final LayerNorm as ``norm`` (``fc_norm`` Identity);
+        # PointcloudEncoder applies ``norm`` then ``fc_norm`` to the class token, so either one is our fc_norm.
+        renames = renames + (("visual.norm.", "fc_norm."),)
     out = {}
     for k, v in official.items():
         k = k[len("module."):] if k.startswith("module.") else k
@@ -189,7 +196,7 @@ def uni3d_state_dict(official: dict, config: Uni3DConfig = UNI3D_G) -> dict:
             k = k[len(_PREFIX):]
             if k.startswith(_DROPPED) or k.endswith(".attn.k_bias"):
                 continue
-            for old, new in _RENAMES:
+            for old, new in renames:
                 if k.startswith(old):
                     k = new + k[len(old):]
                     break
