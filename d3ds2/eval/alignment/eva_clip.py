@@ -215,12 +215,12 @@ def eva_clip_state_dict(official: dict, config: EvaClipVisionConfig = EVA02_E_14
         out[k] = v
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in EvaVisionTrunk(config).state_dict().items()}
-    _check_keys("eva_clip_state_dict", out, expected, hint="an OpenCLIP EVA02-E-14-plus checkpoint "
+    check_state_dict_keys("eva_clip_state_dict", out, expected, hint="an OpenCLIP EVA02-E-14-plus checkpoint "
                 f"({EVA02_E_14_PLUS_HUB}/{EVA02_E_14_PLUS_FILE}) with keys 'visual.trunk.*'")
     return out
 
 
-def _check_keys(who: str, got: dict, expected: dict, hint: str) -> None:
+def check_state_dict_keys(who: str, got: dict, expected: dict, hint: str) -> None:
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     if missing or unexpected:

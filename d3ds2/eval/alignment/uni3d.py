@@ -48,7 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import AlignmentModel
-from .eva_clip import LN_EPS, EvaBlock, EvaClipImageTower, _check_keys, load_checkpoint_file, load_into
+from .eva_clip import (LN_EPS, EvaBlock, EvaClipImageTower, check_state_dict_keys, load_checkpoint_file,
+                       load_into)
 from .points import gather, knn, normalise_unit_sphere
 
 UNI3D_HUB = "BAAI/Uni3D"
@@ -203,7 +204,7 @@ def uni3d_state_dict(official: dict, config: Uni3DConfig = UNI3D_G) -> dict:
         out[k] = v
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Uni3DPointEncoder(config).state_dict().items()}
-    _check_keys("uni3d_state_dict", out, expected,
+    check_state_dict_keys("uni3d_state_dict", out, expected,
                 hint=f"a Uni3D checkpoint ({UNI3D_HUB} modelzoo/uni3d-*/model.pt) whose 'module' holds "
                      "'point_encoder.*' keys of the configured scale")
     return out
