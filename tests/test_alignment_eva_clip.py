@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from d3ds2.eval.alignment.eva_clip import (EVA02_E_14_PLUS, TINY_EVA_CLIP, EvaAttention, EvaBlock,
-                                           EvaClipImageTower, EvaVisionTrunk, eva_clip_state_dict)
+from d3ds2.eval.alignment.eva_clip import (EVA02_E_14_PLUS, TINY_EVA_CLIP, EvaClipImageTower, EvaVisionTrunk,
+                                           eva_clip_state_dict)
+from d3ds2.eval.alignment.layers import Attention, Block
 from eva_reference import attention, block, f64, layer_norm, randomise_
 
 
@@ -81,7 +82,7 @@ def test_mapping_errors_name_the_keys(gen):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_attention_against_float64_reference(gen, fused):
-    attn = EvaAttention(24, 3, fused_qkv=fused).double()
+    attn = Attention(24, 3, fused_qkv=fused).double()
     randomise_(attn, gen)
     x = torch.randn(2, 7, 24, generator=gen, dtype=torch.float64)
     ref = attention(x, f64({"a." + k: v for k, v in attn.state_dict().items()}), "a.", 3, fused)
@@ -90,7 +91,7 @@ def test_attention_against_float64_reference(gen, fused):
 
 @pytest.mark.parametrize("fused,swiglu,post_norm", [(True, False, True), (True, False, False), (False, True, False)])
 def test_block_against_float64_reference(gen, fused, swiglu, post_norm):
-    blk = EvaBlock(24, 4, 40, fused_qkv=fused, swiglu=swiglu, post_norm=post_norm).double()
+    blk = Block(24, 4, 40, fused_qkv=fused, swiglu=swiglu, post_norm=post_norm).double()
     randomise_(blk, gen)
     x = torch.randn(3, 5, 24, generator=gen, dtype=torch.float64)
     ref = block(x, f64({"b." + k: v for k, v in blk.state_dict().items()}), "b.", 4, fused, swiglu, post_norm)

@@ -63,8 +63,8 @@ def to_official(ours: dict) -> dict:
         elif k == "cls_token":
             o = "ppat.cls_token"
         elif k.startswith("blocks."):
-            sub = {"attn_norm": "0.norm", "attn.qkv": "0.fn.to_qkv", "attn.out": "0.fn.to_out.0",
-                   "ff_norm": "1.norm", "ff.fc1": "1.fn.net.0", "ff.fc2": "1.fn.net.3"}[".".join(parts[2:-1])]
+            sub = {"norm1": "0.norm", "attn.qkv": "0.fn.to_qkv", "attn.proj": "0.fn.to_out.0",
+                   "norm2": "1.norm", "mlp.fc1": "1.fn.net.0", "mlp.fc2": "1.fn.net.3"}[".".join(parts[2:-1])]
             o = f"ppat.transformer.layers.{parts[1]}.{sub}.{parts[-1]}"
         else:
             assert k.startswith("proj.")

@@ -3,15 +3,16 @@ import numpy as np
 import torch
 import trimesh
 
-from d3ds2.eval.alignment.points import (coloured_surface_points, farthest_point_sample, knn, knn_patches,
-                                         normalise_unit_sphere)
+from d3ds2.eval.alignment.points import (POINTNET2_SKIP_SQ_NORM, coloured_surface_points, farthest_point_sample,
+                                         knn, knn_patches, normalise_unit_sphere)
 
 
-def _fps_reference(xyz: np.ndarray, m: int) -> list[int]:
+def _fps_reference(xyz: np.ndarray, m: int, skip: float = -1.0) -> list[int]:
+    eligible = (xyz ** 2).sum(1) > skip
     chosen, dist = [0], np.full(len(xyz), np.inf)
     for _ in range(m - 1):
         dist = np.minimum(dist, ((xyz - xyz[chosen[-1]]) ** 2).sum(1))
-        chosen.append(int(dist.argmax()))
+        chosen.append(int(np.where(eligible, dist, -1.0).argmax()))
     return chosen
 
 
@@ -21,6 +22,21 @@ def test_farthest_point_sample_matches_the_greedy_reference(gen):
     for b in range(3):
         assert idx[b].tolist() == _fps_reference(xyz[b].numpy(), 17)
     assert len(set(idx[0].tolist())) == 17
+
+
+def test_farthest_point_sample_with_the_pointnet2_origin_skip(gen):
+    xyz = torch.nn.functional.normalize(torch.randn(3, 300, 3, generator=gen, dtype=torch.float64), dim=-1)
+    xyz[:, 5:40] *= 0.01  # squared norm <= 1e-3: the pointnet2 kernel never picks them
+    idx = farthest_point_sample(xyz, 60, POINTNET2_SKIP_SQ_NORM)
+    for b in range(3):
+        assert idx[b].tolist() == _fps_reference(xyz[b].numpy(), 60, POINTNET2_SKIP_SQ_NORM)
+        assert not set(idx[b, 1:].tolist()) & set(range(5, 40))
+    plain = farthest_point_sample(xyz, 60)  # without the skip the cluster at the origin is far from the sphere
+    assert set(plain[0, 1:].tolist()) & set(range(5, 40))
+    near = torch.zeros(1, 10, 3, dtype=torch.float64)  # no eligible point: index 0 throughout, as the kernel
+    assert farthest_point_sample(near, 4, POINTNET2_SKIP_SQ_NORM).tolist() == [[0, 0, 0, 0]]
+    xyz[:, 5:40] *= 100  # nothing near the origin: the skip changes nothing
+    assert torch.equal(farthest_point_sample(xyz, 60, POINTNET2_SKIP_SQ_NORM), farthest_point_sample(xyz, 60))
 
 
 def test_knn_and_patches_against_a_sort(gen):

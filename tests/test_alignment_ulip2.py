@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from d3ds2.eval.alignment.image_tower import ClipImageTower
-from d3ds2.eval.alignment.points import farthest_point_sample
 from d3ds2.eval.alignment.ulip2 import (ULIP2_POINTBERT, ULIP2_TINY, ULIP2Alignment, ULIP2PointEncoder,
-                                        load_ulip2_checkpoint, pointnet2_fps, ulip2_state_dict)
+                                        load_ulip2_checkpoint, ulip2_state_dict)
 
 TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                   patch_size=16, projection_dim=ULIP2_TINY["embed_dim"])
@@ -190,17 +189,6 @@ def test_checkpoint_loading_errors(tmp_path, gen):
     assert set(load_ulip2_checkpoint(path, trust_pickle=True)) == set(sd)
     with pytest.raises(ValueError, match="embeds to 8 dims"):
         ULIP2Alignment(ClipImageTower(config=dict(TINY_TOWER, projection_dim=8)), config=ULIP2_TINY)
-
-
-def test_pointnet2_fps_skips_points_at_the_origin(gen):
-    xyz = torch.randn(3, 300, 3, generator=gen, dtype=torch.float64)
-    xyz[:, 5:40] *= 0.01  # squared norm <= 1e-3: never chosen
-    idx = pointnet2_fps(xyz, 60)
-    for b in range(3):
-        assert idx[b].tolist() == _ref_fps(xyz[b].numpy(), 60)
-        assert not set(idx[b, 1:].tolist()) & set(range(5, 40))
-    xyz[:, 5:40] *= 100  # nothing near the origin: the shared FPS
-    assert torch.equal(pointnet2_fps(xyz, 60), farthest_point_sample(xyz, 60))
 
 
 def test_invariant_to_point_order_after_the_first_and_to_translation_and_scale(gen):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from d3ds2.eval.alignment.eva_clip import TINY_EVA_CLIP, EvaClipImageTower
-from d3ds2.eval.alignment.points import gather, normalise_unit_sphere
+from d3ds2.eval.alignment.points import POINTNET2_SKIP_SQ_NORM, farthest_point_sample, gather, normalise_unit_sphere
 from d3ds2.eval.alignment.uni3d import (TINY_UNI3D, TINY_UNI3D_SWIGLU, UNI3D_G, UNI3D_L, Uni3DAlignment, Uni3DConfig,
-                                        Uni3DPointEncoder, pointnet2_farthest_point_sample, uni3d_state_dict)
+                                        Uni3DPointEncoder, uni3d_state_dict)
 from eva_reference import block, f64, gelu, layer_norm, randomise_
 
 
@@ -162,18 +162,6 @@ def _fps_kernel_reference(xyz: np.ndarray, m: int) -> list[int]:
     return chosen
 
 
-def test_fps_follows_the_pointnet2_kernel(gen):
-    xyz = torch.randn(2, 150, 3, generator=gen, dtype=torch.float64) * 0.3
-    xyz[:, 5] = 0.0  # at the origin (the centroid of a normalised cloud)
-    xyz[:, 7] = 0.02  # |p|^2 = 1.2e-3: eligible
-    idx = pointnet2_farthest_point_sample(xyz, 40)
-    for b in range(2):
-        assert idx[b].tolist() == _fps_kernel_reference(xyz[b].numpy(), 40)
-    assert not (idx[:, 1:] == 5).any()
-    near = torch.zeros(1, 10, 3, dtype=torch.float64)  # no eligible point: the kernel answers index 0
-    assert pointnet2_farthest_point_sample(near, 4).tolist() == [[0, 0, 0, 0]]
-
-
 def test_encoder_against_float64_reference(gen):
     c = TINY_UNI3D_SWIGLU
     enc = _tiny_encoder(gen, c).double()
@@ -237,7 +225,7 @@ def test_patches_are_centred_neighbourhoods(gen):
     patches, centers = enc.group(pts)
     c = TINY_UNI3D
     assert patches.shape == (2, c.num_group, c.group_size, 6) and centers.shape == (2, c.num_group, 3)
-    idx = pointnet2_farthest_point_sample(pts[..., :3], c.num_group)
+    idx = farthest_point_sample(pts[..., :3], c.num_group, POINTNET2_SKIP_SQ_NORM)
     torch.testing.assert_close(centers, gather(pts[..., :3], idx))
     # each patch holds its center (distance 0) and the K nearest points' colours
     assert patches[..., :3].norm(dim=-1).amin(-1).max() < 1e-6

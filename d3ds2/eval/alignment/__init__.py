@@ -1,8 +1,46 @@
 """Shape-image alignment metrics (the paper's image-to-3D evaluation): ULIP-2, Uni3D and OpenShape point
 encoders with the image towers they were aligned with; score = cosine similarity of a generated shape's
-embedding with its input image's."""
-from .base import AlignmentModel
-from .points import coloured_surface_points, farthest_point_sample, knn, knn_patches, normalise_unit_sphere
+embedding with its input image's (``python evaluate.py ... image_dir=DIR alignment.models=[...]``)."""
+from __future__ import annotations
 
-__all__ = ["AlignmentModel", "coloured_surface_points", "farthest_point_sample", "knn", "knn_patches",
-           "normalise_unit_sphere"]
+import torch
+
+from .base import AlignmentModel
+from .openshape import OpenShapeAlignment
+from .points import coloured_surface_points, farthest_point_sample, knn, knn_patches, normalise_unit_sphere
+from .scoring import alignment_scores, match_images
+from .ulip2 import ULIP2Alignment
+from .uni3d import Uni3DAlignment
+
+ALIGNMENT_MODELS = {"ulip2": ULIP2Alignment, "uni3d": Uni3DAlignment, "openshape": OpenShapeAlignment}
+
+
+def load_alignment_model(name: str, ckpt: str | None, image_tower: str | None = None, device: str = "auto",
+                         trust_pickle: bool = False) -> AlignmentModel:
+    """The released checkpoint ``ckpt`` of alignment model ``name`` (a key of ALIGNMENT_MODELS) on ``device``.
+
+    ``image_tower``: ULIP-2 / OpenShape: a transformers CLIP directory or hub id (None: ViT-bigG-14, what both
+    were aligned with); Uni3D: the OpenCLIP EVA02-E-14-plus checkpoint file (required to score images).
+    """
+    if name not in ALIGNMENT_MODELS:
+        raise KeyError(f"alignment model {name!r} unknown; choose from {sorted(ALIGNMENT_MODELS)}")
+    if ckpt is None:
+        raise ValueError(f"alignment.{name}.ckpt is not set: give the path of the released {name} checkpoint "
+                         "(docs/evaluation.md lists the files)")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name == "uni3d":
+        if image_tower is None:
+            raise ValueError("alignment.uni3d.image_tower is not set: give the OpenCLIP EVA02-E-14-plus checkpoint "
+                             "file Uni3D was aligned with (docs/evaluation.md)")
+        model = Uni3DAlignment.from_checkpoint(ckpt, clip_checkpoint=image_tower, dtype=dtype,
+                                               trust_pickle=trust_pickle)
+    else:
+        model = ALIGNMENT_MODELS[name].from_checkpoint(ckpt, image_tower=image_tower, trust_pickle=trust_pickle)
+    return model.to(device).eval()
+
+
+__all__ = ["ALIGNMENT_MODELS", "AlignmentModel", "OpenShapeAlignment", "ULIP2Alignment", "Uni3DAlignment",
+           "alignment_scores", "coloured_surface_points", "farthest_point_sample", "knn", "knn_patches",
+           "load_alignment_model", "match_images", "normalise_unit_sphere"]

@@ -1,10 +1,10 @@
-"""EVA transformer blocks (timm ``Eva`` parameter names) and the OpenCLIP EVA02-E-14-plus image tower.
+"""The OpenCLIP EVA02-E-14-plus image tower (timm ``Eva`` parameter names; blocks from :mod:`.layers`).
 
 Uni3D aligns its point embeddings with the image embeddings of OpenCLIP ``EVA02-E-14-plus`` (pretrained tag
 ``laion2b_s9b_b144k``; README and scripts/inference.sh of baaivision/Uni3D). transformers cannot build that
 model, so its vision tower is written here, with the parameter names of the OpenCLIP checkpoint so that the
-released file loads through :func:`eva_clip_state_dict`. The blocks are shared with the Uni3D point encoder
-(:mod:`d3ds2.eval.alignment.uni3d`), whose transformer is a timm ``Eva`` model too.
+released file loads through :func:`eva_clip_state_dict`. Its blocks (:class:`~.layers.Block`) are shared with
+the other encoders; the Uni3D point encoder's transformer is a timm ``Eva`` model too.
 
 Facts used (no code taken), with their sources:
 
@@ -40,94 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .image_tower import CLIP_MEAN, CLIP_STD
-
-LN_EPS = 1e-6  # timm LayerNorm default, EVA-CLIP layernorm_epsilon
+from .layers import LN_EPS, Block
 
 EVA02_E_14_PLUS_HUB = "timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k"
 EVA02_E_14_PLUS_FILE = "open_clip_pytorch_model.bin"
-
-
-class EvaAttention(nn.Module):
-    """Multi-head self-attention with timm ``EvaAttention`` parameter names.
-
-    ``fused_qkv=True``: ``qkv.weight`` [3D, D] without bias plus ``q_bias`` / ``v_bias`` [D] (the k bias is 0);
-    else ``q_proj`` (bias), ``k_proj`` (no bias), ``v_proj`` (bias). Output ``proj`` (bias). No rotary embedding
-    (neither EVA02-E nor the Uni3D point transformer applies one).
-    """
-
-    def __init__(self, dim: int, num_heads: int, fused_qkv: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"EvaAttention: dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads, self.fused_qkv = num_heads, fused_qkv
-        if fused_qkv:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.v_bias = nn.Parameter(torch.zeros(dim))
-        else:
-            self.q_proj = nn.Linear(dim, dim, bias=True)
-            self.k_proj = nn.Linear(dim, dim, bias=False)
-            self.v_proj = nn.Linear(dim, dim, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, N, D] -> q, k, v each [B, heads, N, D / heads]."""
-        b, n, d = x.shape
-        if self.fused_qkv:
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-            q, k, v = F.linear(x, self.qkv.weight, bias).split(d, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return tuple(t.view(b, n, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.project_qkv(x)
-        out = F.scaled_dot_product_attention(q, k, v)  # scale = head_dim ** -0.5, as timm
-        return self.proj(out.transpose(1, 2).flatten(2))
-
-
-class EvaMlp(nn.Module):
-    """timm ``Mlp``: fc1 -> exact GELU -> fc2."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class EvaSwiGLU(nn.Module):
-    """timm ``SwiGLU`` with its sub-LN: fc2(norm(silu(fc1_g(x)) * fc1_x(x)))."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1_g, self.fc1_x = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
-        self.norm = nn.LayerNorm(hidden, eps=LN_EPS)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.norm(F.silu(self.fc1_g(x)) * self.fc1_x(x)))
-
-
-class EvaBlock(nn.Module):
-    """timm ``EvaBlock`` (pre-norm) / ``EvaBlockPostNorm`` (``post_norm=True``), no layer scale, no drop path."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, fused_qkv: bool = True, swiglu: bool = False,
-                 post_norm: bool = False) -> None:
-        super().__init__()
-        self.post_norm = post_norm
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = EvaAttention(dim, num_heads, fused_qkv)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = EvaSwiGLU(dim, mlp_hidden) if swiglu else EvaMlp(dim, mlp_hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.post_norm:
-            x = x + self.norm1(self.attn(x))
-            return x + self.norm2(self.mlp(x))
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
 
 
 @dataclass(frozen=True)
@@ -172,7 +88,8 @@ class EvaVisionTrunk(nn.Module):
         self.patch_embed = _PatchEmbed(c.patch_size, c.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, (c.image_size // c.patch_size) ** 2 + 1, c.width))
-        self.blocks = nn.ModuleList(EvaBlock(c.width, c.num_heads, c.mlp_hidden, c.fused_qkv, c.swiglu, c.post_norm)
+        self.blocks = nn.ModuleList(Block(c.width, c.num_heads, c.mlp_hidden, c.fused_qkv, swiglu=c.swiglu,
+                                          post_norm=c.post_norm)
                                     for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.width, eps=LN_EPS)
         self.head = nn.Linear(c.width, c.embed_dim)
@@ -232,8 +149,8 @@ def check_state_dict_keys(who: str, got: dict, expected: dict, hint: str) -> Non
         raise ValueError(f"{who}: shape mismatches (expected {hint}): {bad[:12]}")
 
 
-def load_checkpoint_file(path: str, who: str, source: str, trusted: bool = False) -> dict:
-    """torch.load a checkpoint on the CPU, tensors only (``weights_only``) unless ``trusted`` allows a pickle
+def load_checkpoint_file(path: str, who: str, source: str, trust_pickle: bool = False) -> dict:
+    """torch.load a checkpoint on the CPU, tensors only (``weights_only``) unless ``trust_pickle`` allows a pickle
     fallback; errors name the file and where to get it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{who}: checkpoint file {path!r} not found; download {source} and pass its path")
@@ -248,9 +165,9 @@ def load_checkpoint_file(path: str, who: str, source: str, trusted: bool = False
     try:
         return load(True, False)
     except Exception as e:  # noqa: BLE001 - an object outside the weights-only allowlist
-        if not trusted:
+        if not trust_pickle:
             raise RuntimeError(f"{who}: {path!r} holds objects torch.load(weights_only=True) refuses ({e}); if "
-                               "you trust the file, pass trusted=True to unpickle it") from e
+                               "you trust the file, pass trust_pickle=True to unpickle it") from e
     return load(False, False)
 
 
@@ -290,13 +207,13 @@ class EvaClipImageTower(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str, config: EvaClipVisionConfig = EVA02_E_14_PLUS,
-                        dtype: torch.dtype = torch.float32, trusted: bool = False) -> "EvaClipImageTower":
+                        dtype: torch.dtype = torch.float32, trust_pickle: bool = False) -> "EvaClipImageTower":
         """The OpenCLIP checkpoint file (``open_clip_pytorch_model.bin`` of the hub repo
         ``timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k``, what Uni3D's README names). The
         vision tower has 4.4 B parameters: 17.6 GB in float32, pass ``dtype=torch.bfloat16`` (the file's own
         precision) and move the tower to a GPU to halve that."""
         sd = load_checkpoint_file(path, "EvaClipImageTower", f"{EVA02_E_14_PLUS_HUB}/{EVA02_E_14_PLUS_FILE}",
-                                  trusted)
+                                  trust_pickle)
         with torch.device("meta"):
             trunk = EvaVisionTrunk(config)
         return cls(config, trunk=load_into(trunk, eva_clip_state_dict(sd, config), dtype))

@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import AlignmentModel
+from .layers import Block
 from .points import farthest_point_sample, gather, normalise_unit_sphere
 
 HF_REPO = "OpenShape/openshape-pointbert-vitg14-rgb"
@@ -117,43 +118,6 @@ class SetAbstraction(nn.Module):
         return centers, x.amax(-1).transpose(1, 2)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
-        self.out = nn.Linear(heads * dim_head, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # default scale dim_head ** -0.5, as the reference
-        return self.out(y.transpose(1, 2).reshape(b, t, -1))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: OpenShapeConfig) -> None:
-        super().__init__()
-        self.attn_norm = nn.LayerNorm(cfg.dim)
-        self.attn = Attention(cfg.dim, cfg.heads, cfg.dim_head)
-        self.ff_norm = nn.LayerNorm(cfg.dim)
-        self.ff = FeedForward(cfg.dim, cfg.mlp_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.ff(self.ff_norm(x))
-
-
 class OpenShapePointEncoder(nn.Module):
     """PointPatchTransformer + projection. forward(xyz [B, N, 3], features [B, N, in_dim]) -> [B, embed_dim]
     (not normalised); inputs already preprocessed (see :meth:`OpenShapeAlignment.preprocess`)."""
@@ -165,7 +129,10 @@ class OpenShapePointEncoder(nn.Module):
         self.lift_conv = nn.Conv1d(cfg.sa_dim + 3, cfg.dim, 1)
         self.lift_norm = nn.LayerNorm(cfg.dim)
         self.cls_token = nn.Parameter(torch.randn(cfg.dim))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        if cfg.heads * cfg.dim_head != cfg.dim:
+            raise ValueError(f"OpenShapeConfig: heads x dim_head ({cfg.heads} x {cfg.dim_head}) must equal dim {cfg.dim}")
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_dim, qv_bias=False, eps=1e-5)
+                                    for _ in range(cfg.depth))
         self.proj = nn.Linear(cfg.dim, cfg.embed_dim)
 
     def forward(self, xyz: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -185,12 +152,12 @@ _RENAMES = [
     (r"^ppat\.lift\.0\.", "lift_conv."),
     (r"^ppat\.lift\.2\.", "lift_norm."),
     (r"^ppat\.cls_token$", "cls_token"),
-    (r"^ppat\.transformer\.layers\.(\d+)\.0\.norm\.", r"blocks.\1.attn_norm."),
+    (r"^ppat\.transformer\.layers\.(\d+)\.0\.norm\.", r"blocks.\1.norm1."),
     (r"^ppat\.transformer\.layers\.(\d+)\.0\.fn\.to_qkv\.", r"blocks.\1.attn.qkv."),
-    (r"^ppat\.transformer\.layers\.(\d+)\.0\.fn\.to_out\.0\.", r"blocks.\1.attn.out."),
-    (r"^ppat\.transformer\.layers\.(\d+)\.1\.norm\.", r"blocks.\1.ff_norm."),
-    (r"^ppat\.transformer\.layers\.(\d+)\.1\.fn\.net\.0\.", r"blocks.\1.ff.fc1."),
-    (r"^ppat\.transformer\.layers\.(\d+)\.1\.fn\.net\.3\.", r"blocks.\1.ff.fc2."),
+    (r"^ppat\.transformer\.layers\.(\d+)\.0\.fn\.to_out\.0\.", r"blocks.\1.attn.proj."),
+    (r"^ppat\.transformer\.layers\.(\d+)\.1\.norm\.", r"blocks.\1.norm2."),
+    (r"^ppat\.transformer\.layers\.(\d+)\.1\.fn\.net\.0\.", r"blocks.\1.mlp.fc1."),
+    (r"^ppat\.transformer\.layers\.(\d+)\.1\.fn\.net\.3\.", r"blocks.\1.mlp.fc2."),
     (r"^proj\.", "proj."),
 ]
 
@@ -266,12 +233,12 @@ class OpenShapeAlignment(AlignmentModel):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, image_tower: nn.Module | str | None = None,
-                        cfg: OpenShapeConfig = OPENSHAPE_G14, weights_only: bool = True, y_up: bool = True
+                        cfg: OpenShapeConfig = OPENSHAPE_G14, trust_pickle: bool = False, y_up: bool = True
                         ) -> "OpenShapeAlignment":
         """Load OpenShape's released ``model.pt`` (Hugging Face ``OpenShape/openshape-pointbert-vitg14-rgb``).
 
         ``image_tower``: a module, a transformers CLIP source for :class:`ClipImageTower` or None for
-        ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k``. ``weights_only=False`` unpickles arbitrary objects (only
+        ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k``. ``trust_pickle=True`` unpickles arbitrary objects (only
         for a file you trust) in case the optimizer / scheduler entries hold types the safe loader refuses.
         """
         path = os.fspath(path)
@@ -280,10 +247,10 @@ class OpenShapeAlignment(AlignmentModel):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"OpenShapeAlignment: no checkpoint file {path!r}; {fix}")
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+            ckpt = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
         except Exception as e:
-            hint = (" It holds objects the weights-only loader refuses: if you trust the file, pass "
-                    "weights_only=False." if weights_only else "")
+            hint = ("" if trust_pickle else " It holds objects the weights-only loader refuses: if you trust the "
+                    "file, pass trust_pickle=True.")
             raise RuntimeError(f"OpenShapeAlignment: cannot read {path!r} as a torch checkpoint ({e}).{hint} "
                                f"Expected: {fix}") from e
         try:

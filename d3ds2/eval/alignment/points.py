@@ -43,20 +43,24 @@ def normalise_unit_sphere(xyz: torch.Tensor) -> torch.Tensor:
     return xyz / xyz.norm(dim=-1).amax(1).clamp_min(1e-12)[:, None, None]
 
 
-def farthest_point_sample(xyz: torch.Tensor, m: int) -> torch.Tensor:
+POINTNET2_SKIP_SQ_NORM = 1e-3  # pointnet2_ops' FPS kernel never picks points with x^2 + y^2 + z^2 <= 1e-3
+
+
+def farthest_point_sample(xyz: torch.Tensor, m: int, skip_sq_norm: float | None = None) -> torch.Tensor:
     """Indices long [B, m] of m farthest-point samples of xyz [B, N, 3], starting from point 0 (as the
-    pointnet2 CUDA kernel the encoders were trained with); ties go to the lowest index."""
+    pointnet2 CUDA kernel); ties go to the lowest index. With ``skip_sq_norm`` (pointnet2_ops' kernel:
+    :data:`POINTNET2_SKIP_SQ_NORM`), points whose squared norm is at most that are never picked after the first."""
     b, n, _ = xyz.shape
     if m > n:
         raise ValueError(f"farthest_point_sample: {m} samples requested from {n} points")
+    eligible = (xyz.square().sum(-1) > skip_sq_norm) if skip_sq_norm is not None else None
     idx = torch.zeros(b, m, dtype=torch.long, device=xyz.device)
     dist = torch.full((b, n), float("inf"), dtype=xyz.dtype, device=xyz.device)
     last = torch.zeros(b, dtype=torch.long, device=xyz.device)
     rows = torch.arange(b, device=xyz.device)
     for i in range(1, m):
-        d = (xyz - xyz[rows, last][:, None]).square().sum(-1)
-        dist = torch.minimum(dist, d)
-        last = dist.argmax(1)
+        dist = torch.minimum(dist, (xyz - xyz[rows, last][:, None]).square().sum(-1))
+        last = (dist if eligible is None else dist.masked_fill(~eligible, -1.0)).argmax(1)
         idx[:, i] = last
     return idx
 
@@ -72,11 +76,13 @@ def gather(points: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return points[torch.arange(b, device=points.device).view(b, *[1] * (idx.dim() - 1)), idx]
 
 
-def knn_patches(points: torch.Tensor, n_patches: int, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patches of points [B, N, C] (xyz first): (patches [B, G, K, C] with xyz relative to their center, centers
-    [B, G, 3]); G = n_patches farthest-point centers, each with its K = patch_size nearest points."""
+def knn_patches(points: torch.Tensor, n_patches: int, patch_size: int, fps_skip_sq_norm: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patches of points [B, N, C] (xyz first): (patches [B, G, K, C] with xyz relative to their center, the other
+    channels untouched, centers [B, G, 3]); G = n_patches farthest-point centers (``fps_skip_sq_norm``: see
+    :func:`farthest_point_sample`), each with its K = patch_size nearest points (itself included)."""
     xyz = points[..., :3].contiguous()
-    centers = gather(xyz, farthest_point_sample(xyz, n_patches))
+    centers = gather(xyz, farthest_point_sample(xyz, n_patches, fps_skip_sq_norm))
     patches = gather(points, knn(centers, xyz, patch_size))
     patches = torch.cat([patches[..., :3] - centers[:, :, None], patches[..., 3:]], -1)
     return patches, centers

@@ -27,8 +27,8 @@ Facts used (salesforce/ULIP; the code here is our own):
   LayerNorm, Mlp fc1-GELU-fc2, ratio 4), the positional embedding is added to the input of *every* block; final
   ``norm``; feature = concat(cls token, max over the group tokens) = 768-d.
 * FPS (models/pointbert/misc.py ``fps``): pointnet2_ops ``furthest_point_sample`` — starts at index 0 and skips
-  points with squared norm <= 1e-3 (never selected, pointnet2_ops sampling_gpu.cu). The shared
-  :func:`~d3ds2.eval.alignment.points.farthest_point_sample` lacks that skip, hence :func:`pointnet2_fps` here.
+  points with squared norm <= 1e-3 (never selected, pointnet2_ops sampling_gpu.cu): the shared
+  :func:`~d3ds2.eval.alignment.points.farthest_point_sample` with ``POINTNET2_SKIP_SQ_NORM``.
 * kNN (dvae.py ``knn_point``): squared distances, ``topk(largest=False)``; the centre itself is in its group.
 * Preprocessing (data/dataset_3d.py ``Objaverse_Lvis_Colored``, the ULIP-2 LVIS evaluation): ``pc_norm`` on
   xyz only (centre on the centroid, divide by the largest norm), rgb appended unchanged, no axis swap, 10k
@@ -47,7 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import AlignmentModel
-from .points import gather, knn, normalise_unit_sphere
+from .layers import Block, MiniPointNet
+from .points import POINTNET2_SKIP_SQ_NORM, knn_patches, normalise_unit_sphere
 
 CHECKPOINT_NAME = "ULIP-2-PointBERT-10k-colored-pc-pretrained.pt"
 CHECKPOINT_SOURCES = (
@@ -65,112 +66,16 @@ ULIP2_POINTBERT = dict(in_channels=6, trans_dim=384, depth=18, num_heads=6, mlp_
 ULIP2_TINY = dict(in_channels=6, trans_dim=32, depth=2, num_heads=4, mlp_ratio=4, num_group=16, group_size=8,
                   encoder_dims=24, pointnet_widths=(16, 24, 40), pos_hidden=20, embed_dim=16, n_points=256)
 
-FPS_SKIP_SQ_NORM = 1e-3  # pointnet2_ops skips points with x^2 + y^2 + z^2 <= 1e-3
-
-
-# ------------------------------------------------------------------------------------------------
-# grouping
-def pointnet2_fps(xyz: torch.Tensor, m: int) -> torch.Tensor:
-    """Indices long [B, m] of farthest-point samples of xyz [B, N, 3] as pointnet2_ops' CUDA kernel picks
-    them: the first is index 0; points with squared norm <= 1e-3 are never picked afterwards (nor updated);
-    distances start at 1e10; ties go to the lowest index."""
-    b, n, _ = xyz.shape
-    if m > n:
-        raise ValueError(f"pointnet2_fps: {m} samples requested from {n} points")
-    rows = torch.arange(b, device=xyz.device)
-    eligible = xyz.square().sum(-1) > FPS_SKIP_SQ_NORM
-    idx = torch.zeros(b, m, dtype=torch.long, device=xyz.device)
-    dist = torch.full((b, n), 1e10, dtype=xyz.dtype, device=xyz.device)
-    last = torch.zeros(b, dtype=torch.long, device=xyz.device)
-    for i in range(1, m):
-        d = (xyz - xyz[rows, last][:, None]).square().sum(-1)
-        dist = torch.where(eligible, torch.minimum(dist, d), dist)
-        last = torch.where(eligible, dist, torch.full_like(dist, -1.0)).argmax(1)
-        idx[:, i] = last
-    return idx
-
-
-def group_points(points: torch.Tensor, num_group: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """points [B, N, C] (xyz first) -> (groups [B, G, K, C] with xyz relative to their centre and the other
-    channels untouched, centres [B, G, 3]); the official ``Group`` with :func:`pointnet2_fps` centres."""
-    xyz = points[..., :3].contiguous()
-    centers = gather(xyz, pointnet2_fps(xyz, num_group))
-    groups = gather(points, knn(centers, xyz, group_size))
-    return torch.cat([groups[..., :3] - centers[:, :, None], groups[..., 3:]], -1), centers
-
 
 # ------------------------------------------------------------------------------------------------
 # modules (attribute names follow the official ones so the checkpoint loads with prefix handling only)
-class FrozenBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d that always normalises with its running statistics (the official encoder is evaluated in
-    eval mode); same parameters and buffers as ``nn.BatchNorm1d``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-
-
-class MiniPointNet(nn.Module):
-    """Per-group mini-PointNet: [B, G, K, C] -> [B, G, out_dim] (``first_conv`` / ``second_conv``)."""
-
-    def __init__(self, in_channels: int, widths: tuple[int, int, int], out_dim: int) -> None:
-        super().__init__()
-        w1, w2, w3 = widths
-        self.first_conv = nn.Sequential(nn.Conv1d(in_channels, w1, 1), FrozenBatchNorm1d(w1), nn.ReLU(),
-                                        nn.Conv1d(w1, w2, 1))
-        self.second_conv = nn.Sequential(nn.Conv1d(2 * w2, w3, 1), FrozenBatchNorm1d(w3), nn.ReLU(),
-                                         nn.Conv1d(w3, out_dim, 1))
-
-    def forward(self, groups: torch.Tensor) -> torch.Tensor:
-        b, g, k, c = groups.shape
-        f = self.first_conv(groups.reshape(b * g, k, c).transpose(1, 2))  # [BG, w2, K]
-        f = torch.cat([f.amax(2, keepdim=True).expand(-1, -1, k), f], 1)
-        return self.second_conv(f).amax(2).reshape(b, g, -1)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block (LayerNorm eps 1e-5, exact GELU)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class TransformerEncoder(nn.Module):
     """Blocks with the positional embedding added to every block's input."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, num_heads, int(dim * mlp_ratio), qv_bias=False, eps=1e-5)
+                                    for _ in range(depth))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -196,7 +101,7 @@ class PointBERT(nn.Module):
         self.norm = nn.LayerNorm(trans_dim)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        groups, centers = group_points(points, self.num_group, self.group_size)
+        groups, centers = knn_patches(points, self.num_group, self.group_size, POINTNET2_SKIP_SQ_NORM)
         tokens = self.reduce_dim(self.encoder(groups))
         b = tokens.shape[0]
         x = torch.cat([self.cls_token.expand(b, -1, -1), tokens], 1)
@@ -292,15 +197,15 @@ class ULIP2Alignment(AlignmentModel):
 
     name = "ulip2"
 
-    def __init__(self, image_tower: nn.Module | None = None, config: dict = ULIP2_POINTBERT) -> None:
+    def __init__(self, image_tower: nn.Module | str | None = None, config: dict = ULIP2_POINTBERT) -> None:
         super().__init__()
         self.config = dict(config)
         self.n_points = self.config["n_points"]
         self.encoder = ULIP2PointEncoder(self.config)
-        if image_tower is None:
+        if image_tower is None or isinstance(image_tower, str):
             from .image_tower import BIGG_14, ClipImageTower
 
-            image_tower = ClipImageTower(BIGG_14)
+            image_tower = ClipImageTower(image_tower or BIGG_14)
         proj = getattr(getattr(getattr(image_tower, "model", None), "config", None), "projection_dim", None)
         if proj is not None and proj != self.config["embed_dim"]:
             raise ValueError(f"ULIP2Alignment: the image tower embeds to {proj} dims, the point encoder to "
@@ -309,10 +214,11 @@ class ULIP2Alignment(AlignmentModel):
         self.requires_grad_(False).eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, image_tower: nn.Module | None = None, config: dict = ULIP2_POINTBERT,
+    def from_checkpoint(cls, path: str | Path, image_tower: nn.Module | str | None = None, config: dict = ULIP2_POINTBERT,
                         trust_pickle: bool = False) -> "ULIP2Alignment":
         """Load the official ``ULIP-2-PointBERT-10k-colored-pc-pretrained.pt`` (see module docstring);
-        ``image_tower`` defaults to ``ClipImageTower('laion/CLIP-ViT-bigG-14-laion2B-39B-b160k')``."""
+        ``image_tower``: a module, a transformers CLIP source for :class:`ClipImageTower`, or None for
+        ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k``."""
         state = load_ulip2_checkpoint(path, trust_pickle=trust_pickle)
         model = cls(image_tower=image_tower, config=config)
         try:

@@ -35,9 +35,8 @@ Written from the facts of the official repository baaivision/Uni3D (no code take
   16 heads, separate q/k/v projections, SwiGLU hidden int(1024 * 8/3) = 2730 with sub-LN, rotary embedding in
   timm (unused here: the blocks are called without it).
 * pointnet2_ops (erikwijmans/Pointnet2_PyTorch, sampling_gpu.cu): FPS starts at index 0, and points with
-  |p|^2 <= 1e-3 are never selected after it (``if (mag <= 1e-3) continue;``). The shared
-  :func:`~d3ds2.eval.alignment.points.farthest_point_sample` lacks that skip, hence
-  :func:`pointnet2_farthest_point_sample` here.
+  |p|^2 <= 1e-3 are never selected after it (``if (mag <= 1e-3) continue;``): the shared
+  :func:`~d3ds2.eval.alignment.points.farthest_point_sample` with ``POINTNET2_SKIP_SQ_NORM``.
 """
 from __future__ import annotations
 
@@ -48,9 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import AlignmentModel
-from .eva_clip import (LN_EPS, EvaBlock, EvaClipImageTower, check_state_dict_keys, load_checkpoint_file,
-                       load_into)
-from .points import gather, knn, normalise_unit_sphere
+from .eva_clip import EvaClipImageTower, check_state_dict_keys, load_checkpoint_file, load_into
+from .layers import LN_EPS, Block, MiniPointNet
+from .points import POINTNET2_SKIP_SQ_NORM, knn_patches, normalise_unit_sphere
 
 UNI3D_HUB = "BAAI/Uni3D"
 UNI3D_G_FILE = "modelzoo/uni3d-g/model.pt"
@@ -88,43 +87,6 @@ TINY_UNI3D = Uni3DConfig(trans_dim=32, depth=2, num_heads=4, mlp_hidden=48, embe
 TINY_UNI3D_SWIGLU = Uni3DConfig(**{**TINY_UNI3D.__dict__, "fused_qkv": False, "swiglu": True})
 
 
-def pointnet2_farthest_point_sample(xyz: torch.Tensor, m: int) -> torch.Tensor:
-    """Indices long [B, m] of farthest-point samples of xyz [B, N, 3] as the pointnet2_ops CUDA kernel picks
-    them: index 0 first, then greedily the point farthest from the chosen set, never a point with
-    |p|^2 <= 1e-3 (the kernel skips those; with centred clouds that is a ball of radius 0.032 round the
-    centroid); ties go to the lowest index. Falls back to index 0 when no point qualifies, as the kernel."""
-    b, n, _ = xyz.shape
-    if m > n:
-        raise ValueError(f"pointnet2_farthest_point_sample: {m} samples requested from {n} points")
-    eligible = xyz.square().sum(-1) > 1e-3
-    idx = torch.zeros(b, m, dtype=torch.long, device=xyz.device)
-    dist = torch.full((b, n), float("inf"), dtype=xyz.dtype, device=xyz.device)
-    last = torch.zeros(b, dtype=torch.long, device=xyz.device)
-    rows = torch.arange(b, device=xyz.device)
-    for i in range(1, m):
-        dist = torch.minimum(dist, (xyz - xyz[rows, last][:, None]).square().sum(-1))
-        last = dist.masked_fill(~eligible, -1.0).argmax(1)
-        idx[:, i] = last
-    return idx
-
-
-class _MiniPointNet(nn.Module):
-    """Uni3D ``Encoder``: patches [B, G, K, 6] -> patch features [B, G, encoder_dim]."""
-
-    def __init__(self, encoder_dim: int) -> None:
-        super().__init__()
-        self.first_conv = nn.Sequential(nn.Conv1d(6, 128, 1), nn.BatchNorm1d(128), nn.ReLU(),
-                                        nn.Conv1d(128, 256, 1))
-        self.second_conv = nn.Sequential(nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(),
-                                         nn.Conv1d(512, encoder_dim, 1))
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        b, g, k, c = patches.shape
-        f = self.first_conv(patches.reshape(b * g, k, c).transpose(1, 2))  # [BG, 256, K]
-        f = torch.cat([f.amax(2, keepdim=True).expand(-1, -1, k), f], 1)
-        return self.second_conv(f).amax(2).view(b, g, -1)
-
-
 class Uni3DPointEncoder(nn.Module):
     """Uni3D ``PointcloudEncoder``: points [B, N, 6] (xyz normalised to the unit sphere, rgb in [0, 1]) -> raw
     embeddings [B, embed_dim]. Parameter names are the official ones with ``point_encoder.`` stripped and the
@@ -133,24 +95,20 @@ class Uni3DPointEncoder(nn.Module):
     def __init__(self, config: Uni3DConfig = UNI3D_G) -> None:
         super().__init__()
         c = self.config = config
-        self.encoder = _MiniPointNet(c.encoder_dim)
+        self.encoder = MiniPointNet(6, (128, 256, 512), c.encoder_dim)
         self.encoder2trans = nn.Linear(c.encoder_dim, c.trans_dim)
         self.trans2embed = nn.Linear(c.trans_dim, c.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.trans_dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, c.trans_dim))
         self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, c.trans_dim))
-        self.blocks = nn.ModuleList(EvaBlock(c.trans_dim, c.num_heads, c.mlp_hidden, c.fused_qkv, c.swiglu)
+        self.blocks = nn.ModuleList(Block(c.trans_dim, c.num_heads, c.mlp_hidden, c.fused_qkv, swiglu=c.swiglu)
                                     for _ in range(c.depth))
         self.fc_norm = nn.LayerNorm(c.trans_dim, eps=LN_EPS)
 
     def group(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """points [B, N, 6] -> (patches [B, G, K, 6] with xyz relative to the center, centers [B, G, 3])."""
         points = points.to(torch.promote_types(points.dtype, torch.float32))  # geometry in >= float32
-        xyz = points[..., :3].contiguous()
-        centers = gather(xyz, pointnet2_farthest_point_sample(xyz, self.config.num_group))
-        patches = gather(points, knn(centers, xyz, self.config.group_size))
-        patches = torch.cat([patches[..., :3] - centers[:, :, None], patches[..., 3:]], -1)
-        return patches, centers
+        return knn_patches(points, self.config.num_group, self.config.group_size, POINTNET2_SKIP_SQ_NORM)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         patches, centers = self.group(points)
@@ -246,18 +204,18 @@ class Uni3DAlignment(AlignmentModel):
     @classmethod
     def from_checkpoint(cls, path: str, image_tower: nn.Module | None = None, clip_checkpoint: str | None = None,
                         config: Uni3DConfig = UNI3D_G, dtype: torch.dtype = torch.float32,
-                        trusted: bool = False) -> "Uni3DAlignment":
+                        trust_pickle: bool = False) -> "Uni3DAlignment":
         """Load the official ``model.pt`` (``modelzoo/uni3d-g/model.pt`` of the Hugging Face repo ``BAAI/Uni3D``
         for ``UNI3D_G``, ``modelzoo/uni3d-l/model.pt`` for ``UNI3D_L``): a dict whose ``'module'`` entry is the
         state dict. The image tower is ``image_tower`` if given, else :class:`EvaClipImageTower` loaded from
         ``clip_checkpoint`` (OpenCLIP EVA02-E-14-plus, see :mod:`~d3ds2.eval.alignment.eva_clip`), else none
-        (``encode_points`` only). ``trusted=True`` allows unpickling objects beyond tensors, if the file
+        (``encode_points`` only). ``trust_pickle=True`` allows unpickling objects beyond tensors, if the file
         holds them (DeepSpeed-style checkpoints may)."""
         sd = load_checkpoint_file(path, "Uni3DAlignment", f"{UNI3D_HUB} {UNI3D_G_FILE} (or another "
-                                  "modelzoo/uni3d-*/model.pt matching `config`)", trusted)
+                                  "modelzoo/uni3d-*/model.pt matching `config`)", trust_pickle)
         with torch.device("meta"):
             encoder = Uni3DPointEncoder(config)
         load_into(encoder, uni3d_state_dict(sd, config), dtype)
         if image_tower is None and clip_checkpoint is not None:
-            image_tower = EvaClipImageTower.from_checkpoint(clip_checkpoint, dtype=dtype, trusted=trusted)
+            image_tower = EvaClipImageTower.from_checkpoint(clip_checkpoint, dtype=dtype, trust_pickle=trust_pickle)
         return cls(encoder, image_tower)
