@@ -130,7 +130,8 @@ class OpenShapePointEncoder(nn.Module):
         self.lift_norm = nn.LayerNorm(cfg.dim)
         self.cls_token = nn.Parameter(torch.randn(cfg.dim))
         if cfg.heads * cfg.dim_head != cfg.dim:
-            raise ValueError(f"OpenShapeConfig: heads x dim_head ({cfg.heads} x {cfg.dim_head}) must equal dim {cfg.dim}")
+            raise ValueError(f"OpenShapeConfig: heads x dim_head ({cfg.heads} x {cfg.dim_head}) must equal dim "
+                             f"{cfg.dim}")
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_dim, qv_bias=False, eps=1e-5)
                                     for _ in range(cfg.depth))
         self.proj = nn.Linear(cfg.dim, cfg.embed_dim)

@@ -214,8 +214,8 @@ class ULIP2Alignment(AlignmentModel):
         self.requires_grad_(False).eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, image_tower: nn.Module | str | None = None, config: dict = ULIP2_POINTBERT,
-                        trust_pickle: bool = False) -> "ULIP2Alignment":
+    def from_checkpoint(cls, path: str | Path, image_tower: nn.Module | str | None = None,
+                        config: dict = ULIP2_POINTBERT, trust_pickle: bool = False) -> "ULIP2Alignment":
         """Load the official ``ULIP-2-PointBERT-10k-colored-pc-pretrained.pt`` (see module docstring);
         ``image_tower``: a module, a transformers CLIP source for :class:`ClipImageTower`, or None for
         ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k``."""
