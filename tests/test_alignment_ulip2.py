@@ -164,7 +164,7 @@ def test_key_mapping_names_what_is_wrong(gen, tmp_path):
     assert set(ulip2_state_dict(sd, expected)) == set(expected)
     missing = dict(sd)
     del missing["module.point_encoder.blocks.blocks.1.attn.qkv.weight"]
-    with pytest.raises(KeyError, match=r"missing \['point_encoder.blocks.blocks.1.attn.qkv.weight'\]"):
+    with pytest.raises(KeyError, match=r"missing keys \(1\): \['point_encoder.blocks.blocks.1.attn.qkv.weight'\]"):
         ulip2_state_dict(missing, expected)
     extra = dict(sd, **{"module.point_encoder.cls_head_finetune.0.weight": torch.zeros(1)})
     with pytest.raises(KeyError, match="unexpected.*cls_head_finetune"):

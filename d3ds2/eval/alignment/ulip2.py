@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import AlignmentModel
+from .eva_clip import check_state_dict_keys
 from .layers import Block, MiniPointNet
 from .points import POINTNET2_SKIP_SQ_NORM, knn_patches, normalise_unit_sphere
 
@@ -146,19 +147,11 @@ def ulip2_state_dict(official: dict, expected: dict | None = None) -> dict:
             continue
         out[k] = value
     if expected is not None:
-        missing = sorted(set(expected) - set(out))
-        unexpected = sorted(set(out) - set(expected))
-        if missing or unexpected:
-            raise KeyError(f"ulip2_state_dict: the checkpoint does not match the ULIP-2 coloured PointBERT: missing "
-                           f"{missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected "
-                           f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
-        bad = [f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k].shape)}" for k in expected
-               if tuple(out[k].shape) != tuple(expected[k].shape)]
-        if bad:
-            hint = (" (a 3-channel first conv is the xyz-only pointbert_ULIP-2.pt, not the coloured 10k model "
-                    f"{CHECKPOINT_NAME})" if any(k.startswith("point_encoder.encoder.first_conv.0.weight") for k in bad)
-                    else "")
-            raise ValueError("ulip2_state_dict: shape mismatch: " + "; ".join(bad[:8]) + hint)
+        hint = f"the ULIP-2 coloured PointBERT, {CHECKPOINT_NAME}"
+        if "point_encoder.encoder.first_conv.0.weight" in out and tuple(
+                out["point_encoder.encoder.first_conv.0.weight"].shape[1:2]) == (3,):
+            hint += "; a 3-channel first conv is the xyz-only pointbert_ULIP-2.pt"
+        check_state_dict_keys("ulip2_state_dict", out, {k: tuple(v.shape) for k, v in expected.items()}, hint)
     return out
 
 
