@@ -87,12 +87,11 @@ def _official_from(encoder: Uni3DPointEncoder, gen) -> dict:
         k = "visual." + k if k.startswith(("blocks.", "fc_norm.")) else k
         sd["module.point_encoder." + k] = v.clone()
     sd["module.logit_scale"] = torch.tensor(math.log(1 / 0.07))
-    g = c.timm_img_size // c.timm_patch
-    for k, shape in {"visual.patch_embed.proj.weight": (c.trans_dim, 3, c.timm_patch, c.timm_patch),
+    # the timm model's unused image stem and classifier (a 28 px image of 14 px patches, 10 classes)
+    for k, shape in {"visual.patch_embed.proj.weight": (c.trans_dim, 3, 14, 14),
                      "visual.patch_embed.proj.bias": (c.trans_dim,), "visual.cls_token": (1, 1, c.trans_dim),
-                     "visual.pos_embed": (1, g * g + 1, c.trans_dim),
-                     "visual.head.weight": (c.timm_classes, c.trans_dim),
-                     "visual.head.bias": (c.timm_classes,)}.items():
+                     "visual.pos_embed": (1, 5, c.trans_dim), "visual.head.weight": (10, c.trans_dim),
+                     "visual.head.bias": (10,)}.items():
         sd["module.point_encoder." + k] = torch.randn(shape, generator=gen)
     return {"module": sd, "epoch": 10, "best_acc1": 55.3}
 

@@ -32,14 +32,14 @@ Facts used (no code taken), with their sources:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .image_tower import CLIP_MEAN, CLIP_STD
+from .image_tower import ImageTower
+from .checkpoint import check_state_dict_keys, load_checkpoint_file, load_into
 from .layers import LN_EPS, Block
 
 EVA02_E_14_PLUS_HUB = "timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k"
@@ -132,54 +132,13 @@ def eva_clip_state_dict(official: dict, config: EvaClipVisionConfig = EVA02_E_14
         out[k] = v
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in EvaVisionTrunk(config).state_dict().items()}
-    check_state_dict_keys("eva_clip_state_dict", out, expected, hint="an OpenCLIP EVA02-E-14-plus checkpoint "
-                f"({EVA02_E_14_PLUS_HUB}/{EVA02_E_14_PLUS_FILE}) with keys 'visual.trunk.*'")
+    check_state_dict_keys("eva_clip_state_dict", out, expected,
+                          hint=f"an OpenCLIP EVA02-E-14-plus checkpoint ({EVA02_E_14_PLUS_HUB}/{EVA02_E_14_PLUS_FILE}) "
+                               "with keys 'visual.trunk.*'")
     return out
 
 
-def check_state_dict_keys(who: str, got: dict, expected: dict, hint: str) -> None:
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{who}: the checkpoint does not match the model (expected {hint}); missing keys "
-                       f"({len(missing)}): {missing[:12]}{' ...' if len(missing) > 12 else ''}; unexpected keys "
-                       f"({len(unexpected)}): {unexpected[:12]}{' ...' if len(unexpected) > 12 else ''}")
-    bad = [f"{k}: {tuple(got[k].shape)} != {expected[k]}" for k in expected if tuple(got[k].shape) != expected[k]]
-    if bad:
-        raise ValueError(f"{who}: shape mismatches (expected {hint}): {bad[:12]}")
-
-
-def load_checkpoint_file(path: str, who: str, source: str, trust_pickle: bool = False) -> dict:
-    """torch.load a checkpoint on the CPU, tensors only (``weights_only``) unless ``trust_pickle`` allows a pickle
-    fallback; errors name the file and where to get it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{who}: checkpoint file {path!r} not found; download {source} and pass its path")
-
-    def load(weights_only: bool, mmap: bool):
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
-
-    try:
-        return load(True, True)  # zipfile checkpoints: memory-mapped, no copy
-    except Exception:  # noqa: BLE001 - legacy format (no mmap) or a refused object: retried below
-        pass
-    try:
-        return load(True, False)
-    except Exception as e:  # noqa: BLE001 - an object outside the weights-only allowlist
-        if not trust_pickle:
-            raise RuntimeError(f"{who}: {path!r} holds objects torch.load(weights_only=True) refuses ({e}); if "
-                               "you trust the file, pass trust_pickle=True to unpickle it") from e
-    return load(False, False)
-
-
-def load_into(module: nn.Module, state: dict, dtype: torch.dtype) -> nn.Module:
-    """Load ``state`` into a module built on the meta device (no second copy of the weights): floating tensors
-    cast to ``dtype``, integer buffers kept."""
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    module.load_state_dict(state, strict=True, assign=True)
-    return module
-
-
-class EvaClipImageTower(nn.Module):
+class EvaClipImageTower(ImageTower):
     """Frozen OpenCLIP EVA02-E-14-plus image tower: ``preprocess(list) -> [B, 3, S, S]`` in [0, 1] on white (the
     conditioner's foreground crop, as :class:`~d3ds2.eval.alignment.image_tower.ClipImageTower`), ``forward`` ->
     unit-norm embeddings [B, 1024]. ``config`` + ``seed`` build a random tower (tests); real weights come from
@@ -187,7 +146,7 @@ class EvaClipImageTower(nn.Module):
 
     def __init__(self, config: EvaClipVisionConfig = EVA02_E_14_PLUS, seed: int = 0,
                  trunk: EvaVisionTrunk | None = None) -> None:
-        super().__init__()
+        super().__init__(config.image_size)
         if trunk is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -201,9 +160,6 @@ class EvaClipImageTower(nn.Module):
                         nn.init.normal_(p, std=0.02)
         self.config = config
         self.trunk = trunk.eval().requires_grad_(False)
-        self.image_size = config.image_size
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
     def from_checkpoint(cls, path: str, config: EvaClipVisionConfig = EVA02_E_14_PLUS,
@@ -218,17 +174,7 @@ class EvaClipImageTower(nn.Module):
             trunk = EvaVisionTrunk(config)
         return cls(config, trunk=load_into(trunk, eva_clip_state_dict(sd, config), dtype))
 
-    def preprocess(self, images: list) -> torch.Tensor:
-        """Paths / PIL images / arrays -> [B, 3, S, S] in [0, 1]: foreground crop composited over white, square."""
-        from ...models.conditioner import preprocess_image
-
-        return torch.stack([preprocess_image(im, size=self.image_size, pad=0)[:3] for im in images])
-
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        dtype = self.trunk.head.weight.dtype
-        x = images.to(self.mean.device, torch.float32)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", align_corners=False).clamp(0, 1)
-        emb = self.trunk(((x - self.mean) / self.std).to(dtype))
+        emb = self.trunk(self.pixels(images).to(self.trunk.head.weight.dtype))
         return F.normalize(emb.float(), dim=-1)

@@ -19,7 +19,29 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BIGG_14 = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 
 
-class ClipImageTower(nn.Module):
+class ImageTower(nn.Module):
+    """What every image tower shares: ``preprocess(list) -> [B, 3, S, S]`` in [0, 1] on white, and ``pixels``,
+    the CLIP resize (bicubic, to ``image_size``) and mean/std normalisation, in float32. Subclasses embed."""
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images: list) -> torch.Tensor:
+        """Paths / PIL images / arrays -> [B, 3, S, S] in [0, 1] on white (see module docstring)."""
+        return torch.stack([preprocess_image(im, size=self.image_size, pad=0)[:3] for im in images])
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> normalised float32 [B, 3, S, S] on the tower's device."""
+        x = images.to(self.mean.device, torch.float32)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", align_corners=False).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+
+class ClipImageTower(ImageTower):
     """Frozen CLIP vision tower with its projection.
 
     Args:
@@ -31,33 +53,23 @@ class ClipImageTower(nn.Module):
     """
 
     def __init__(self, source: str = BIGG_14, config: dict | None = None, seed: int = 0) -> None:
-        super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         if config is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                self.model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+                model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
         else:
             try:
-                self.model = CLIPVisionModelWithProjection.from_pretrained(source)
+                model = CLIPVisionModelWithProjection.from_pretrained(source)
             except OSError as e:
                 raise OSError(f"ClipImageTower: cannot load CLIP weights from {source!r}; give a local directory "
                               "holding a transformers CLIP checkpoint (config.json + weights) or a reachable hub "
                               "id") from e
-        self.model.eval().requires_grad_(False)
-        self.image_size = self.model.config.image_size
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
-
-    def preprocess(self, images: list) -> torch.Tensor:
-        """Paths / PIL images / arrays -> [B, 3, S, S] in [0, 1] on white (see module docstring)."""
-        return torch.stack([preprocess_image(im, size=self.image_size, pad=0)[:3] for im in images])
+        super().__init__(model.config.image_size)
+        self.model = model.eval().requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.mean.device, self.mean.dtype)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", align_corners=False).clamp(0, 1)
-        emb = self.model(pixel_values=(x - self.mean) / self.std).image_embeds
+        emb = self.model(pixel_values=self.pixels(images)).image_embeds
         return F.normalize(emb.float(), dim=-1)

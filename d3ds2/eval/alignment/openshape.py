@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import AlignmentModel
+from .checkpoint import load_checkpoint_file
 from .layers import Block
 from .points import farthest_point_sample, gather, normalise_unit_sphere
 
@@ -242,18 +243,9 @@ class OpenShapeAlignment(AlignmentModel):
         ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k``. ``trust_pickle=True`` unpickles arbitrary objects (only
         for a file you trust) in case the optimizer / scheduler entries hold types the safe loader refuses.
         """
-        path = os.fspath(path)
         fix = (f"download {HF_FILE} of the Hugging Face model {HF_REPO} (e.g. huggingface_hub.hf_hub_download("
                f"'{HF_REPO}', '{HF_FILE}'); it may need a logged-in token) and pass its path")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"OpenShapeAlignment: no checkpoint file {path!r}; {fix}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-        except Exception as e:
-            hint = ("" if trust_pickle else " It holds objects the weights-only loader refuses: if you trust the "
-                    "file, pass trust_pickle=True.")
-            raise RuntimeError(f"OpenShapeAlignment: cannot read {path!r} as a torch checkpoint ({e}).{hint} "
-                               f"Expected: {fix}") from e
+        ckpt = load_checkpoint_file(path, "OpenShapeAlignment", f"{HF_REPO}/{HF_FILE}", trust_pickle)
         try:
             sd = openshape_state_dict(ckpt, cfg)
         except ValueError as e:

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import AlignmentModel
-from .eva_clip import check_state_dict_keys
+from .checkpoint import check_state_dict_keys, load_checkpoint_file
 from .layers import Block, MiniPointNet
 from .points import POINTNET2_SKIP_SQ_NORM, knn_patches, normalise_unit_sphere
 
@@ -159,19 +159,8 @@ def load_ulip2_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict:
     """The state dict stored in an official ULIP-2 checkpoint file (``ckpt['state_dict']``, or the dict itself
     when it holds tensors directly). Loads with ``weights_only=True``, allowing ``argparse.Namespace`` (the
     training script saves ``args``); ``trust_pickle=True`` falls back to a full unpickle (trusted files only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ULIP-2 checkpoint {str(path)!r} not found: download {CHECKPOINT_NAME} from "
-                                f"{' or '.join(CHECKPOINT_SOURCES)} and pass its local path")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the fix unless the caller trusts the file
-        if not trust_pickle:
-            raise RuntimeError(f"ULIP-2 checkpoint {str(path)!r} cannot be read with torch.load(weights_only=True) "
-                               f"({type(e).__name__}: {e}); if it is the official {CHECKPOINT_NAME}, pass "
-                               "trust_pickle=True to unpickle it fully") from e
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(path, "ULIP-2", f"{CHECKPOINT_NAME} from {' or '.join(CHECKPOINT_SOURCES)}",
+                                trust_pickle, safe_globals=(argparse.Namespace,))
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"ULIP-2 checkpoint {str(path)!r} holds no state dict (expected a dict with 'state_dict', "

@@ -47,21 +47,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import AlignmentModel
-from .eva_clip import EvaClipImageTower, check_state_dict_keys, load_checkpoint_file, load_into
+from .checkpoint import check_state_dict_keys, load_checkpoint_file, load_into
+from .eva_clip import EvaClipImageTower
 from .layers import LN_EPS, Block, MiniPointNet
 from .points import POINTNET2_SKIP_SQ_NORM, knn_patches, normalise_unit_sphere
 
 UNI3D_HUB = "BAAI/Uni3D"
 UNI3D_G_FILE = "modelzoo/uni3d-g/model.pt"
-UNI3D_L_FILE = "modelzoo/uni3d-l/model.pt"
 
 
 @dataclass(frozen=True)
 class Uni3DConfig:
-    """Uni3D point encoder hyperparameters (see the module docstring for their sources).
-
-    ``timm_img_size`` / ``timm_patch`` / ``timm_classes`` only describe the unused parts of the timm model that
-    the checkpoint carries (dropped by :func:`uni3d_state_dict`)."""
+    """Uni3D point encoder hyperparameters (see the module docstring for their sources)."""
 
     trans_dim: int = 1408
     depth: int = 40
@@ -74,16 +71,13 @@ class Uni3DConfig:
     num_group: int = 512
     group_size: int = 64
     n_points: int = 10_000
-    timm_img_size: int = 560
-    timm_patch: int = 14
-    timm_classes: int = 1000
 
 
 UNI3D_G = Uni3DConfig()  # eva_giant_patch14_560: the paper-scale Uni3D-g (about 1 B parameters)
-UNI3D_L = Uni3DConfig(trans_dim=1024, depth=24, num_heads=16, mlp_hidden=2730, fused_qkv=False, swiglu=True,
-                      timm_img_size=448)  # eva02_large_patch14_448
+UNI3D_L = Uni3DConfig(trans_dim=1024, depth=24, num_heads=16, mlp_hidden=2730, fused_qkv=False,
+                      swiglu=True)  # eva02_large_patch14_448
 TINY_UNI3D = Uni3DConfig(trans_dim=32, depth=2, num_heads=4, mlp_hidden=48, embed_dim=16, encoder_dim=24,
-                         num_group=8, group_size=6, n_points=200, timm_img_size=28, timm_patch=14, timm_classes=10)
+                         num_group=8, group_size=6, n_points=200)
 TINY_UNI3D_SWIGLU = Uni3DConfig(**{**TINY_UNI3D.__dict__, "fused_qkv": False, "swiglu": True})
 
 
@@ -163,8 +157,8 @@ def uni3d_state_dict(official: dict, config: Uni3DConfig = UNI3D_G) -> dict:
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Uni3DPointEncoder(config).state_dict().items()}
     check_state_dict_keys("uni3d_state_dict", out, expected,
-                hint=f"a Uni3D checkpoint ({UNI3D_HUB} modelzoo/uni3d-*/model.pt) whose 'module' holds "
-                     "'point_encoder.*' keys of the configured scale")
+                          hint=f"a Uni3D checkpoint ({UNI3D_HUB} modelzoo/uni3d-*/model.pt) whose 'module' holds "
+                               "'point_encoder.*' keys of the configured scale")
     return out
 
 
