@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-import kernels.span_attention as sa
+import d3ds2.kernels.span_attention as sa
 from span_forward_ablation import exp2_rate
 
 try:

@@ -22,9 +22,9 @@ import warnings
 
 import torch
 
-import kernels.span_attention as span_kernels
+import d3ds2.kernels.span_attention as span_kernels
 from benchmarks.dit_step import build, make_batch, train_step
-from kernels.span_work import work_plan, work_plan_reference
+from d3ds2.kernels.span_work import work_plan, work_plan_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -32,8 +32,8 @@ from d3ds2.attention import varlen as varlen_module
 from d3ds2.attention import varlen_attention
 from d3ds2.models.sparse_dit import SparseDiT
 from d3ds2.sparse import SparseTensor
-import kernels.span_attention as span_kernels
-from kernels.modulation import (gated_residual, gated_residual_reference, modulated_layer_norm,
+import d3ds2.kernels.span_attention as span_kernels
+from d3ds2.kernels.modulation import (gated_residual, gated_residual_reference, modulated_layer_norm,
                                 modulated_layer_norm_reference)
 
 PEAK_BF16 = 989e12
@@ -197,7 +197,7 @@ SPAN_TILES = ((8, 64, 8, 64), (4, 128, 8, 64), (8, 128, 8, 128), (4, 64, 4, 128)
 
 def span_variant(cu: torch.Tensor, block_m: int, block_k: int, block_q: int, block_kv: int):
     """The span kernel over segments ``cu`` with explicit tiles (plan built once, as a layer stack would)."""
-    from kernels.span_attention import plan_spans, span_attention
+    from d3ds2.kernels.span_attention import plan_spans, span_attention
 
     seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff()).int()
     plan = plan_spans(seg.view(-1, 1, 1), cu, block_m, query_offsets=cu, check_unique=False)

@@ -26,8 +26,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
-import kernels.span_attention as sa
-import kernels.span_dkdv_hopper as hopper
+import d3ds2.kernels.span_attention as sa
+import d3ds2.kernels.span_dkdv_hopper as hopper
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 HQ, HKV, D = 32, 2, 32
@@ -115,7 +115,7 @@ def per_score(kernel: Compiled, count: int) -> float:
 
 def span_kernels(keep: str | None = None) -> list[Compiled]:
     """The forward (bounded and online softmax), dQ and dK/dV kernels at the default tiles of
-    :func:`kernels.span_attention.span_attention`."""
+    :func:`d3ds2.kernels.span_attention.span_attention`."""
     g = HQ // HKV
     bm, bk, bq, bkv = sa.default_block_m(g, 1), 64, max(1, 128 // g), 64
     shapes = dict(HQ=HQ, HKV=HKV, G=g, D=D, HAS_QIDX=False)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels.span_attention as sa
+import d3ds2.kernels.span_attention as sa
 from span_tiles import problem
 
 KERNEL = "_span_fwd_kernel"
@@ -53,7 +53,7 @@ def ablated_kernel(label: str, directory: str):
     path = os.path.join(directory, name + ".py")
     with open(path, "w") as f:
         f.write("import triton\nimport triton.language as tl\n"
-                "from kernels.span_attention import BOUND_SUM_MIN, _query_rows, _tile_span\n")
+                "from d3ds2.kernels.span_attention import BOUND_SUM_MIN, _query_rows, _tile_span\n")
         f.write(body)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

@@ -17,7 +17,7 @@ import json
 import torch
 import triton
 
-import kernels.span_attention as sa
+import d3ds2.kernels.span_attention as sa
 from d3ds2.attention.ssa import SSAConfig, block_mean, build_ssa_layout, spatial_sparse_attention
 from dit_step import shell_coords  # run as a script: benchmarks/ is on sys.path
 

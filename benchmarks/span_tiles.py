@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
-import kernels.span_attention as sa
+import d3ds2.kernels.span_attention as sa
 
 TOKENS, CONTEXT, BATCH = 10655, 1374, 3
 KERNELS = ("_span_fwd_kernel", "_span_bwd_dq_kernel", "_span_bwd_dkdv_kernel")

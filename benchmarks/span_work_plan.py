@@ -18,8 +18,8 @@ import torch
 
 from benchmarks.dit_step import SSA_V11, make_batch
 from d3ds2.attention.ssa import build_ssa_layout, selection_plan
-from kernels.span_attention import ROWS_PER_ITEM
-from kernels.span_work import work_plan, work_plan_reference
+from d3ds2.kernels.span_attention import ROWS_PER_ITEM
+from d3ds2.kernels.span_work import work_plan, work_plan_reference
 
 HKV, GROUP, BLOCK_KV = 2, 16, 64
 

@@ -23,7 +23,7 @@ import triton.testing
 from d3ds2.sparse.coords import pack_keys
 from d3ds2.sparse.gemm import sparse_conv
 from d3ds2.sparse.kernel_map import submanifold_map, submanifold_table
-from kernels.sparse_conv import submconv
+from d3ds2.kernels.sparse_conv import submconv
 
 # spconv 2.3.8, fp16, H200, map rebuilt per call (anchors.md): (res, C) -> (fwd ms, fwd+bwd ms)
 SPCONV = {

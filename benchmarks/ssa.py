@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from d3ds2.attention.ssa import (SSAConfig, block_mean, build_ssa_layout, compressed_attention, select_blocks,
                                  selection_attention, selection_plan, spatial_sparse_attention,
                                  ssa_window_attention)
-from kernels.span_attention import (_build_pairs, _tile_unions, default_block_m, plan_spans,
+from d3ds2.kernels.span_attention import (_build_pairs, _tile_unions, default_block_m, plan_spans,
                                     span_attention)
-from kernels import ssa_topk
-from kernels.ssa_topk import score_topk
+from d3ds2.kernels import ssa_topk
+from d3ds2.kernels.ssa_topk import score_topk
 
 HQ, HKV, D = 32, 2, 32
 CONFIGS = {
@@ -383,7 +383,7 @@ def main():
     p.add_argument("--tune", action="store_true", help="only time kernel tile shapes at the largest size")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU run (TRITON_INTERPRET=1) to check the script")
     p.add_argument("--score-tile", default=None, metavar="ROWSxWARPS",
-                   help="default tile of the scoring kernel for this run (kernels.ssa_topk.SCORE_ROWS / SCORE_WARPS)")
+                   help="default tile of the scoring kernel for this run (d3ds2.kernels.ssa_topk.SCORE_ROWS / SCORE_WARPS)")
     args = p.parse_args()
     if args.score_tile:
         ssa_topk.SCORE_ROWS, ssa_topk.SCORE_WARPS = map(int, args.score_tile.split("x"))

@@ -19,7 +19,7 @@ from d3ds2.sparse import SparseTensor, SubMConv3d  # noqa: E402
 from d3ds2.sparse import backend  # noqa: E402
 from d3ds2.sparse.gemm import sparse_conv  # noqa: E402
 from d3ds2.sparse.kernel_map import submanifold_map, submanifold_table  # noqa: E402
-from kernels.sparse_conv import gather_conv_reference, subm_table, submconv, usable  # noqa: E402
+from d3ds2.kernels.sparse_conv import gather_conv_reference, subm_table, submconv, usable  # noqa: E402
 from sparse_helpers import random_sparse, shell  # noqa: E402
 
 # The interpreter converts 1-element arrays to loop bounds, which NumPy >= 1.25 flags as deprecated.

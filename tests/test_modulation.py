@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.modulation import (gated_residual, gated_residual_reference, modulated_layer_norm,
+from d3ds2.kernels.modulation import (gated_residual, gated_residual_reference, modulated_layer_norm,
                                 modulated_layer_norm_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,7 +64,7 @@ def test_modulated_layer_norm_and_gated_residual_match_float64(gen, c, counts):
 def test_backward_sums_samples_across_the_tiles_of_a_program(gen, monkeypatch, programs_per_sm):
     """4-row tiles, several per program: per-sample gradient sums carried across tiles, samples that change
     inside a tile and between tiles, an empty sample; also without batch_ids (every row one sample)."""
-    import kernels.modulation as mod
+    import d3ds2.kernels.modulation as mod
 
     monkeypatch.setattr(mod, "_bwd_tiles", lambda c: (4, mod.triton.next_power_of_2(c), 4))
     monkeypatch.setattr(mod, "BWD_PROGRAMS_PER_SM", programs_per_sm)

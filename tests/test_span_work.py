@@ -4,7 +4,7 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels.span_work as span_work  # noqa: E402
+import d3ds2.kernels.span_work as span_work  # noqa: E402
 
 
 def _plan_inputs(gen, n_spans, n_keys, hi, n_queries):

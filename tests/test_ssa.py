@@ -8,8 +8,8 @@ import torch
 from d3ds2.attention.ssa import (SSAConfig, SpatialSparseAttention, block_mean, build_ssa_layout,
                                  compressed_attention, spatial_sparse_attention)
 from d3ds2.sparse import SparseTensor
-from kernels.span_attention import plan_spans, span_attention, span_attention_reference
-from kernels.ssa_topk import block_scores_reference, score_chunks, score_topk, shared_score_topk, topk_reference
+from d3ds2.kernels.span_attention import plan_spans, span_attention, span_attention_reference
+from d3ds2.kernels.ssa_topk import block_scores_reference, score_chunks, score_topk, shared_score_topk, topk_reference
 from sparse_helpers import shell
 
 
@@ -61,7 +61,7 @@ def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, t
     """random: each query picks random spans (1-key span, padded slot, topk > #spans); shared: every query
     picks the same two long spans, so whole chunks run the kernels' unmasked path. permuted: plan rows
     are q rows in a shuffled order (q_index). bounded: the forward without a running max (else online softmax)."""
-    import kernels.span_attention as sa
+    import d3ds2.kernels.span_attention as sa
 
     monkeypatch.setattr(sa, "ROWS_PER_ITEM", 10)  # several dK/dV work items per chunk (atomics)
     monkeypatch.setattr(sa, "BOUNDED_FORWARD", bounded)
@@ -100,7 +100,7 @@ def test_span_attention_kernel_matches_reference(gen, monkeypatch, hq, hkv, d, t
 @pytest.mark.parametrize("hkv", [2, 3])
 def test_span_key_bounds_hold_every_key_of_each_span(gen, hkv):
     """Per span: a center (the mean of its first 128 keys), the largest |k| and the largest |k - center|."""
-    from kernels.span_attention import span_key_bounds
+    from d3ds2.kernels.span_attention import span_key_bounds
 
     nk, d = 700, 16  # spans longer than one program's 128 keys, a span of one key, an empty span
     soff = torch.tensor([0, 300, 301, 301, 650, nk], dtype=torch.int32)
@@ -124,7 +124,7 @@ def test_bounded_forward_redoes_tiles_whose_bound_is_too_loose(gen, keys, loose)
     zero); *offset*: all of its keys shifted by 200 u, which the bound about 0 (|q| max|k|) would miss by ~300
     but the bound about the span's center does not. The loose tiles must be flagged, and the result must
     match the float64 reference either way."""
-    import kernels.span_attention as sa
+    import d3ds2.kernels.span_attention as sa
 
     nq, nk, hq, hkv, d = 40, 90, 4, 2, 16
     soff = torch.tensor([0, 30, 60, nk], dtype=torch.int32)
@@ -163,7 +163,7 @@ def test_bounded_forward_redoes_tiles_whose_bound_is_too_loose(gen, keys, loose)
 def test_fp16_forward_keeps_the_online_softmax(gen):
     """In fp16, P @ V would flush the bounded pass's p = exp2(c s - b) once the bound sits ~20 log2 units above
     the scores (span 0's keys shifted by 40 u: ~55 for the bound about 0): the forward keeps its running max."""
-    import kernels.span_attention as sa
+    import d3ds2.kernels.span_attention as sa
 
     nq, nk, hq, hkv, d = 24, 60, 2, 1, 16
     soff = torch.tensor([0, 30, nk], dtype=torch.int32)
@@ -215,7 +215,7 @@ def _random_selection(gen, n, hi, topk, n_spans, pad=0.2):
 def test_tile_unions_triton_matches_torch(gen, hi, topk, bm):
     """The Triton tile unions equal the PyTorch ones exactly (ids, counts, full flags, padding), with N not
     a multiple of block_m, -1 pads, tiles whose queries all select the same spans and a tile of pads only."""
-    from kernels.span_attention import _tile_unions, _tile_unions_triton
+    from d3ds2.kernels.span_attention import _tile_unions, _tile_unions_triton
 
     n = 5 * bm + bm // 2 + 1
     idx = _random_selection(gen, n, hi, topk, n_spans=topk + 5)
@@ -234,7 +234,7 @@ def test_tile_unions_triton_matches_torch(gen, hi, topk, bm):
 
 def test_tile_unions_triton_tl_sort_path(gen):
     """The GPU variant of the union kernel (tl.sort instead of the min/max network) gives the same plan."""
-    from kernels.span_attention import _tile_unions, _tile_unions_triton
+    from d3ds2.kernels.span_attention import _tile_unions, _tile_unions_triton
 
     idx = _random_selection(gen, 11, 2, 3, n_spans=6)
     idx[4:8] = torch.tensor([2, 5, -1], dtype=torch.int32)
@@ -257,7 +257,7 @@ def test_build_pairs_lists_selecting_queries_in_order(gen):
 def test_span_backward_gated_and_accumulated(gen):
     """span_backward for gate * attention: dq added to an existing dq, dk/dv to fp32 accumulators,
     delta.sum(1) = the gate's gradient; against autograd through the float64 reference."""
-    from kernels.span_attention import LOG2E, span_backward, span_forward
+    from d3ds2.kernels.span_attention import LOG2E, span_backward, span_forward
 
     nq, nk, hq, hkv, d = 29, 50, 4, 2, 16
     soff = _random_spans(gen, 6, nk)

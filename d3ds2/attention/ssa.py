@@ -13,7 +13,7 @@ Output = g0 * o_cmp + g1 * o_slc + g2 * o_win, gates [N, 3] = sigmoid(Linear(x))
 
 Tokens may come in any order: :func:`build_ssa_layout` sorts them once per forward (batch, selection
 block, compression sub-block, position), and the layout is cached on the SparseTensor across layers.
-The reference backend ('torch') is the definition; 'triton' runs the kernels of ``kernels/``.
+The reference backend ('torch') is the definition; 'triton' runs the kernels of ``d3ds2/kernels/``.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from torch import nn
 
 from d3ds2.sparse import SparseGroupNorm, SparseTensor, SubMConv3d, pack_keys
 from d3ds2.sparse.serialize import window_partition
-from kernels.span_attention import (LN2, SpanPlan, default_block_m, gated_sum, plan_spans, span_attention,
+from d3ds2.kernels.span_attention import (LN2, SpanPlan, default_block_m, gated_sum, plan_spans, span_attention,
                                     span_backward, span_forward, triton_usable)
-from kernels.ssa_topk import ScoreChunks, score_chunks, score_topk, shared_score_topk
+from d3ds2.kernels.ssa_topk import ScoreChunks, score_chunks, score_topk, shared_score_topk
 
 _AXIS = 2 ** 14  # block coordinates per axis representable in the sort key
 

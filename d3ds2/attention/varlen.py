@@ -1,7 +1,7 @@
 """Variable-length multi-head attention over packed sequences (cu_seqlens), with grouped KV heads.
 
 Kernels (``kernel=``): 'flash' = torch's FlashAttention-2 varlen kernel (``torch.nn.attention.varlen``; CUDA,
-fp16/bf16); 'span' = the project's Triton span kernel with spans = segments (:mod:`kernels.span_attention`: the
+fp16/bf16); 'span' = the project's Triton span kernel with spans = segments (:mod:`d3ds2.kernels.span_attention`: the
 q heads sharing a KV head go through one tile, so K/V are read once per group); 'torch' = a padded
 ``scaled_dot_product_attention`` (any device and dtype: CPU, float32/64, tests). 'auto' = flash where it
 applies, else torch.
@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.span_attention import default_block_m, plan_spans, span_attention, triton_usable
+from d3ds2.kernels.span_attention import default_block_m, plan_spans, span_attention, triton_usable
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _flash_varlen

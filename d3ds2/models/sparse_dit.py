@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels.modulation import gated_residual, modulated_layer_norm
+from d3ds2.kernels.modulation import gated_residual, modulated_layer_norm
 
 from ..attention import varlen_attention, window_attention
 from ..sparse import SparseTensor
@@ -235,7 +235,7 @@ class ModulatedSparseBlock(nn.Module):
     """adaLN-Zero block: LN1+modulate -> self-attn -> gate; LN2 (affine) -> cross-attn; LN3+modulate -> MLP -> gate.
 
     Modulation is per sample ([B, 6C] from the timestep embedding); the fused kernels of
-    :mod:`kernels.modulation` apply each token's sample row without a per-token copy. The residual
+    :mod:`d3ds2.kernels.modulation` apply each token's sample row without a per-token copy. The residual
     stream stays float32; the normalised inputs of the matmuls come out in the compute dtype.
     """
 

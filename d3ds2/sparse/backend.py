@@ -58,7 +58,7 @@ def triton_subm_ok(feats: torch.Tensor, weight: torch.Tensor) -> bool:
     """
     if not feats.is_cuda or feats.shape[1] % 16 or weight.shape[0] % 16:
         return False
-    from kernels.sparse_conv import usable
+    from d3ds2.kernels.sparse_conv import usable
 
     return usable(feats)
 
@@ -66,7 +66,7 @@ def triton_subm_ok(feats: torch.Tensor, weight: torch.Tensor) -> bool:
 def _native_subm(x: SparseTensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
     k = weight.shape[2]
     if triton_subm_ok(x.feats, weight):
-        from kernels.sparse_conv import submconv
+        from d3ds2.kernels.sparse_conv import submconv
 
         nbr = x.cached(("subm_table", k, dilation), lambda: submanifold_table(x.coords, x.keys, k, dilation))
         return submconv(x.feats, flat_weight(weight).to(x.feats.dtype), nbr)

@@ -96,12 +96,12 @@ def submanifold_table(coords: torch.Tensor, keys: torch.Tensor, kernel_size: int
     ``table[k, out] = in``), built without host syncs. With dilation 1 it binary-searches once per
     (x, y) column offset (k² lookups instead of k³): sites of one column are consecutive in key order,
     so the k z-neighbours lie within k entries of the lower bound of the lowest one. On CUDA that
-    search runs as one Triton kernel (``kernels.sparse_conv.subm_table``); this is its reference.
+    search runs as one Triton kernel (``d3ds2.kernels.sparse_conv.subm_table``); this is its reference.
     """
     if kernel_size % 2 != 1:
         raise ValueError(f"submanifold convolution needs an odd kernel size, got {kernel_size}")
     if dilation == 1 and coords.is_cuda:
-        from kernels.sparse_conv import available, subm_table
+        from d3ds2.kernels.sparse_conv import available, subm_table
 
         if available(coords.device):
             return subm_table(keys, kernel_size)

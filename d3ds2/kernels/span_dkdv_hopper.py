@@ -1,6 +1,6 @@
 """dK/dV pass of span attention for Hopper (sm_90), in Gluon: the Triton kernel's work items with asynchronous wgmma.
 
-Same work and arguments as ``_span_bwd_dkdv_kernel`` in :mod:`kernels.span_attention` (persistent programs,
+Same work and arguments as ``_span_bwd_dkdv_kernel`` in :mod:`d3ds2.kernels.span_attention` (persistent programs,
 items = (KV head, BK-key chunk, up to PER_ITEM selecting queries), fp32 atomics into dK/dV), with the folded
 columns (``COLS``: the log-sum-exp over the scale and delta, each split into bf16-exact terms) so that the
 two score matmuls deliver c*S - lse and dP - delta directly. What Gluon adds over Triton's schedule of the
@@ -45,7 +45,7 @@ def span_dkdv_hopper(grid: tuple, args: tuple, constexprs: dict) -> None:
 
 
 if gluon is not None:
-    from kernels.span_work import _work_item
+    from d3ds2.kernels.span_work import _work_item
 
     @gluon.jit
     def _tile_rows(QIDX, PQ, j0, j_hi, kvh, HQ: gl.constexpr, G: gl.constexpr, R: gl.constexpr,

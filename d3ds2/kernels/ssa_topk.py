@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.span_attention import INTERPRET, LOG2E, triton_usable
+from d3ds2.kernels.span_attention import INTERPRET, LOG2E, triton_usable
 
 try:
     import triton

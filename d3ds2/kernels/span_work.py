@@ -1,6 +1,6 @@
 """The dK/dV pass's work items: their plan, built by one kernel launch (:func:`work_plan`, PyTorch reference
 :func:`work_plan_reference`), and their decoding on the device (``_work_item``), shared by the Triton kernel
-(kernels.span_attention) and the Hopper Gluon kernel (kernels.span_dkdv_hopper).
+(d3ds2.kernels.span_attention) and the Hopper Gluon kernel (d3ds2.kernels.span_dkdv_hopper).
 
 The plan: (ch_span, ch_start) [U] int32, the span and first key of each BK-key chunk slot (U = n_keys // BK +
 S + 1 bounds the chunk count; unused slots have no work), and cum_items [Hkv * U] int32, the inclusive running

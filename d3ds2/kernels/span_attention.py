@@ -27,7 +27,7 @@ Kernel design (Triton, fp16/bf16/fp32, head dim 16..128):
   atomics (a span chosen by many queries is split over many items: balanced). The item count stays on the
   device: a fixed grid of persistent programs takes items from an atomic counter (no host sync in the
   backward). On Hopper the same work runs in a Gluon kernel with asynchronous wgmma
-  (:mod:`kernels.span_dkdv_hopper`).
+  (:mod:`d3ds2.kernels.span_dkdv_hopper`).
   delta = rowsum(o * dO) is computed by the dQ kernel, which runs first; it also writes each row's
   lse / scale and delta as three bf16-exact terms, so that the dK/dV pass subtracts them in its matmuls.
 - ``q_index``: plan row i may be q row q_index[i] (a permutation), so a plan built over regrouped queries
@@ -49,8 +49,8 @@ try:
 except ImportError:  # pragma: no cover - triton is optional on CPU machines
     triton = None
 
-from kernels.span_dkdv_hopper import hopper_dkdv_usable, span_dkdv_hopper
-from kernels.span_work import work_plan
+from d3ds2.kernels.span_dkdv_hopper import hopper_dkdv_usable, span_dkdv_hopper
+from d3ds2.kernels.span_work import work_plan
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -73,7 +73,7 @@ class SpanPlan:
     union [Hi, T, BM*TOPK] int32 sorted unique spans of each tile (padding -1), union_count [Hi, T],
     union_full [Hi, T, BM*TOPK] int8: 1 where every query of the tile selected that span;
     pair_offsets [Hi*S+1] int32 / pair_query [P] int32: the queries that selected each (head, span);
-    work: the dK/dV kernel's chunk slots and item counts per tile shape (see :mod:`kernels.span_work`).
+    work: the dK/dV kernel's chunk slots and item counts per tile shape (see :mod:`d3ds2.kernels.span_work`).
     """
 
     idx: torch.Tensor
@@ -234,7 +234,7 @@ def span_attention_reference(q, k, v, idx, span_offsets, scale=None):
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 if triton is not None:
-    from kernels.span_work import _work_item
+    from d3ds2.kernels.span_work import _work_item
 
     # a bounded forward's row sum below this (2^-64) means its bound exceeds the row's largest score by more
     # than 64 log2 units: scores 62 more below it would flush to zero in fp32, so the tile is redone
@@ -650,7 +650,7 @@ INTERPRET_PROGRAMS = 3  # persistent programs under the CPU interpreter (each ta
 
 
 def _work_plan(plan: SpanPlan, block_kv: int, hkv: int, n_keys: int, per_item: int):
-    """The persistent dK/dV kernel's work plan (:func:`kernels.span_work.work_plan`), built on the device without
+    """The persistent dK/dV kernel's work plan (:func:`d3ds2.kernels.span_work.work_plan`), built on the device without
     a host sync and cached on the plan."""
     key = (block_kv, hkv, n_keys, per_item)
     if key not in plan.work:
