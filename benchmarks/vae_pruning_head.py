@@ -7,7 +7,7 @@ torch.manual_seed(0)
 from d3ds2.data.sdf_transforms import analytic_sample, collate
 from d3ds2.models.sparse_sdf_vae import SparseSDFVAE
 from d3ds2.models.vae_losses import VAELossWeights, vae_loss
-from d3ds2.training.vae_module import decoded_mesh
+from d3ds2.geometry.marching_cubes import sparse_marching_cubes
 from d3ds2.geometry.metrics import mesh_metrics
 TINY = dict(model_channels=64, encoder_channels=(16, 32, 32, 64), decoder_channels=(32, 16, 16), num_blocks=2, num_heads=4, latent_channels=8)
 batch = collate([analytic_sample(s, 32) for s in ("sphere", "box", "torus")], 8.0)
@@ -30,7 +30,7 @@ for occ in (False, True):
     fs = []
     for i in range(3):
         g = batch.targets.sample(i); p = out.sdf.sample(i)
-        gm = decoded_mesh(g[1], g[0][:, 0], 32); pm = decoded_mesh(p[1], p[0][:, 0], 32)
+        gm = sparse_marching_cubes(g[1], g[0][:, 0], 32); pm = sparse_marching_cubes(p[1], p[0][:, 0], 32)
         fs.append(mesh_metrics(pm, gm, 20000, (0.02,))["fscore@0.02"] if len(pm.faces) else 0.0)
     res["occupancy_head" if occ else "all_children"] = {"train_s_per_step": dt, "eval_decoded_voxels": out.sdf.num_voxels,
         "target_voxels": batch.targets.num_voxels, "band_voxels": int(band.shape[0]),

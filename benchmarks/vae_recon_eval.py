@@ -25,7 +25,7 @@ def reconstruct(args) -> None:
 
     from d3ds2.data.sdf_transforms import sample_at_resolution
     from d3ds2.data.shards import ShardStream
-    from d3ds2.training.vae_module import decoded_mesh
+    from d3ds2.geometry.marching_cubes import sparse_marching_cubes
     from d3ds2.vae import decode_latent, encode_sample, load_vae
 
     if not args.ground_truth:
@@ -34,7 +34,7 @@ def reconstruct(args) -> None:
     for sample in ShardStream(sorted(glob.glob(args.shards)), shuffle_buffer=0, with_views=False, rank=0, world_size=1):
         s = sample_at_resolution(sample, args.resolution)
         if args.ground_truth:
-            mesh = decoded_mesh(s.coords, s.sdf, args.resolution)
+            mesh = sparse_marching_cubes(s.coords, s.sdf, args.resolution)
         else:
             mesh, _, _ = decode_latent(vae, encode_sample(vae, s, float(cfg.data.sdf_scale)), args.resolution)
         arrays[f"{s.name}/verts"] = np.asarray(mesh.vertices, np.float32)
@@ -50,7 +50,7 @@ def score(args) -> None:
     from d3ds2.geometry.metrics import mesh_metrics
     from d3ds2.geometry.normalize import clean_mesh, normalise_mesh
     from d3ds2.geometry.watertight import reference_surface
-    from data_prep.pipeline import sample_key
+    from d3ds2.data.mesh_sample import sample_key
 
     rec = np.load(args.recon)
     keys = sorted({k.split("/")[0] for k in rec.files})

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .flow import FlowSampler, guided_velocity, null_condition
+from .checkpoint import load_checkpoint, load_net_weights
 from .models.conditioner import ImageConditioner, preprocess_image
 from .sparse import SparseTensor
 
@@ -64,7 +65,6 @@ def load_model(spec, ckpt: str | Path) -> nn.Module:
     """Instantiate ``spec`` (a ``_target_`` config) and load the net/EMA weights of ``ckpt``."""
     from hydra.utils import instantiate
 
-    from .training.checkpoint import load_net_weights
 
     net = instantiate(spec)
     load_net_weights(ckpt, net, prefer_ema=True)
@@ -85,7 +85,7 @@ class SparseStage:
     def from_runs(cls, dit_run: str | Path, vae_run: str | Path, resolution: int) -> tuple["SparseStage", Any]:
         cfg, ckpt = resolve_run(dit_run)
         dit = load_model(cfg.model.net, ckpt)
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_checkpoint(ckpt, "SparseStage", "the DiT run's checkpoint")["state_dict"]
         c = dit.in_channels
         mean, std = state.get("latent_mean", torch.zeros(c)), state.get("latent_std", torch.ones(c))
         vcfg, vckpt = resolve_run(vae_run)
@@ -247,24 +247,20 @@ class ImageTo3DPipeline:
         return self._stage("mesh", [], self._meshes, sdf, s.resolution, simplify)
 
 
-def _marching_cubes(args: tuple) -> Any:
-    from .geometry.marching_cubes import sparse_marching_cubes
-
-    return sparse_marching_cubes(*args)
-
-
 def extract_meshes(sdf: SparseTensor, resolution: int, level: float = 0.0, workers: int = 1) -> list:
     """Decoded SDF (feats [N, 1] on fine voxels of a batch) -> one mesh per sample (sparse marching cubes at
     ``level``, [-1, 1]^3 frame). ``workers`` > 1 runs the samples in that many forked processes (about 2-4 s
     per 256^3 mesh on one core)."""
+    from .geometry.marching_cubes import sparse_marching_cubes
+
     jobs = [(coords.cpu().numpy(), feats[:, 0].float().cpu().numpy(), resolution, level) for feats, coords in sdf.unbind()]
     if workers <= 1 or len(jobs) <= 1:
-        return [_marching_cubes(j) for j in jobs]
+        return [sparse_marching_cubes(*j) for j in jobs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_marching_cubes, jobs))
+        return list(pool.map(sparse_marching_cubes, *zip(*jobs)))
 
 
 def cast_parameters(module: nn.Module, dtype: torch.dtype) -> nn.Module:

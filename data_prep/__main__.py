@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from data_prep.pipeline import OutputError, run
+from d3ds2.data.prep import OutputError, run
 
 
 @hydra.main(config_path="../configs/data_prep", config_name="config", version_base=None)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from d3ds2.data.shard_format import SDF_STEP, decode_sample, encode_sample, sample_to_tensors
 from d3ds2.data.shards import ShardStream, read_tar, shards_for
 from d3ds2.geometry.corpus import procedural_shape
-from data_prep.pipeline import OutputError, run
+from d3ds2.data.prep import OutputError, run
 
 
 def _cfg(inp, out, **kw):

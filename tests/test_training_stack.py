@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
-from d3ds2.training.checkpoint import atomic_torch_save, load_net_weights
+from d3ds2.checkpoint import load_net_weights
+from d3ds2.training.checkpoint import atomic_torch_save
 from d3ds2.training.runner import run_training
 from d3ds2.training.toy import ToySparseNet
 from train_helpers import CONFIGS, compose_train, run_composed

@@ -11,7 +11,7 @@ import torch
 from d3ds2.data.sdf_transforms import analytic_sample, collate
 from d3ds2.models.sparse_sdf_vae import SparseSDFVAE
 from d3ds2.models.vae_losses import VAELossWeights, vae_loss
-from d3ds2.training.checkpoint import load_net_weights
+from d3ds2.checkpoint import load_net_weights
 from train_helpers import compose_train, run_composed
 
 TINY = dict(model_channels=32, encoder_channels=(8, 16, 16, 32), decoder_channels=(16, 16, 8), num_blocks=2,

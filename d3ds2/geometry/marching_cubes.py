@@ -16,13 +16,13 @@ from scipy import ndimage
 from d3ds2.geometry.sparse_sdf import CELL
 
 
-def sparse_marching_cubes(coords: np.ndarray, sdf: np.ndarray, resolution: int, level: float = 0.0,
-                          chunk: int = 4) -> trimesh.Trimesh:
-    """coords [N,3] int fine voxel coords, sdf [N] (any unit, negative inside) -> mesh at iso `level`."""
+def sparse_marching_cubes(coords, sdf, resolution: int, level: float = 0.0, chunk: int = 4) -> trimesh.Trimesh:
+    """coords [N,3] int fine voxel coords, sdf [N] (any unit, negative inside; numpy arrays or torch tensors on
+    any device) -> mesh at iso ``level`` in the [-1, 1] frame."""
     from skimage.measure import marching_cubes
 
-    coords = np.asarray(coords, np.int64)
-    sdf = np.asarray(sdf, np.float32)
+    coords = _numpy(coords).astype(np.int64)
+    sdf = _numpy(sdf).astype(np.float32)
     R = resolution
     keys = (coords[:, 0] * R + coords[:, 1]) * R + coords[:, 2]
     order = np.argsort(keys)
@@ -79,6 +79,14 @@ def sparse_marching_cubes(coords: np.ndarray, sdf: np.ndarray, resolution: int, 
     elif not mesh.is_watertight and len(mesh.faces) and _mean_outward(mesh, coords, sdf, R) < 0:
         mesh.invert()
     return mesh
+
+
+def _numpy(x) -> np.ndarray:
+    """A numpy array of an array or of a torch tensor (detached, copied to the CPU; bf16 read as float32)."""
+    if not hasattr(x, "detach"):
+        return np.asarray(x)
+    x = x.detach().cpu()
+    return (x.float() if x.is_floating_point() else x).numpy()
 
 
 def _row_inverse(rows: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from ..flow import TimestepSampler, drop_conditions, flow_matching_loss, interpo
 from ..models.conditioner import ImageConditioner, sparse_condition
 from ..models.sparse_dit import SparseCondition
 from .base_module import BaseModule
-from .checkpoint import load_net_weights
+from ..checkpoint import load_net_weights
 
 
 def load_latent_stats(path: str | Path | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from ..flow import TimestepSampler, drop_conditions, flow_matching_loss, interpo
 from ..models.conditioner import ImageConditioner
 from ..models.dense_vae import DenseShapeVAE
 from .base_module import BaseModule
-from .checkpoint import load_net_weights
+from ..checkpoint import load_net_weights
 from .dit_module import FrozenConditioner
 
 

@@ -11,21 +11,11 @@ import torch
 import torch.nn as nn
 
 from ..data.sdf_transforms import VAEBatch
+from ..geometry.marching_cubes import sparse_marching_cubes
 from ..models.vae_losses import VAELossWeights, vae_loss
 from .base_module import BaseModule
 
 log = logging.getLogger(__name__)
-
-
-def decoded_mesh(coords: torch.Tensor, sdf: torch.Tensor, resolution: int):
-    """Mesh of the iso-0 surface of one sample's sparse SDF (coords [N, 3], sdf [N]), in the [-1, 1] frame.
-
-    Sparse-band marching cubes: voxels not decoded take the sign of their nearest decoded neighbour, so the
-    interior comes out inside and no inner shell appears at the band's inside edge.
-    """
-    from ..geometry.marching_cubes import sparse_marching_cubes
-
-    return sparse_marching_cubes(coords.cpu().numpy(), sdf.detach().float().cpu().numpy(), resolution, level=0.0)
 
 
 def render_pair(meshes: list, size: int = 192) -> np.ndarray:
@@ -69,7 +59,7 @@ class VAEModule(BaseModule):
     ) -> None:
         super().__init__(net, optimizer, scheduler, max_consecutive_nonfinite)
         if init_from:  # start from another run's weights (EMA preferred), e.g. stage 1 -> 1024 fine-tune
-            from .checkpoint import load_net_weights
+            from ..checkpoint import load_net_weights
 
             load_net_weights(init_from, self.net, prefer_ema=True)
         self.weights = VAELossWeights(w_in, w_ext, w_sharp, w_kl, w_occ, loss_kind)
@@ -122,8 +112,8 @@ class VAEModule(BaseModule):
         R = batch.resolution
         gt = batch.targets.sample(0)
         pr = pred_sdf.sample(0)
-        gt_mesh = decoded_mesh(gt[1], gt[0][:, 0], R)
-        pred_mesh = decoded_mesh(pr[1], pr[0][:, 0], R)
+        gt_mesh = sparse_marching_cubes(gt[1], gt[0][:, 0], R)
+        pred_mesh = sparse_marching_cubes(pr[1], pr[0][:, 0], R)
         on_rank_zero = self._trainer is None or self.trainer.is_global_zero  # DDP: rank 0 renders
         if on_rank_zero and len(self._renders) < self.render_meshes and len(gt_mesh.faces):
             self._renders.append(render_pair([gt_mesh, pred_mesh]))

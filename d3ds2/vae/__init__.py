@@ -34,7 +34,7 @@ def load_vae(ckpt: str | os.PathLike, config: str | os.PathLike | None = None, d
     import hydra
     from omegaconf import OmegaConf
 
-    from ..training.checkpoint import load_net_weights
+    from ..checkpoint import load_net_weights
 
     cfg = OmegaConf.load(config or find_run_config(ckpt))
     net = hydra.utils.instantiate(cfg.model.net)
@@ -49,7 +49,7 @@ def mesh_to_sample(path: str, resolution: int, band: float = 4.0, trunc: float =
     (normalise, watertight, sparse SDF, sharp edges), so inference sees exactly what training saw."""
     from omegaconf import OmegaConf
 
-    from data_prep.pipeline import build_sample
+    from ..data.mesh_sample import build_sample
 
     from ..geometry.mesh_io import load_mesh
     from ..geometry.normalize import clean_mesh, normalise_mesh
@@ -78,11 +78,11 @@ def encode_sample(vae: SparseSDFVAE, sample: SDFSample, sdf_scale: float, sample
 @torch.no_grad()
 def decode_latent(vae: SparseSDFVAE, z: SparseTensor, resolution: int):
     """-> (mesh in the [-1, 1] frame, decoded coords [N, 3], sdf [N] normalised)."""
-    from ..training.vae_module import decoded_mesh
+    from ..geometry.marching_cubes import sparse_marching_cubes
 
     out = vae.decode(z)
     feats, coords = out.sdf.sample(0)
-    return decoded_mesh(coords, feats[:, 0], resolution), coords, feats[:, 0]
+    return sparse_marching_cubes(coords, feats[:, 0], resolution), coords, feats[:, 0]
 
 
 def save_latent(path: str | os.PathLike, z: SparseTensor, resolution: int, sdf_scale: float, name: str = "") -> None:

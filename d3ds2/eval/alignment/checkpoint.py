@@ -1,8 +1,7 @@
-"""Reading released checkpoints of the alignment encoders: safe loading with a clear error, key and shape
-checks against the model, loading into a model built on the meta device."""
+"""Released checkpoints of the alignment encoders: key and shape checks against the model, loading into a
+model built on the meta device (files are read by :func:`d3ds2.checkpoint.load_checkpoint`)."""
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn as nn
@@ -20,31 +19,6 @@ def check_state_dict_keys(who: str, got: dict, expected: dict, hint: str) -> Non
     bad = [f"{k}: {tuple(got[k].shape)} != {expected[k]}" for k in expected if tuple(got[k].shape) != expected[k]]
     if bad:
         raise ValueError(f"{who}: shape mismatches (expected {hint}): {bad[:12]}")
-
-
-def load_checkpoint_file(path: str | os.PathLike, who: str, source: str, trust_pickle: bool = False,
-                         safe_globals: tuple = ()) -> dict:
-    """torch.load a checkpoint on the CPU, tensors (and ``safe_globals``) only (``weights_only``) unless
-    ``trust_pickle`` allows a pickle fallback; errors name the file and where to get it (``source``)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{who}: checkpoint file {path!r} not found; download {source} and pass its path")
-
-    def load(weights_only: bool, mmap: bool):
-        with torch.serialization.safe_globals(list(safe_globals)):
-            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
-
-    try:
-        return load(True, True)  # zipfile checkpoints: memory-mapped, no copy
-    except Exception:  # noqa: BLE001 - legacy format (no mmap) or a refused object: retried below
-        pass
-    try:
-        return load(True, False)
-    except Exception as e:  # noqa: BLE001 - an object outside the weights-only allowlist
-        if not trust_pickle:
-            raise RuntimeError(f"{who}: {path!r} holds objects torch.load(weights_only=True) refuses ({e}); if "
-                               "you trust the file, pass trust_pickle=True to unpickle it") from e
-    return load(False, False)
 
 
 def load_into(module: nn.Module, state: dict, dtype: torch.dtype) -> nn.Module:

@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .image_tower import ImageTower
-from .checkpoint import check_state_dict_keys, load_checkpoint_file, load_into
+from ...checkpoint import load_checkpoint
+from .checkpoint import check_state_dict_keys, load_into
 from .layers import LN_EPS, Block
 
 EVA02_E_14_PLUS_HUB = "timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k"
@@ -168,7 +169,7 @@ class EvaClipImageTower(ImageTower):
         ``timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k``, what Uni3D's README names). The
         vision tower has 4.4 B parameters: 17.6 GB in float32, pass ``dtype=torch.bfloat16`` (the file's own
         precision) and move the tower to a GPU to halve that."""
-        sd = load_checkpoint_file(path, "EvaClipImageTower", f"{EVA02_E_14_PLUS_HUB}/{EVA02_E_14_PLUS_FILE}",
+        sd = load_checkpoint(path, "EvaClipImageTower", f"{EVA02_E_14_PLUS_HUB}/{EVA02_E_14_PLUS_FILE}",
                                   trust_pickle)
         with torch.device("meta"):
             trunk = EvaVisionTrunk(config)

@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import AlignmentModel
-from .checkpoint import load_checkpoint_file
+from ...checkpoint import load_checkpoint
 from .layers import Block
 from .points import farthest_point_sample, gather, normalise_unit_sphere
 
@@ -245,7 +245,7 @@ class OpenShapeAlignment(AlignmentModel):
         """
         fix = (f"download {HF_FILE} of the Hugging Face model {HF_REPO} (e.g. huggingface_hub.hf_hub_download("
                f"'{HF_REPO}', '{HF_FILE}'); it may need a logged-in token) and pass its path")
-        ckpt = load_checkpoint_file(path, "OpenShapeAlignment", f"{HF_REPO}/{HF_FILE}", trust_pickle)
+        ckpt = load_checkpoint(path, "OpenShapeAlignment", f"{HF_REPO}/{HF_FILE}", trust_pickle)
         try:
             sd = openshape_state_dict(ckpt, cfg)
         except ValueError as e:

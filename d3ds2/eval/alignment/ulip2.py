@@ -47,7 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import AlignmentModel
-from .checkpoint import check_state_dict_keys, load_checkpoint_file
+from ...checkpoint import load_checkpoint
+from .checkpoint import check_state_dict_keys
 from .layers import Block, MiniPointNet
 from .points import POINTNET2_SKIP_SQ_NORM, knn_patches, normalise_unit_sphere
 
@@ -159,7 +160,7 @@ def load_ulip2_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict:
     """The state dict stored in an official ULIP-2 checkpoint file (``ckpt['state_dict']``, or the dict itself
     when it holds tensors directly). Loads with ``weights_only=True``, allowing ``argparse.Namespace`` (the
     training script saves ``args``); ``trust_pickle=True`` falls back to a full unpickle (trusted files only)."""
-    ckpt = load_checkpoint_file(path, "ULIP-2", f"{CHECKPOINT_NAME} from {' or '.join(CHECKPOINT_SOURCES)}",
+    ckpt = load_checkpoint(path, "ULIP-2", f"{CHECKPOINT_NAME} from {' or '.join(CHECKPOINT_SOURCES)}",
                                 trust_pickle, safe_globals=(argparse.Namespace,))
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):

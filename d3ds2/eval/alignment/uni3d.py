@@ -47,7 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import AlignmentModel
-from .checkpoint import check_state_dict_keys, load_checkpoint_file, load_into
+from ...checkpoint import load_checkpoint
+from .checkpoint import check_state_dict_keys, load_into
 from .eva_clip import EvaClipImageTower
 from .layers import LN_EPS, Block, MiniPointNet
 from .points import POINTNET2_SKIP_SQ_NORM, knn_patches, normalise_unit_sphere
@@ -205,7 +206,7 @@ class Uni3DAlignment(AlignmentModel):
         ``clip_checkpoint`` (OpenCLIP EVA02-E-14-plus, see :mod:`~d3ds2.eval.alignment.eva_clip`), else none
         (``encode_points`` only). ``trust_pickle=True`` allows unpickling objects beyond tensors, if the file
         holds them (DeepSpeed-style checkpoints may)."""
-        sd = load_checkpoint_file(path, "Uni3DAlignment", f"{UNI3D_HUB} {UNI3D_G_FILE} (or another "
+        sd = load_checkpoint(path, "Uni3DAlignment", f"{UNI3D_HUB} {UNI3D_G_FILE} (or another "
                                   "modelzoo/uni3d-*/model.pt matching `config`)", trust_pickle)
         with torch.device("meta"):
             encoder = Uni3DPointEncoder(config)
