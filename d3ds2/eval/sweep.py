@@ -1,0 +1,162 @@
+"""The summary of an ``evaluate.py -m`` sweep: one row per point (its overrides, status, checkpoints with sha256,
+sampler settings, counts and the aggregate metrics with the number of meshes each covers) as CSV and markdown,
+and a plot of the main metrics across the points. Written by the Hydra callback :class:`SweepSummary` when the
+sweep ends, or again with ``python -m d3ds2.eval.sweep SWEEP_DIR``."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+import yaml
+from hydra.experimental.callback import Callback
+
+from .geometry import FAILED_AS_ZERO
+
+TABLE = "sweep_summary"
+
+
+def read_points(sweep_dir: str | Path) -> list[dict]:
+    """One record per job directory of ``sweep_dir`` (numbered subdirectories), sorted by job number: its
+    ``summary.json`` (``{"status": "failed", "error": ...}`` when the job left none) plus ``point`` and
+    ``overrides`` (from ``.hydra/overrides.yaml``)."""
+    points = []
+    for d in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+        summary = d / "summary.json"
+        rec = json.loads(summary.read_text()) if summary.is_file() else {
+            "status": "failed", "error": "the point left no summary.json (killed or crashed before writing it)"}
+        overrides = d / ".hydra" / "overrides.yaml"
+        rec["point"] = int(d.name)
+        rec["overrides"] = yaml.safe_load(overrides.read_text()) if overrides.is_file() else []
+        points.append(rec)
+    return points
+
+
+def _ckpt_text(checkpoints: dict) -> str:
+    return "; ".join(f"{role}={c['file']}@{(c['sha256'] or 'missing')[:12]}" for role, c in checkpoints.items())
+
+
+def _sampler_text(sampler: dict | None) -> str:
+    if not sampler:
+        return ""
+    stages = [f"{k}:{v['steps']}/{v['guidance']}" for k, v in sampler.items() if isinstance(v, dict)]
+    return f"seed {sampler.get('seed')}, steps/guidance {' '.join(stages)}"
+
+
+def metric_columns(points: list[dict]) -> list[str]:
+    """The aggregate keys shown per metric: ``k/mean`` for every metric and ``k/mean_failed_as_0`` for F-scores."""
+    keys = {k for p in points for k in (p.get("metrics") or {})}
+    return sorted(k for k in keys if k.endswith("/mean") or k.endswith(f"/{FAILED_AS_ZERO}"))
+
+
+def _count_key(key: str) -> str:
+    return key.replace(f"/{FAILED_AS_ZERO}", "/n_failed_as_0") if key.endswith(FAILED_AS_ZERO) else \
+        key[: -len("/mean")] + "/n"
+
+
+def rows(points: list[dict]) -> tuple[list[str], list[dict]]:
+    """Table fields and one row per point (metric cells hold the value; ``<metric> n`` its mesh count)."""
+    metrics = metric_columns(points)
+    fields = ["point", "status", "overrides", "protocol", "checkpoints", "sampler", "meshes", "evaluated", "failed"]
+    for k in metrics:
+        fields += [k, f"{k} n"]
+    fields.append("error")
+    out = []
+    for p in points:
+        m = p.get("metrics") or {}
+        proto = p.get("protocol")
+        row = {"point": p["point"], "status": p.get("status"), "overrides": " ".join(p["overrides"]),
+               "protocol": proto.get("name") if isinstance(proto, dict) else proto,
+               "checkpoints": _ckpt_text(p.get("checkpoints") or {}), "sampler": _sampler_text(p.get("sampler")),
+               "meshes": m.get("meshes"), "evaluated": m.get("evaluated"), "failed": m.get("failed"),
+               "error": (p.get("error") or "").splitlines()[0][:300] if p.get("error") else ""}
+        for k in metrics:
+            row[k] = m.get(k)
+            row[f"{k} n"] = m.get(_count_key(k))
+        out.append(row)
+    return fields, out
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return str(v).replace("|", "\\|")
+
+
+def write_markdown(path: Path, fields: list[str], table: list[dict]) -> None:
+    """A markdown table; each metric cell reads ``value (n=count)``."""
+    metric = [f for f in fields if f.endswith("/mean") or f.endswith(FAILED_AS_ZERO)]
+    cols = [f for f in fields if not f.endswith(" n") and f not in metric and f != "error"] + metric + ["error"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in table:
+        cells = []
+        for c in cols:
+            if c in metric:
+                cells.append(f"{_cell(r[c])} (n={_cell(r[c + ' n'])})" if r[c] is not None else "")
+            else:
+                cells.append(_cell(r[c]))
+        lines.append("| " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, table: list[dict], metrics: list[str]) -> None:
+    """Bars of up to six metrics per point (failed points labelled as such) in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = metrics[:6] or ["(no metric)"]
+    fig, axes = plt.subplots(len(shown), 1, figsize=(max(6.0, 1.2 * len(table) + 2), 2.6 * len(shown)),
+                             squeeze=False)
+    labels = [f"{r['point']}: {r['overrides']}" + ("" if r["status"] == "ok" else " [failed]") for r in table]
+    for ax, key in zip(axes[:, 0], shown):
+        vals = [r.get(key) if isinstance(r.get(key), (int, float)) and math.isfinite(r.get(key)) else 0.0
+                for r in table]
+        colours = ["tab:blue" if r["status"] == "ok" and r.get(key) is not None else "tab:red" for r in table]
+        ax.bar(range(len(table)), vals, color=colours)
+        ax.set_ylabel(key, fontsize=8)
+        ax.set_xticks(range(len(table)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+    axes[0, 0].set_title("sweep: red = failed point / no value", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summarise_sweep(sweep_dir: str | Path) -> dict[str, Path]:
+    """Write ``sweep_summary.csv``, ``.md`` and ``.png`` into ``sweep_dir``; returns their paths."""
+    sweep_dir = Path(sweep_dir)
+    points = read_points(sweep_dir)
+    fields, table = rows(points)
+    paths = {ext: sweep_dir / f"{TABLE}.{ext}" for ext in ("csv", "md", "png")}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(table)
+    write_markdown(paths["md"], fields, table)
+    plot(paths["png"], table, metric_columns(points))
+    return paths
+
+
+class SweepSummary(Callback):
+    """Hydra callback: summarise the sweep directory when a multirun ends."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        paths = summarise_sweep(config.hydra.sweep.dir)
+        print(f"sweep summary: {paths['md']} ({paths['csv'].name}, {paths['png'].name})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Summarise an evaluate.py -m sweep directory (table + plot).")
+    parser.add_argument("sweep_dir")
+    paths = summarise_sweep(parser.parse_args(argv).sweep_dir)
+    print(paths["md"].read_text())
+
+
+if __name__ == "__main__":
+    main()
