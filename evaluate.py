@@ -105,6 +105,7 @@ def evaluate(cfg: DictConfig) -> dict:
         writer.writerows(rows)
     summary = summarise(rows)
     result = {"status": "ok" if summary["evaluated"] > 0 else "failed", "protocol": protocol.describe(),
+              "alignment_models": list(cfg.alignment.models),
               "pred_dir": str(pred_dir), "ref_dir": cfg.ref_dir, "image_dir": cfg.image_dir, **record,
               "metrics": summary}
     if summary["evaluated"] == 0:
@@ -124,7 +125,7 @@ def main(cfg: DictConfig) -> None:
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         try:
             evaluate(cfg)
-        except (ValueError, FileNotFoundError, RuntimeError) as err:
+        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
             raise SystemExit(f"evaluate.py: {err}") from err
         return
     try:  # a sweep point that fails is recorded and the sweep goes on

@@ -17,6 +17,7 @@ from test_inference import INDEX_DIT, INDEX_VAE, SPARSE_DIT, SPARSE_VAE, TINY_DI
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_sweep_generates_scores_and_summarises(tmp_path):
     pytest.importorskip("d3ds2.geometry.marching_cubes", reason="needs the sparse marching cubes")
     runs = tmp_path / "runs"
@@ -49,6 +50,7 @@ def test_sweep_generates_scores_and_summarises(tmp_path):
     assert len(ok) == 2 and len(bad) == 2
     assert all("no_such_run" in r["overrides"] and "no checkpoint" in r["error"] for r in bad)
     assert {r["overrides"].split("guidance=")[1].split()[0] for r in ok} == {"3.0", "5.0"}
+    assert all("image_dir=" not in r["overrides"] for r in table)  # only the sweep axes
     for r in ok:
         assert float(r["meshes"]) == 2 and float(r["fscore@0.1/mean_failed_as_0 n"]) == 2
         assert 0.0 <= float(r["fscore@0.1/mean_failed_as_0"]) <= 1.0 and float(r["chamfer_l1/mean"]) > 0

@@ -57,17 +57,20 @@ def _count_key(key: str) -> str:
 
 
 def rows(points: list[dict]) -> tuple[list[str], list[dict]]:
-    """Table fields and one row per point (metric cells hold the value; ``<metric> n`` its mesh count)."""
+    """Table fields and one row per point (``overrides``: those that differ between points, the sweep axes;
+    metric cells hold the value, ``<metric> n`` its mesh count)."""
     metrics = metric_columns(points)
     fields = ["point", "status", "overrides", "protocol", "checkpoints", "sampler", "meshes", "evaluated", "failed"]
     for k in metrics:
         fields += [k, f"{k} n"]
     fields.append("error")
+    common = set.intersection(*(set(p["overrides"]) for p in points)) if len(points) > 1 else set()
     out = []
     for p in points:
         m = p.get("metrics") or {}
         proto = p.get("protocol")
-        row = {"point": p["point"], "status": p.get("status"), "overrides": " ".join(p["overrides"]),
+        row = {"point": p["point"], "status": p.get("status"),
+               "overrides": " ".join(o for o in p["overrides"] if o not in common),
                "protocol": proto.get("name") if isinstance(proto, dict) else proto,
                "checkpoints": _ckpt_text(p.get("checkpoints") or {}), "sampler": _sampler_text(p.get("sampler")),
                "meshes": m.get("meshes"), "evaluated": m.get("evaluated"), "failed": m.get("failed"),
