@@ -109,3 +109,19 @@ def test_evaluation_never_passes_unmatched_and_counts_failures(tmp_path, capsys)
         evaluate(config(tmp_path, f"pred_dir={pred}", f"ref_dir={ref}", "protocol=nope"))
     with pytest.raises(ValueError, match="needs image_dir"):
         evaluate(config(tmp_path, f"pred_dir={pred}", "alignment.models=[ulip2]"))
+
+
+def test_alignment_without_matching_images_is_an_error(tmp_path):
+    from evaluate import evaluate
+    from PIL import Image
+
+    pred, _ = make_dirs(tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (16, 16)).save(images / "a.png")
+    with pytest.raises(UnmatchedError, match=r"2 of 3 meshes have no image.*\['b', 'c'\]"):
+        evaluate(config(tmp_path, f"pred_dir={pred}", f"image_dir={images}", "alignment.models=[ulip2]"))
+    (images / "a.png").rename(images / "other.png")
+    with pytest.raises(UnmatchedError, match="3 of 3 meshes"):  # none matching: an error even with strict=false
+        evaluate(config(tmp_path, f"pred_dir={pred}", f"image_dir={images}", "alignment.models=[ulip2]",
+                        "strict=false"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from hydra.experimental.callback import Callback
 from .geometry import FAILED_AS_ZERO
 
 TABLE = "sweep_summary"
+log = logging.getLogger(__name__)
 
 
 def read_points(sweep_dir: str | Path) -> list[dict]:
@@ -132,7 +134,7 @@ def plot(path: Path, table: list[dict], metrics: list[str]) -> None:
 
 
 def summarise_sweep(sweep_dir: str | Path) -> dict[str, Path]:
-    """Write ``sweep_summary.csv``, ``.md`` and ``.png`` into ``sweep_dir``; returns their paths."""
+    """Write ``sweep_summary.csv``, ``.md`` and ``.png`` (with matplotlib) into ``sweep_dir``; returns their paths."""
     sweep_dir = Path(sweep_dir)
     points = read_points(sweep_dir)
     fields, table = rows(points)
@@ -142,7 +144,12 @@ def summarise_sweep(sweep_dir: str | Path) -> dict[str, Path]:
         writer.writeheader()
         writer.writerows(table)
     write_markdown(paths["md"], fields, table)
-    plot(paths["png"], table, metric_columns(points))
+    try:
+        plot(paths["png"], table, metric_columns(points))
+    except ImportError as err:  # the table is written; the plot needs the eval extra
+        log.warning("no sweep plot: %s; pip install 'd3ds2[eval]' (matplotlib) and run python -m d3ds2.eval.sweep %s",
+                    err, sweep_dir)
+        del paths["png"]
     return paths
 
 
@@ -151,7 +158,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         paths = summarise_sweep(config.hydra.sweep.dir)
-        print(f"sweep summary: {paths['md']} ({paths['csv'].name}, {paths['png'].name})")
+        print(f"sweep summary: {', '.join(str(p) for p in paths.values())}")
 
 
 def main(argv: list[str] | None = None) -> None:
