@@ -10,10 +10,13 @@ from PIL import Image
 
 from d3ds2.eval.alignment import load_alignment_model
 from d3ds2.eval.alignment.eva_clip import EvaVisionTrunk
-from d3ds2.eval.alignment.ulip1 import TINY_VIT, ULIP1_POINTBERT, ULIP1_TINY, ULIP1Alignment, ViTImageTower
+from d3ds2.eval.alignment.ulip1 import (SLIP_VIT_B16, TINY_VIT, ULIP1_POINTBERT, ULIP1_TINY, ULIP1Alignment,
+                                        ViTImageTower, ulip1_state_dicts)
 from d3ds2.eval.alignment.ulip2 import ULIP2_POINTBERT, ULIP2PointEncoder
 from d3ds2.eval.alignment.uni3d import UNI3D_G
 from d3ds2.eval.protocols import PROTOCOLS, get_protocol
+from eva_reference import block, f64, layer_norm, randomise_
+from test_alignment_ulip2 import _official_keys as ulip2_official_keys
 
 
 def tiny_ulip1(seed: int = 0) -> ULIP1Alignment:
@@ -108,3 +111,53 @@ def test_unknown_protocol_and_model_outside_a_protocol_are_clear_errors():
         load_alignment_model("openshape", ckpt="x.pt", protocol=PROTOCOLS["flashvdm"])
     with pytest.raises(ValueError, match="not part of protocol 'flashvdm'"):
         PROTOCOLS["flashvdm"].apply(type("M", (), {"name": "ulip2"})())
+
+
+def ulip1_official_keys() -> dict[str, tuple]:
+    """Keys of pretrained_models_ckpt_zero-sho_classification_checkpoint_pointbert.pt's state dict (without the
+    ``module.`` prefix), from the facts in ulip1.py: ULIP-2's PointBERT keys with a 3-channel first conv, 12 blocks
+    and a [768, 512] projection; timm vit_base_patch16_224 (num_classes=0) under ``visual.``; the projections, a
+    text transformer and the temperature."""
+    keys = {k: s for k, s in ulip2_official_keys().items()
+            if not any(f"blocks.blocks.{i}." in k for i in range(12, 18))}
+    keys["point_encoder.encoder.first_conv.0.weight"] = (128, 3, 1)
+    keys["pc_projection"] = (768, 512)
+    d = 768
+    keys.update({"visual.patch_embed.proj.weight": (d, 3, 16, 16), "visual.patch_embed.proj.bias": (d,),
+                 "visual.cls_token": (1, 1, d), "visual.pos_embed": (1, 197, d), "visual.norm.weight": (d,),
+                 "visual.norm.bias": (d,), "image_projection": (d, 512), "text_projection": (512, 512),
+                 "logit_scale": (), "token_embedding.weight": (49408, 512), "positional_embedding": (77, 512),
+                 "ln_final.weight": (512,), "ln_final.bias": (512,),
+                 "transformer.resblocks.0.attn.in_proj_weight": (1536, 512)})
+    for i in range(12):
+        p = f"visual.blocks.{i}."
+        keys.update({p + "norm1.weight": (d,), p + "norm1.bias": (d,), p + "attn.qkv.weight": (3 * d, d),
+                     p + "attn.qkv.bias": (3 * d,), p + "attn.proj.weight": (d, d), p + "attn.proj.bias": (d,),
+                     p + "norm2.weight": (d,), p + "norm2.bias": (d,), p + "mlp.fc1.weight": (3072, d),
+                     p + "mlp.fc1.bias": (3072,), p + "mlp.fc2.weight": (d, 3072), p + "mlp.fc2.bias": (d,)})
+    return keys
+
+
+def test_full_size_ulip1_maps_the_official_key_list():
+    official = {"module." + k: torch.empty(s, device="meta") for k, s in ulip1_official_keys().items()}
+    points, vision = ulip1_state_dicts(official, ULIP1_POINTBERT, SLIP_VIT_B16)
+    assert len(points) == len([k for k in ulip1_official_keys() if k.startswith("point_encoder.")]) + 1
+    assert tuple(vision["head.weight"].shape) == (512, 768) and "pos_embed" in vision
+
+
+def test_vit_tower_against_float64_reference():
+    gen = torch.Generator().manual_seed(0)
+    c = TINY_VIT
+    trunk = EvaVisionTrunk(c).double()
+    randomise_(trunk, gen)
+    p = f64(trunk.state_dict())
+    assert "blocks.0.attn.qkv.bias" in p and "blocks.0.attn.q_bias" not in p
+    images = torch.randn(2, 3, c.image_size, c.image_size, generator=gen, dtype=torch.float64)
+    g, s = c.image_size // c.patch_size, c.patch_size
+    patches = images.reshape(2, 3, g, s, g, s).permute(0, 2, 4, 1, 3, 5).reshape(2, g * g, 3 * s * s)
+    x = patches @ p["patch_embed.proj.weight"].reshape(c.width, -1).T + p["patch_embed.proj.bias"]
+    x = torch.cat([p["cls_token"].expand(2, -1, -1), x], 1) + p["pos_embed"]
+    for i in range(c.depth):
+        x = block(x, p, f"blocks.{i}.", c.num_heads, True, False, False)  # pre-norm timm ViT blocks
+    ref = layer_norm(x[:, 0], p["norm.weight"], p["norm.bias"]) @ p["head.weight"].T + p["head.bias"]
+    torch.testing.assert_close(trunk(images), ref, atol=1e-11, rtol=1e-9)
