@@ -108,27 +108,54 @@ def write_markdown(path: Path, fields: list[str], table: list[dict]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _short(override: str) -> str:
+    """``generate.ckpt.sparse_dit_512=/runs/dit_b`` -> ``sparse_dit_512=dit_b`` (a plot label)."""
+    key, _, value = override.partition("=")
+    return f"{key.split('.')[-1]}={Path(value).name if '/' in value else value}"
+
+
+def plotted_metrics(metrics: list[str], limit: int = 6) -> list[str]:
+    """The metrics worth a panel, most telling first: F-scores with failures as 0, alignment means, Chamfer L1,
+    edge Chamfer, normal consistency (F-scores over the successful meshes only and Chamfer L2 left out)."""
+    geometry = ["chamfer_l1/mean", "edge_chamfer/mean", "normal_consistency/mean"]
+    first = [k for k in metrics if k.endswith(FAILED_AS_ZERO)]
+    alignment = [k for k in metrics if k.endswith("/mean") and not k.startswith(("fscore@", "chamfer_l2"))
+                 and k not in geometry]
+    return (first + alignment + [k for k in geometry if k in metrics])[:limit]
+
+
 def plot(path: Path, table: list[dict], metrics: list[str]) -> None:
-    """Bars of up to six metrics per point (failed points labelled as such) in one PNG."""
+    """One bar panel per metric of :func:`plotted_metrics`, a bar per point labelled with its mesh count; failed
+    points are marked in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = metrics[:6] or ["(no metric)"]
-    fig, axes = plt.subplots(len(shown), 1, figsize=(max(6.0, 1.2 * len(table) + 2), 2.6 * len(shown)),
+    shown = plotted_metrics(metrics) or ["(no metric)"]
+    height = 1.7 * len(shown) + 1.3
+    fig, axes = plt.subplots(len(shown), 1, figsize=(max(6.0, 1.1 * len(table) + 2.5), height), sharex=True,
                              squeeze=False)
-    labels = [f"{r['point']}: {r['overrides']}" + ("" if r["status"] == "ok" else " [failed]") for r in table]
+    labels = ["\n".join([f"#{r['point']}"] + [_short(o) for o in r["overrides"].split()]) for r in table]
     for ax, key in zip(axes[:, 0], shown):
-        vals = [r.get(key) if isinstance(r.get(key), (int, float)) and math.isfinite(r.get(key)) else 0.0
-                for r in table]
-        colours = ["tab:blue" if r["status"] == "ok" and r.get(key) is not None else "tab:red" for r in table]
-        ax.bar(range(len(table)), vals, color=colours)
-        ax.set_ylabel(key, fontsize=8)
-        ax.set_xticks(range(len(table)))
-        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
-    axes[0, 0].set_title("sweep: red = failed point / no value", fontsize=9)
-    fig.tight_layout()
+        for i, r in enumerate(table):
+            v = r.get(key)
+            if r["status"] != "ok" or not isinstance(v, (int, float)):
+                ax.text(i, 0, "failed" if r["status"] != "ok" else "no value", color="tab:red", ha="center",
+                        va="bottom", fontsize=7, rotation=90)
+                continue
+            ax.bar(i, v if math.isfinite(v) else 0.0, color="tab:blue")
+            n = r.get(f"{key} n")
+            ax.text(i, v if math.isfinite(v) else 0.0, f"{v:.3g}" + (f"\nn={int(n)}" if n is not None else ""),
+                    ha="center", va="bottom", fontsize=6)
+        ax.set_ylabel(key.replace("/", "\n"), fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.margins(y=0.3)
+    axes[-1, 0].set_xlim(-0.6, len(table) - 0.4)
+    axes[-1, 0].set_xticks(range(len(table)))
+    axes[-1, 0].set_xticklabels(labels, fontsize=6)
+    axes[0, 0].set_title("sweep summary (n: meshes each mean covers)", fontsize=9)
+    fig.subplots_adjust(left=0.15, right=0.98, top=1 - 0.4 / height, bottom=1.0 / height, hspace=0.12)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
