@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from d3ds2.eval import evaluate_pairs, list_meshes, match_meshes, summarise
-from d3ds2.eval.geometry import UnmatchedError
+from d3ds2.eval.geometry import UnmatchedError, format_summary
 from d3ds2.eval.protocols import get_protocol
 
 log = logging.getLogger("evaluate")
@@ -80,14 +80,15 @@ def evaluate(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     generation_failures, record = [], {"checkpoints": {}, "sampler": None}
     pred_dir = cfg.pred_dir
-    if cfg.generate.ckpt.index_dit is not None:
+    generated = cfg.generate.ckpt.index_dit is not None
+    if generated:
         if pred_dir is not None:
             raise ValueError("evaluate.py: give either pred_dir (score existing meshes) or generate.ckpt.* "
                              "(generate them), not both")
         pred_dir, generation_failures, record = _generate(cfg, out)
     elif pred_dir is None:
         raise ValueError("evaluate.py: pred_dir=DIR is not set (or set generate.ckpt.* to generate the meshes)")
-    generated = cfg.generate.ckpt.index_dit is not None  # may hold no mesh when every batch failed
+    # generated: may hold no mesh when every batch failed (each image is then a failed row)
     meshes = sorted(Path(pred_dir).glob("*.glb")) if generated else list_meshes(pred_dir, "predicted meshes")
     rows = {m.stem: {"name": m.stem} for m in meshes}
     parts = [_geometry_rows(cfg, Path(pred_dir))] if cfg.ref_dir is not None and meshes else []
@@ -111,10 +112,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if summary["evaluated"] == 0:
         result["error"] = f"no mesh was scored ({int(summary['failed'])} failed; metrics.csv has the reasons)"
     (out / "summary.json").write_text(json.dumps(result, indent=2))
-    width = max(len(k) for k in summary)
-    for k, v in summary.items():
-        print(f"{k:<{width}}  {v:.5g}")
-    print(f"per-mesh metrics: {out / 'metrics.csv'}")
+    print(format_summary(summary))
+    print(f"protocol {protocol.name}; per-mesh metrics: {out / 'metrics.csv'}")
     if result["status"] != "ok":
         raise RuntimeError(f"evaluate.py: {result['error']}")
     return result
@@ -126,7 +125,8 @@ def main(cfg: DictConfig) -> None:
         try:
             evaluate(cfg)
         except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-            raise SystemExit(f"evaluate.py: {err}") from err
+            message = err.args[0] if err.args else repr(err)
+            raise SystemExit(message if str(message).startswith("evaluate.py") else f"evaluate.py: {message}") from err
         return
     try:  # a sweep point that fails is recorded and the sweep goes on
         evaluate(cfg)

@@ -98,7 +98,10 @@ def test_evaluation_never_passes_unmatched_and_counts_failures(tmp_path, capsys)
     assert m["fscore@0.02/n_failed_as_0"] == 4 and m["fscore@0.02/n"] == 2
     assert m["fscore@0.02/mean_failed_as_0"] == pytest.approx(m["fscore@0.02/mean"] / 2)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["metrics"] == m
-    assert summary["protocol"]["name"] == "d3ds2" and "fscore@0.02/n" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert summary["protocol"]["name"] == "d3ds2" and "meshes 4: evaluated 2, failed 2" in printed
+    assert any(line.split()[:1] == ["fscore@0.02"] and line.split()[3] == "2" and line.split()[-1] == "(4)"
+               for line in printed.splitlines())
     assert "no reference named lonely" in (tmp_path / "out" / "metrics.csv").read_text()
     bad = tmp_path / "bad"  # every mesh failing: no metric, an error
     bad.mkdir()

@@ -115,3 +115,20 @@ def summarise(rows: list[dict]) -> dict[str, float]:
             out[f"{k}/{FAILED_AS_ZERO}"] = float(np.mean(scores)) if scores else math.nan
             out[f"{k}/n_failed_as_0"] = float(len(scores))
     return out
+
+
+def format_summary(summary: dict[str, float]) -> str:
+    """The aggregates of :func:`summarise` as a text table: counts, then per metric its mean, median and the
+    number of meshes they cover (and the F-score mean with failures as 0 over its count)."""
+    lines = [f"meshes {int(summary['meshes'])}: evaluated {int(summary['evaluated'])}, failed {int(summary['failed'])}"]
+    names = [k[: -len("/mean")] for k in summary if k.endswith("/mean")]
+    if not names:
+        return lines[0]
+    width = max(len(n) for n in names + ["metric"])
+    lines.append(f"{'metric':<{width}}  {'mean':>10}  {'median':>10}  {'n':>5}  {'mean, failed as 0 (n)':>22}")
+    for n in names:
+        zero = summary.get(f"{n}/{FAILED_AS_ZERO}")
+        extra = f"{zero:10.5g} ({int(summary[f'{n}/n_failed_as_0'])})" if zero is not None else ""
+        lines.append(f"{n:<{width}}  {summary[f'{n}/mean']:10.5g}  {summary[f'{n}/median']:10.5g}  "
+                     f"{int(summary[f'{n}/n']):5d}  {extra:>22}")
+    return "\n".join(lines)
