@@ -25,7 +25,8 @@ def read_points(sweep_dir: str | Path) -> list[dict]:
     ``summary.json`` (``{"status": "failed", "error": ...}`` when the job left none) plus ``point`` and
     ``overrides`` (from ``.hydra/overrides.yaml``)."""
     points = []
-    for d in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+    jobs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()]
+    for d in sorted(jobs, key=lambda p: int(p.name)):
         summary = d / "summary.json"
         rec = json.loads(summary.read_text()) if summary.is_file() else {
             "status": "failed", "error": "the point left no summary.json (killed or crashed before writing it)"}

@@ -79,8 +79,9 @@ class _PatchEmbed(nn.Module):
 
 
 class EvaVisionTrunk(nn.Module):
-    """timm ``Eva`` (or, with ``qkv_bias`` and pre-norm blocks, timm ``VisionTransformer``) as OpenCLIP's EVA02-E-14-plus trunk: patch embed, class token, abs. position embedding,
-    blocks, final ``norm``, class-token pooling, ``head`` projection. images [B, 3, S, S] (normalised) -> [B, E]."""
+    """timm ``Eva`` as OpenCLIP's EVA02-E-14-plus trunk (with ``qkv_bias`` and pre-norm blocks: timm
+    ``VisionTransformer``, ULIP-1's image side): patch embed, class token, abs. position embedding, blocks, final
+    ``norm``, class-token pooling, ``head`` projection. images [B, 3, S, S] (normalised) -> [B, E]."""
 
     def __init__(self, config: EvaClipVisionConfig) -> None:
         super().__init__()

@@ -27,7 +27,6 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ...checkpoint import load_checkpoint
@@ -135,7 +134,8 @@ class ULIP1Alignment(AlignmentModel):
     @torch.no_grad()
     def encode_points(self, points: torch.Tensor) -> torch.Tensor:
         if points.dim() != 3 or points.shape[-1] < 3:
-            raise ValueError(f"ULIP1Alignment.encode_points: expected [B, N, 3+] (xyz first), got {tuple(points.shape)}")
+            raise ValueError(f"ULIP1Alignment.encode_points: expected [B, N, 3+] (xyz first), got "
+                             f"{tuple(points.shape)}")
         xyz = points[..., :3].to(self.encoder.pc_projection.device, self.encoder.pc_projection.dtype)
         if self.normalise:
             xyz = normalise_unit_sphere(xyz)
