@@ -33,12 +33,14 @@ def test_sweep_generates_scores_and_summarises(tmp_path):
     for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
         rgba_image(images / f"{name}.png", colour)
         trimesh.creation.box((1.0, 0.8, 0.6)).export(refs / f"{name}.obj")
+    (images / "broken.png").write_bytes(b"\x89PNG not an image")  # its generation crashes: a failed mesh
+    trimesh.creation.box().export(refs / "broken.obj")
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "-m", f"hydra.sweep.dir={sweep}", f"image_dir={images}",
            f"ref_dir={refs}", "n_points=2000", "thresholds=[0.05,0.1]", "generate.device=cpu",
            f"generate.ckpt.index_dit={index_dit}", f"generate.ckpt.vae_512={sparse_vae}",
            f"generate.ckpt.sparse_dit_512={dit},{tmp_path / 'no_such_run'}", "generate.guidance=3.0,5.0",
-           "generate.steps=2", "generate.index_threshold=0.97"]
+           "generate.steps=2", "generate.index_threshold=0.97", "generate.batch_size=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -52,14 +54,18 @@ def test_sweep_generates_scores_and_summarises(tmp_path):
     assert {r["overrides"].split("guidance=")[1].split()[0] for r in ok} == {"3.0", "5.0"}
     assert all("image_dir=" not in r["overrides"] for r in table)  # only the sweep axes
     for r in ok:
-        assert float(r["meshes"]) == 2 and float(r["fscore@0.1/mean_failed_as_0 n"]) == 2
-        assert 0.0 <= float(r["fscore@0.1/mean_failed_as_0"]) <= 1.0 and float(r["chamfer_l1/mean"]) > 0
+        assert float(r["meshes"]) == 3 and float(r["evaluated"]) == 2 and float(r["failed"]) == 1
+        assert float(r["fscore@0.1/mean_failed_as_0 n"]) == 3 and float(r["fscore@0.1/mean n"]) == 2
+        f_ok, f_all = float(r["fscore@0.1/mean"]), float(r["fscore@0.1/mean_failed_as_0"])
+        assert f_all == pytest.approx(f_ok * 2 / 3) and float(r["chamfer_l1/mean"]) > 0  # broken scores 0
         assert "sparse_dit_512=last.ckpt@" in r["checkpoints"] and "dense:2/" in r["sampler"]
     point = json.loads((sweep / ok[0]["point"] / "summary.json").read_text())
     assert point["protocol"]["name"] == "d3ds2" and len(point["checkpoints"]["sparse_dit_512"]["sha256"]) == 64
     assert point["sampler"]["sparse_512"]["guidance"] in (3.0, 5.0)
     assert sorted(p.name for p in (sweep / ok[0]["point"] / "meshes").iterdir()) == ["blue.glb", "red.glb"]
     md = (sweep / "sweep_summary.md").read_text()
-    assert md.count("\n") == 6 and "(n=2)" in md and "failed" in md
+    assert md.count("\n") == 6 and "(n=2)" in md and "(n=3)" in md and "failed" in md
+    metrics_csv = (sweep / ok[0]["point"] / "metrics.csv").read_text()
+    assert "broken" in metrics_csv and "generation failed" in metrics_csv
     png = (sweep / "sweep_summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
