@@ -49,3 +49,14 @@ def test_edge_chamfer_undefined_without_reference_edges_and_in_mesh_metrics():
                        edge_spacing=0.001)
     assert row["edge_chamfer"] == pytest.approx(cube_ecd(0.5, 0.6), rel=2e-3)
     assert "edge_chamfer" not in mesh_metrics(cube, cube, n_points=2000)  # off unless asked
+
+
+def test_segment_sampling_equals_per_segment_linspace():
+    from d3ds2.geometry.sharp_edges import sample_segments
+
+    rng = np.random.default_rng(0)
+    segments = rng.standard_normal((500, 2, 3)) * rng.uniform(0.001, 1.0, (500, 1, 1))
+    spacing = 0.01
+    n = np.maximum(1, np.ceil(np.linalg.norm(segments[:, 1] - segments[:, 0], axis=1) / spacing).astype(int))
+    expect = np.concatenate([a + (b - a) * np.linspace(0.0, 1.0, k + 1)[:, None] for (a, b), k in zip(segments, n)])
+    assert np.array_equal(sample_segments(segments, spacing), expect)
