@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import trimesh
 
 from test_inference import INDEX_DIT, INDEX_VAE, SPARSE_DIT, SPARSE_VAE, TINY_DINO, make_run, rgba_image
@@ -69,3 +70,21 @@ def test_sweep_generates_scores_and_summarises(tmp_path):
     assert "broken" in metrics_csv and "generation failed" in metrics_csv
     png = (sweep / "sweep_summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_a_sweep_without_any_metric_exits_non_zero(tmp_path):
+    from omegaconf import OmegaConf
+
+    from d3ds2.eval.sweep import SweepSummary, read_points
+
+    for i, overrides in enumerate((["generate.seed=0"], ["generate.seed=1"])):
+        (tmp_path / str(i) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(i) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (tmp_path / "0" / "summary.json").write_text(json.dumps({"status": "failed", "error": "FileNotFoundError: x"}))
+    points = read_points(tmp_path)  # point 1 left no summary.json (killed): failed, said so
+    assert [p["status"] for p in points] == ["failed", "failed"] and "no summary.json" in points[1]["error"]
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    with pytest.raises(SystemExit, match="every sweep point failed"):
+        SweepSummary().on_multirun_end(config)
+    table = (tmp_path / "sweep_summary.md").read_text()  # the table is written first
+    assert "generate.seed=0" in table and "FileNotFoundError: x" in table and "killed" in table

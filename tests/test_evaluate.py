@@ -128,3 +128,14 @@ def test_alignment_without_matching_images_is_an_error(tmp_path):
     with pytest.raises(UnmatchedError, match="3 of 3 meshes"):  # none matching: an error even with strict=false
         evaluate(config(tmp_path, f"pred_dir={pred}", f"image_dir={images}", "alignment.models=[ulip2]",
                         "strict=false"))
+
+
+def test_sweep_config_composes_as_a_multirun():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("eval_sweep", ["out=unused"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.protocol == "d3ds2" and cfg.strict
+    assert dict(cfg.hydra.sweeper.params) == {"generate.steps": "20,30", "generate.guidance": "5.0,7.0",
+                                              "generate.seed": "0,1"}
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "d3ds2.eval.sweep.SweepSummary"

@@ -182,11 +182,14 @@ def summarise_sweep(sweep_dir: str | Path) -> dict[str, Path]:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: summarise the sweep directory when a multirun ends."""
+    """Hydra callback: summarise the sweep directory when a multirun ends; a sweep in which no point produced a
+    metric exits non-zero (after writing its table)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         paths = summarise_sweep(config.hydra.sweep.dir)
         print(f"sweep summary: {', '.join(str(p) for p in paths.values())}")
+        if not any(p.get("status") == "ok" for p in read_points(config.hydra.sweep.dir)):
+            raise SystemExit(f"evaluate.py -m: every sweep point failed; the errors are in {paths['md']}")
 
 
 def main(argv: list[str] | None = None) -> None:
