@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 import trimesh
+import yaml
 
 from test_inference import INDEX_DIT, INDEX_VAE, SPARSE_DIT, SPARSE_VAE, TINY_DINO, make_run, rgba_image
 
