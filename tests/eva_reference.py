@@ -24,9 +24,12 @@ def attention(x, p, pre, heads, fused):
     d = x.shape[-1]
     if fused:
         w = p[pre + "qkv.weight"]
-        q = x @ w[:d].T + p[pre + "q_bias"]
-        k = x @ w[d:2 * d].T
-        v = x @ w[2 * d:].T + p[pre + "v_bias"]
+        if pre + "qkv.bias" in p:  # timm ViT: one bias for q, k and v
+            q, k, v = (x @ w.T + p[pre + "qkv.bias"]).split(d, -1)
+        else:  # timm EVA: q and v biases, none for k
+            q = x @ w[:d].T + p[pre + "q_bias"]
+            k = x @ w[d:2 * d].T
+            v = x @ w[2 * d:].T + p[pre + "v_bias"]
     else:
         q = x @ p[pre + "q_proj.weight"].T + p[pre + "q_proj.bias"]
         k = x @ p[pre + "k_proj.weight"].T

@@ -28,7 +28,11 @@ def sample_segments(segments: np.ndarray, spacing: float) -> np.ndarray:
     length = np.linalg.norm(segments[:, 1] - segments[:, 0], axis=1)
     n = np.maximum(1, np.ceil(length / spacing).astype(np.int64))
     seg = np.repeat(np.arange(len(segments)), n + 1)
-    t = np.concatenate([np.linspace(0.0, 1.0, k + 1) for k in n])
+    # t = linspace(0, 1, k + 1) of every segment, vectorised with linspace's arithmetic (j * (1 / k), last = 1)
+    k = np.repeat(n, n + 1)
+    j = np.arange(len(seg)) - np.repeat(np.cumsum(n + 1) - (n + 1), n + 1)
+    t = j * (1.0 / k)
+    t[j == k] = 1.0
     a, b = segments[seg, 0], segments[seg, 1]
     return a + (b - a) * t[:, None]
 

@@ -10,12 +10,14 @@ class AlignmentModel(nn.Module):
     """A frozen point encoder and the image tower it was aligned with.
 
     Subclasses set ``name`` (the metric's column name), ``n_points`` (surface samples per shape the encoder
-    was trained with) and ``image_tower`` (an :class:`~d3ds2.eval.alignment.image_tower.ImageTower`:
-    ``preprocess(list) -> [B, 3, S, S]``, ``forward([B, 3, S, S]) -> [B, E]``), and implement :meth:`encode_points`.
+    was trained with; a protocol may change it) and ``image_tower`` (an
+    :class:`~d3ds2.eval.alignment.image_tower.ImageTower`: ``preprocess(list) -> [B, 3, S, S]``,
+    ``forward([B, 3, S, S]) -> [B, E]``), and implement :meth:`encode_points`.
     """
 
     name: str = ""
     n_points: int = 10_000
+    normalise: bool = True  # centre + scale each cloud to the unit sphere first (off: the FlashVDM protocol)
     image_tower: nn.Module
 
     def encode_points(self, points: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,7 @@ class EvaClipVisionConfig:
     fused_qkv: bool = True
     swiglu: bool = False
     post_norm: bool = True
+    qkv_bias: bool = False  # a full ``attn.qkv.bias`` (timm ViT) instead of EVA's q / v biases
 
 
 EVA02_E_14_PLUS = EvaClipVisionConfig()  # OpenCLIP EVA02-E-14-plus (see the module docstring)
@@ -78,8 +79,9 @@ class _PatchEmbed(nn.Module):
 
 
 class EvaVisionTrunk(nn.Module):
-    """timm ``Eva`` as OpenCLIP's EVA02-E-14-plus trunk: patch embed, class token, abs. position embedding,
-    blocks, final ``norm``, class-token pooling, ``head`` projection. images [B, 3, S, S] (normalised) -> [B, E]."""
+    """timm ``Eva`` as OpenCLIP's EVA02-E-14-plus trunk (with ``qkv_bias`` and pre-norm blocks: timm
+    ``VisionTransformer``, ULIP-1's image side): patch embed, class token, abs. position embedding, blocks, final
+    ``norm``, class-token pooling, ``head`` projection. images [B, 3, S, S] (normalised) -> [B, E]."""
 
     def __init__(self, config: EvaClipVisionConfig) -> None:
         super().__init__()
@@ -90,7 +92,7 @@ class EvaVisionTrunk(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, (c.image_size // c.patch_size) ** 2 + 1, c.width))
         self.blocks = nn.ModuleList(Block(c.width, c.num_heads, c.mlp_hidden, c.fused_qkv, swiglu=c.swiglu,
-                                          post_norm=c.post_norm)
+                                          post_norm=c.post_norm, qkv_bias=c.qkv_bias)
                                     for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.width, eps=LN_EPS)
         self.head = nn.Linear(c.width, c.embed_dim)

@@ -8,6 +8,9 @@ CLIP's resize and normalisation.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,17 +23,25 @@ BIGG_14 = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 
 
 class ImageTower(nn.Module):
-    """What every image tower shares: ``preprocess(list) -> [B, 3, S, S]`` in [0, 1] on white, and ``pixels``,
-    the CLIP resize (bicubic, to ``image_size``) and mean/std normalisation, in float32. Subclasses embed."""
+    """What every image tower shares: ``preprocess(list) -> [B, 3, S, S]`` in [0, 1], and ``pixels``, the resize
+    (bicubic, to ``image_size``) and mean/std normalisation, in float32. Subclasses embed.
 
-    def __init__(self, image_size: int) -> None:
+    ``preprocess`` has two modes: ``centre_crop_pct = None`` (default): the conditioner's foreground crop on white;
+    a number p: the torchvision-style evaluation transform of timm / OpenCLIP (alpha dropped by a plain RGB
+    conversion, shorter side resized to floor(S / p) bicubic, centre crop S), what the FlashVDM protocol runs.
+    """
+
+    def __init__(self, image_size: int, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD) -> None:
         super().__init__()
         self.image_size = image_size
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.centre_crop_pct: float | None = None
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: list) -> torch.Tensor:
-        """Paths / PIL images / arrays -> [B, 3, S, S] in [0, 1] on white (see module docstring)."""
+        """Paths / PIL images / arrays -> [B, 3, S, S] in [0, 1] (see the class docstring for the two modes)."""
+        if self.centre_crop_pct is not None:
+            return torch.stack([centre_crop(im, self.image_size, self.centre_crop_pct) for im in images])
         return torch.stack([preprocess_image(im, size=self.image_size, pad=0)[:3] for im in images])
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -39,6 +50,25 @@ class ImageTower(nn.Module):
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", align_corners=False).clamp(0, 1)
         return (x - self.mean) / self.std
+
+
+def centre_crop(image, size: int, crop_pct: float = 1.0) -> torch.Tensor:
+    """A path / PIL image / array -> [3, size, size] in [0, 1]: ``convert("RGB")`` (alpha dropped, not
+    composited), shorter side resized to floor(size / crop_pct) (bicubic), centre crop (torchvision's rounding)."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        image = Image.open(image)
+    image = image.convert("RGB")
+    scale = math.floor(size / crop_pct)
+    w, h = image.size
+    new = (scale, max(1, int(scale * h / w))) if w <= h else (max(1, int(scale * w / h)), scale)
+    image = image.resize(new, Image.BICUBIC)
+    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
 class ClipImageTower(ImageTower):

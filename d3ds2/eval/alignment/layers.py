@@ -17,19 +17,20 @@ LN_EPS = 1e-6  # timm EVA / EVA-CLIP LayerNorm eps (ULIP-2 and OpenShape use tor
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, scale head_dim^-0.5. ``fused_qkv``: ``qkv.weight`` [3D, D] (no bias), plus
-    ``q_bias`` / ``v_bias`` [D] with ``qv_bias`` (timm EVA: the k bias is 0); else ``q_proj`` (bias), ``k_proj``
-    (no bias), ``v_proj`` (bias). Output ``proj`` (bias)."""
+    """Multi-head self-attention, scale head_dim^-0.5. ``fused_qkv``: ``qkv.weight`` [3D, D], with ``qkv_bias``
+    a ``qkv.bias`` [3D] (timm ViT), else ``q_bias`` / ``v_bias`` [D] with ``qv_bias`` (timm EVA: the k bias is
+    0); not fused: ``q_proj`` (bias), ``k_proj`` (no bias), ``v_proj`` (bias). Output ``proj`` (bias)."""
 
-    def __init__(self, dim: int, num_heads: int, fused_qkv: bool = True, qv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, fused_qkv: bool = True, qv_bias: bool = True,
+                 qkv_bias: bool = False) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.fused_qkv = num_heads, fused_qkv
         if fused_qkv:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-            self.q_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
-            self.v_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+            self.q_bias = nn.Parameter(torch.zeros(dim)) if qv_bias and not qkv_bias else None
+            self.v_bias = nn.Parameter(torch.zeros(dim)) if qv_bias and not qkv_bias else None
         else:
             self.q_proj = nn.Linear(dim, dim, bias=True)
             self.k_proj = nn.Linear(dim, dim, bias=False)
@@ -40,7 +41,8 @@ class Attention(nn.Module):
         """x [B, N, D] -> q, k, v each [B, heads, N, D / heads]."""
         b, n, d = x.shape
         if self.fused_qkv:
-            bias = None if self.q_bias is None else torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+            bias = self.qkv.bias if self.q_bias is None else torch.cat(
+                [self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
             q, k, v = F.linear(x, self.qkv.weight, bias).split(d, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -80,11 +82,11 @@ class Block(nn.Module):
     or with ``post_norm`` (timm ``EvaBlockPostNorm``) ``x + norm1(attn(x))``; no layer scale, no drop path."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, fused_qkv: bool = True, qv_bias: bool = True,
-                 swiglu: bool = False, post_norm: bool = False, eps: float = LN_EPS) -> None:
+                 swiglu: bool = False, post_norm: bool = False, eps: float = LN_EPS, qkv_bias: bool = False) -> None:
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, fused_qkv, qv_bias)
+        self.attn = Attention(dim, num_heads, fused_qkv, qv_bias, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = SwiGLU(dim, mlp_hidden, eps) if swiglu else Mlp(dim, mlp_hidden)
 

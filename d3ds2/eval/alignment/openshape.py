@@ -221,7 +221,7 @@ class OpenShapeAlignment(AlignmentModel):
         xyz = points[..., :3]
         if self.y_up:
             xyz = xyz[..., [0, 2, 1]]
-        xyz = normalise_unit_sphere(xyz)
+        xyz = normalise_unit_sphere(xyz) if self.normalise else xyz
         return xyz, torch.cat([xyz, points[..., 3:6]], -1)
 
     @torch.no_grad()

@@ -13,19 +13,20 @@ import trimesh
 DEFAULT_RGB = 0.4  # colour of meshes without colours (generated meshes): mid grey
 
 
-def coloured_surface_points(mesh: trimesh.Trimesh, n: int, seed: int = 0, default_rgb: float = DEFAULT_RGB
-                            ) -> np.ndarray:
+def coloured_surface_points(mesh: trimesh.Trimesh, n: int, seed: int = 0, default_rgb: float = DEFAULT_RGB,
+                            mesh_colours: bool = True) -> np.ndarray:
     """n area-uniform surface samples of ``mesh`` as float32 [n, 6]: xyz (the mesh's frame) + rgb in [0, 1].
 
     Colour: the mean vertex colour of the sampled face for vertex-coloured meshes (textured meshes are
-    converted to vertex colours by trimesh), the face colour for face-coloured ones, else ``default_rgb``.
+    converted to vertex colours by trimesh), the face colour for face-coloured ones, else ``default_rgb``;
+    ``mesh_colours=False``: ``default_rgb`` everywhere.
     """
     if len(mesh.faces) == 0 or not mesh.area > 0:
         raise ValueError("coloured_surface_points: the mesh has no surface (no faces or zero area)")
     xyz, face = trimesh.sample.sample_surface(mesh, n, seed=seed)
     rgb = np.full((n, 3), default_rgb, np.float32)
-    visual = mesh.visual
-    if visual.kind == "texture":
+    visual = mesh.visual if mesh_colours else None
+    if visual is not None and visual.kind == "texture":
         try:
             visual = visual.to_color()
         except Exception:  # a texture trimesh cannot sample: keep the default colour

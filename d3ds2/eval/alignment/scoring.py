@@ -24,12 +24,14 @@ def match_images(stems: list[str], image_dir: str | Path) -> dict[str, Path]:
 
 
 def alignment_scores(model: AlignmentModel, pairs: list[tuple[Path, Path]], batch_size: int = 8, seed: int = 0,
-                     progress: bool = True) -> list[dict]:
+                     progress: bool = True, protocol=None) -> list[dict]:
     """One dict per (mesh, image) pair: ``{model.name: cosine}``, or ``{model.name + "_error": message}``.
 
-    Each mesh gives ``model.n_points`` coloured surface samples (``seed``); batches of ``batch_size`` shapes
-    run on the model's device.
+    Each mesh gives ``model.n_points`` coloured surface samples (``seed``), coloured as ``protocol`` says (an
+    :class:`~d3ds2.eval.protocols.AlignmentProtocol`; None: mesh colours, else rgb 0.4); batches of
+    ``batch_size`` shapes run on the model's device.
     """
+    sample = protocol.surface_points if protocol is not None else coloured_surface_points
     device = next(model.parameters()).device
     rows: list[dict] = [{} for _ in pairs]
     batches = range(0, len(pairs), batch_size)
@@ -38,7 +40,7 @@ def alignment_scores(model: AlignmentModel, pairs: list[tuple[Path, Path]], batc
         for i in range(start, min(start + batch_size, len(pairs))):
             mesh_path, image_path = pairs[i]
             try:
-                clouds.append(coloured_surface_points(load_mesh(str(mesh_path)), model.n_points, seed))
+                clouds.append(sample(load_mesh(str(mesh_path)), model.n_points, seed))
                 images.append(image_path)
                 ok.append(i)
             except Exception as err:  # a broken or empty mesh is reported, never fatal

@@ -212,9 +212,11 @@ class ULIP2Alignment(AlignmentModel):
         return model
 
     def preprocess_points(self, points: torch.Tensor) -> torch.Tensor:
-        """[B, N, 6] -> xyz centred on the centroid and scaled to max norm 1 (``pc_norm``), rgb unchanged."""
+        """[B, N, 6] -> xyz centred on the centroid and scaled to max norm 1 (``pc_norm``; kept as given when
+        ``normalise`` is off), rgb unchanged."""
         p = points.to(self.encoder.pc_projection.device, self.encoder.pc_projection.dtype)
-        return torch.cat([normalise_unit_sphere(p[..., :3]), p[..., 3:]], -1)
+        xyz = normalise_unit_sphere(p[..., :3]) if self.normalise else p[..., :3]
+        return torch.cat([xyz, p[..., 3:]], -1)
 
     @torch.no_grad()
     def encode_points(self, points: torch.Tensor) -> torch.Tensor:

@@ -192,7 +192,7 @@ class Uni3DAlignment(AlignmentModel):
     def encode_points(self, points: torch.Tensor) -> torch.Tensor:
         device = self.encoder.cls_token.device
         points = points.to(device, torch.float32)
-        xyz = normalise_unit_sphere(points[..., :3])
+        xyz = normalise_unit_sphere(points[..., :3]) if self.normalise else points[..., :3]
         emb = self.encoder(torch.cat([xyz, points[..., 3:6]], -1))
         return F.normalize(emb.float(), dim=-1)
 
