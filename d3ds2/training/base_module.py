@@ -68,6 +68,11 @@ class BaseModule(L.LightningModule):
             self.nonfinite_streak += 1
             self.skipped_steps += 1
             log.warning("step %d: non-finite loss (%s), step skipped (%d in a row)", self.global_step, loss.item(), self.nonfinite_streak)
+            # the step's own loss (NaN/inf), so no logger shows the previous step's value as this one's. The
+            # step counter still advances: Lightning 2.x counts global_step as optimizer_step calls (counted after
+            # the hook whether or not it updated), and the step is also the batch count that data streams,
+            # checkpoint intervals and schedules resume from; skipped updates are counted in skipped_steps.
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=self._batch_size(batch))
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
             if self.nonfinite_streak >= self.max_consecutive_nonfinite:
                 raise RuntimeError(
@@ -119,6 +124,16 @@ class BaseModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to write non-finite weights (live or EMA): raising here stops the run before Lightning writes
+        the file, so ``last.ckpt`` and the best checkpoint keep the last finite weights."""
+        for group in ("state_dict", "ema"):
+            bad = [k for k, v in checkpoint.get(group, {}).items()
+                   if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise RuntimeError(
+                    f"step {self.global_step}: the {'EMA ' if group == 'ema' else ''}weights are non-finite "
+                    f"({len(bad)} tensors, e.g. {bad[0]}); checkpoint not written, the previous ones are kept. "
+                    "Resume from them (ckpt_path=last) with a lower learning rate or trainer.precision=32")
         checkpoint["d3ds2"] = {"skipped_steps": self.skipped_steps, "net_class": type(self.net).__qualname__}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
