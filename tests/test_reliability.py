@@ -228,3 +228,27 @@ def test_mistyped_override_names_the_key_before_building(tmp_path):
     with pytest.raises(ValueError, match=r"trainer\.max_steps='abc'.*expects max_steps: int"):
         run_composed(cfg)
     assert not (tmp_path / "config_resolved.yaml").exists()  # nothing was set up before the check
+
+
+def test_killed_save_keeps_the_previous_checkpoint(tmp_path):
+    """A real process killed by SIGKILL while it writes a large checkpoint over an existing one."""
+    import signal
+    import time
+
+    from d3ds2.training.checkpoint import atomic_torch_save
+
+    target = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1, "w": torch.ones(4)}, target)
+    code = ("import torch; from d3ds2.training.checkpoint import atomic_torch_save; "
+            f"atomic_torch_save({{'step': 2, 'w': torch.ones(50_000_000)}}, {str(target)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        end = time.monotonic() + 120
+        while not list(tmp_path.glob(".last.ckpt.*.tmp")) and proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the writer finished before the kill: nothing was tested"
+    assert torch.load(target, weights_only=True)["step"] == 1
