@@ -64,15 +64,18 @@ class BaseModule(L.LightningModule):
         if self._distributed:  # every rank skips together, or none does
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         self._skip_update = not finite
+        bs = self._batch_size(batch)
+        # every step logs its own loss and terms, NaN/inf included: no logger shows an earlier step's as its own
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), batch_size=bs)
         if not finite:
+            # The step counter still advances: Lightning 2.x counts global_step as optimizer_step calls (counted
+            # after the hook whether or not it updated), and the step is also the batch count that data streams,
+            # checkpoint intervals and schedules resume from; skipped updates are counted in skipped_steps.
             self.nonfinite_streak += 1
             self.skipped_steps += 1
             log.warning("step %d: non-finite loss (%s), step skipped (%d in a row)", self.global_step, loss.item(), self.nonfinite_streak)
-            # the step's own loss (NaN/inf), so no logger shows the previous step's value as this one's. The
-            # step counter still advances: Lightning 2.x counts global_step as optimizer_step calls (counted after
-            # the hook whether or not it updated), and the step is also the batch count that data streams,
-            # checkpoint intervals and schedules resume from; skipped updates are counted in skipped_steps.
-            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=self._batch_size(batch))
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
             if self.nonfinite_streak >= self.max_consecutive_nonfinite:
                 raise RuntimeError(
@@ -83,10 +86,6 @@ class BaseModule(L.LightningModule):
                 return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return None
         self.nonfinite_streak = 0
-        bs = self._batch_size(batch)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        for name, value in terms.items():
-            self.log(f"train/{name}", value.detach(), batch_size=bs)
         if self._step_start is not None:
             self.log("train/tokens_per_s", tokens / max(time.perf_counter() - self._step_start, 1e-9), batch_size=bs)
         if torch.cuda.is_available() and self.device.type == "cuda":
