@@ -47,7 +47,8 @@ class StageReport:
 # ------------------------------------------------------------------------------------------------
 # loading
 def resolve_run(path: str | Path) -> tuple[Any, Path]:
-    """A run directory (or a .ckpt inside ``<run>/checkpoints/``) -> (its resolved config, checkpoint path)."""
+    """A run directory (or a .ckpt / .safetensors inside ``<run>/checkpoints/``) -> (its resolved config,
+    checkpoint path)."""
     from omegaconf import OmegaConf
 
     path = Path(path)

@@ -29,7 +29,7 @@ def test_vae_tiny_trains_on_two_ranks(tmp_path):
                             "trainer.val_check_interval=2")
     run = tmp_path / "logs" / "vae_tiny" / "ddp"
     assert "GLOBAL_RANK: 1" in done.stderr + done.stdout  # a second process joined
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == steps
     # one run directory for both ranks: rank 0 writes the config and the renders, validation is reduced
     assert (run / "config_resolved.yaml").is_file()
@@ -44,7 +44,7 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_both(tmp_path):
     _train_two_ranks(tmp_path, "experiment=toy", "model._target_=ddp_helpers.NaNOnRankOne",
                      f"trainer.max_steps={steps}", "trainer.val_check_interval=100", "trainer.log_every_n_steps=1")
     run = tmp_path / "logs" / "toy" / "ddp"
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == steps
     adam_steps = {float(st["step"]) for st in ckpt["optimizer_states"][0]["state"].values()}
     assert adam_steps == {steps - 2}  # the two NaN batches updated nothing (on rank 0 either)

@@ -30,8 +30,8 @@ def test_fit_then_exact_resume(tmp_path):
     resumed = tmp_path / "resumed"
     _run(_cfg(resumed, "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=6", "trainer.val_check_interval=6"))
     _run(_cfg(resumed, "trainer.max_steps=12", "ckpt_path=last", "callbacks.model_checkpoint.every_n_train_steps=6", "trainer.val_check_interval=6"))
-    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 12
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, msg=f"weights differ after resume: {k}")
@@ -47,7 +47,7 @@ def test_last_checkpoint_holds_the_final_step(tmp_path):
     """A run that stops between checkpoint intervals (max_steps or max_time) still ends with its final weights."""
     _run(_cfg(tmp_path, "trainer.max_steps=8", "callbacks.model_checkpoint.every_n_train_steps=5",
               "trainer.val_check_interval=5"))
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 8
     assert "ema" in last
 

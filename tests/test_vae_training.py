@@ -57,8 +57,8 @@ def test_fit_resume_same_step_and_state(tmp_path):
     assert "val/fscore" in metrics and "val/in" in metrics
     _run(_cfg(resumed, "trainer.max_steps=3", *SMALL))
     _run(_cfg(resumed, "trainer.max_steps=6", "ckpt_path=last", *SMALL))
-    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 6
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, msg=f"weights differ after resume: {k}")

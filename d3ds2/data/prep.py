@@ -2,32 +2,46 @@
 
 Output layout under ``output``:
   samples/KEY.tar            one finished sample (written atomically; the durable unit of resumption)
-  manifest/rank{r:03d}.jsonl one line per input: ok / skipped + reason, timings, voxel counts
+  manifest/rank{r:03d}.jsonl one line per input: ok / skipped (bad input) / failed (a worker killed by a
+                             signal, or a transient error: memory, permissions) + reason, timings, voxel
+                             counts; the last line of a key wins
   shards/rank{r:03d}-{i:05d}.tar   the packed webdataset shards of this rank (rewritten at the end)
 KEY is :func:`d3ds2.data.mesh_sample.sample_key` of the input.
 """
 from __future__ import annotations
 
 import glob
+import logging
 import multiprocessing
 import os
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import Counter
 
-from ..geometry.mesh_io import is_supported
+from ..geometry.mesh_io import is_supported, is_transient_error
 from .mesh_sample import SkipMesh, build_sample, sample_key
 from .shard_format import encode_sample
 from .shards import Manifest, read_tar, write_tar_atomic
+from .worker_pool import imap_surviving
+
+log = logging.getLogger(__name__)
 
 
 class OutputError(RuntimeError):
     """The output folder cannot be written (disk full, permissions): the run stops."""
 
 
-def list_inputs(spec: str) -> list[str]:
-    """A folder (searched recursively for supported suffixes), a mesh file, or a .txt list of paths."""
+def list_inputs(spec: str) -> tuple[list[str], dict[str, int]]:
+    """(input paths, count of the files of a folder left out by suffix): a folder (searched recursively for
+    supported suffixes), a mesh file, or a .txt list of paths."""
+    unsupported: Counter = Counter()
     if os.path.isdir(spec):
-        files = [p for p in glob.glob(os.path.join(spec, "**", "*"), recursive=True) if is_supported(p)]
+        files = []
+        for p in glob.glob(os.path.join(spec, "**", "*"), recursive=True):
+            if is_supported(p):
+                files.append(p)
+            elif os.path.isfile(p):
+                unsupported[os.path.splitext(p)[1].lower() or "(no suffix)"] += 1
     elif spec.endswith(".txt"):
         with open(spec) as f:
             files = [line.strip() for line in f if line.strip() and not line.startswith("#")]
@@ -35,7 +49,7 @@ def list_inputs(spec: str) -> list[str]:
         files = [spec]
     else:
         raise FileNotFoundError(f"input={spec!r}: not a folder, a mesh file or a .txt list of paths")
-    return sorted(os.path.abspath(p) for p in files)
+    return sorted(os.path.abspath(p) for p in files), dict(sorted(unsupported.items()))
 
 
 def process_one(path: str, cfg, samples_dir: str) -> dict:
@@ -48,8 +62,9 @@ def process_one(path: str, cfg, samples_dir: str) -> dict:
         return {"key": key, "source": path, "status": "skipped", "reason": str(e),
                 "seconds": round(time.perf_counter() - t, 3)}
     except Exception as e:  # an unexpected failure on one mesh must not stop the run
-        return {"key": key, "source": path, "status": "skipped", "reason": f"{type(e).__name__}: {e}",
-                "seconds": round(time.perf_counter() - t, 3)}
+        transient = is_transient_error(e)
+        return {"key": key, "source": path, "status": "failed" if transient else "skipped",
+                "reason": f"{type(e).__name__}: {e}", "retryable": transient, "seconds": round(time.perf_counter() - t, 3)}
     try:
         write_tar_atomic(os.path.join(samples_dir, f"{key}.tar"), [encode_sample(sample)])
     except OSError as e:
@@ -57,6 +72,18 @@ def process_one(path: str, cfg, samples_dir: str) -> dict:
                 "reason": f"cannot write {samples_dir}: {e}; free space or choose another output folder"}
     return {"key": key, "source": path, "status": "ok", "seconds": round(time.perf_counter() - t, 3),
             "voxels": stats["voxels"], "timings": stats["timings"]}
+
+
+def crash_record(path: str, exitcode: int | None) -> dict:
+    """The manifest record of an input whose worker died while processing it."""
+    if exitcode is not None and exitcode < 0:
+        how = f"killed by signal {signal.Signals(-exitcode).name}"
+    else:
+        how = f"exited with code {exitcode}"
+    return {"key": sample_key(path), "source": path, "status": "failed", "retryable": True, "exitcode": exitcode,
+            "signal": signal.Signals(-exitcode).name if exitcode is not None and exitcode < 0 else None,
+            "reason": f"the worker process was {how} while processing this mesh (out of memory, a native crash "
+                      "or a kill); it is not retried unless retry_failed=true"}
 
 
 def check_writable(folder: str) -> None:
@@ -89,35 +116,39 @@ def run(cfg, progress: bool = True) -> dict:
     """Process this rank's part of the inputs in `cfg.workers` processes, resumably; returns the summary."""
     from tqdm import tqdm
 
-    inputs = list_inputs(str(cfg.input))
+    inputs, unsupported = list_inputs(str(cfg.input))
+    if unsupported:
+        log.warning("input=%s: %d files of unsupported suffixes left out: %s", cfg.input, sum(unsupported.values()), unsupported)
     mine = inputs[cfg.rank :: cfg.world_size]
     out = str(cfg.output)
     samples_dir = os.path.join(out, "samples")
     check_writable(samples_dir)
     manifest = Manifest(os.path.join(out, "manifest", f"rank{cfg.rank:03d}.jsonl"))
-    done = {}
-    for r in manifest.records():
-        ok = r["status"] == "ok" and os.path.exists(os.path.join(samples_dir, f"{r['key']}.tar"))
-        if ok or r["status"] == "skipped":
-            done[r["key"]] = r
+    last = {r["key"]: r for r in manifest.records()}  # the latest record of every input
+    retry = cfg.get("retry_failed", False)
+    done = {k: r for k, r in last.items()
+            if (r["status"] == "ok" and os.path.exists(os.path.join(samples_dir, f"{k}.tar")))
+            or r["status"] == "skipped" or (r["status"] == "failed" and not retry)}
     todo = [p for p in mine if sample_key(p) not in done]
     t0 = time.perf_counter()
     records = []
     bar = tqdm(total=len(todo), desc=f"data_prep rank {cfg.rank}", unit="mesh", disable=not progress)
     # CUDA cannot be used in forked children: start fresh workers when the distance queries run on torch
     context = multiprocessing.get_context("spawn" if cfg.sdf.backend == "torch" else None)
-    with ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=context) as pool:
-        futures = [pool.submit(process_one, p, cfg, samples_dir) for p in todo]
-        for fut in as_completed(futures):
-            rec = fut.result()
+    results = imap_surviving(process_one, todo, (cfg, samples_dir), cfg.workers, context)
+    try:
+        for path, rec, exitcode in results:
+            if rec is None:
+                rec = crash_record(path, exitcode)
+                log.warning("%s: %s", path, rec["reason"])
             if rec["status"] == "fatal":
-                for f in futures:
-                    f.cancel()
                 raise OutputError(rec["reason"])
             manifest.append(rec)
             records.append(rec)
             bar.update(1)
             bar.set_postfix(ok=sum(r["status"] == "ok" for r in records), skipped=sum(r["status"] != "ok" for r in records))
+    finally:
+        results.close()  # stops the workers, killing busy ones when the run stops early
     bar.close()
     keys_ok = sorted({r["key"] for r in list(done.values()) + records if r["status"] == "ok"}
                      & {sample_key(p) for p in mine})
@@ -127,6 +158,9 @@ def run(cfg, progress: bool = True) -> dict:
         raise OutputError(f"cannot write shards under {out!r}: {e}; free space or choose another output "
                           "folder") from None
     skipped = [r for r in records if r["status"] != "ok"]
+    failed = [r for r in records if r["status"] == "failed"]
     return {"inputs": len(mine), "already_done": len(mine) - len(todo), "processed": len(records),
-            "ok": len(keys_ok), "skipped_now": len(skipped), "reasons": {r["source"]: r["reason"] for r in skipped},
+            "ok": len(keys_ok), "skipped_now": len(skipped), "failed_now": len(failed),
+            "crashed_now": sum("exitcode" in r for r in failed),
+            "reasons": {r["source"]: r["reason"] for r in skipped}, "unsupported_files": unsupported,
             "shards": len(shards), "seconds": round(time.perf_counter() - t0, 2)}

@@ -6,6 +6,7 @@ keeps every part's colour). Errors are raised as `MeshLoadError` with the file n
 """
 from __future__ import annotations
 
+import errno
 import os
 
 import trimesh
@@ -19,6 +20,15 @@ class MeshLoadError(ValueError):
 
 def is_supported(path: str) -> bool:
     return path.lower().endswith(SUPPORTED_SUFFIXES)
+
+
+TRANSIENT_ERRNOS = {errno.ENOMEM, errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.EACCES, errno.EPERM}
+
+
+def is_transient_error(e: BaseException) -> bool:
+    """Out of memory, permissions, descriptor limits: the machine's state, not the file's content (a retry
+    may pass)."""
+    return isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS)
 
 
 def _with_vertex_colours(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
@@ -69,6 +79,8 @@ def load_mesh(path: str) -> trimesh.Trimesh:
         mesh = flatten_scene(loaded)
     except MeshLoadError as e:
         raise MeshLoadError(f"{path}: {e}") from None
-    except Exception as e:  # parser errors of every kind: corrupt file
+    except Exception as e:  # parser errors of every kind: corrupt file (transient ones pass as they are)
+        if is_transient_error(e):
+            raise
         raise MeshLoadError(f"{path}: cannot parse ({type(e).__name__}: {e})") from None
     return mesh

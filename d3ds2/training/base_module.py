@@ -64,7 +64,15 @@ class BaseModule(L.LightningModule):
         if self._distributed:  # every rank skips together, or none does
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         self._skip_update = not finite
+        bs = self._batch_size(batch)
+        # every step logs its own loss and terms, NaN/inf included: no logger shows an earlier step's as its own
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), batch_size=bs)
         if not finite:
+            # The step counter still advances: Lightning 2.x counts global_step as optimizer_step calls (counted
+            # after the hook whether or not it updated), and the step is also the batch count that data streams,
+            # checkpoint intervals and schedules resume from; skipped updates are counted in skipped_steps.
             self.nonfinite_streak += 1
             self.skipped_steps += 1
             log.warning("step %d: non-finite loss (%s), step skipped (%d in a row)", self.global_step, loss.item(), self.nonfinite_streak)
@@ -78,10 +86,6 @@ class BaseModule(L.LightningModule):
                 return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return None
         self.nonfinite_streak = 0
-        bs = self._batch_size(batch)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        for name, value in terms.items():
-            self.log(f"train/{name}", value.detach(), batch_size=bs)
         if self._step_start is not None:
             self.log("train/tokens_per_s", tokens / max(time.perf_counter() - self._step_start, 1e-9), batch_size=bs)
         if torch.cuda.is_available() and self.device.type == "cuda":
@@ -119,6 +123,16 @@ class BaseModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to write non-finite weights (live or EMA): raising here stops the run before Lightning writes
+        the file, so ``last.ckpt`` and the best checkpoint keep the last finite weights."""
+        for group in ("state_dict", "ema"):
+            bad = [k for k, v in checkpoint.get(group, {}).items()
+                   if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise RuntimeError(
+                    f"step {self.global_step}: the {'EMA ' if group == 'ema' else ''}weights are non-finite "
+                    f"({len(bad)} tensors, e.g. {bad[0]}); checkpoint not written, the previous ones are kept. "
+                    "Resume from them (ckpt_path=last) with a lower learning rate or trainer.precision=32")
         checkpoint["d3ds2"] = {"skipped_steps": self.skipped_steps, "net_class": type(self.net).__qualname__}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -10,7 +10,8 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import AtomicCheckpointIO
+from .checkpoint import AtomicCheckpointIO, newest_readable_checkpoint
+from .config_check import check_config_types
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +24,18 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """``last`` -> ``<output_dir>/checkpoints/last.ckpt`` if it exists (else a fresh start); paths checked."""
+    """``last`` -> ``<output_dir>/checkpoints/last.ckpt`` if it exists (else a fresh start), or the newest
+    readable checkpoint beside it when it is truncated or damaged (with a warning); paths checked."""
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "last":
         last = Path(output_dir) / "checkpoints" / "last.ckpt"
         if last.is_file():
-            return str(last)
+            found = newest_readable_checkpoint(last)
+            if found is None:
+                raise RuntimeError(f"ckpt_path=last: {last} and every other checkpoint in {last.parent} are "
+                                   "unreadable (see the warnings above); give ckpt_path=FILE or start a new run_name")
+            return str(found)
         log.warning("ckpt_path=last but %s does not exist yet: starting from scratch", last)
         return None
     if not Path(ckpt_path).is_file():
@@ -59,6 +65,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             "no data/model configured: pick an experiment, e.g. `python train.py experiment=vae_tiny` "
             "(the files in configs/experiment/ list them)"
         )
+    check_config_types(cfg)  # a mistyped override fails here, before data and models are built
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
