@@ -307,7 +307,8 @@ def shards_for(urls: list[str], slot: int, slots: int) -> list[str]:
 class ShardReader:
     """The samples of one reader (``slot`` of ``slots`` = ranks x loader workers), epoch after epoch.
 
-    Epoch e: the shard list is permuted by (seed, e) (the same order on every rank) and dealt out over the
+    Epoch e: the shard list is permuted by (seed, e) (the same order on every rank; kept in file order when
+    ``shuffle_buffer`` is 0) and dealt out over the
     readers (or, with ``resample``, each reader draws as many shards with replacement by (seed, e, slot));
     when there are fewer shards than readers every reader reads all of them and keeps every slots-th sample.
     Raw samples pass a shuffle buffer of ``shuffle_buffer`` (rng (seed, e, slot); 0 = file order) and are
@@ -341,7 +342,8 @@ class ShardReader:
             n = max(1, len(self.urls) // self.slots)
             return [self.urls[i] for i in rng.integers(len(self.urls), size=n)], True
         order = list(self.urls)
-        np.random.default_rng((self.seed, self.epoch)).shuffle(order)
+        if self.buffer > 0:  # shuffled reading: a new shard order per epoch; else file order
+            np.random.default_rng((self.seed, self.epoch)).shuffle(order)
         if len(order) >= self.slots:
             return shards_for(order, self.slot, self.slots), True
         return order, False
