@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     out = Path(opts.get("out", "demo_out")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     meshes, data, logs = out / "meshes", out / "data", out / "logs"
-    shards = f"{data}/shards/*.tar"
+    shards = f"{data}/shards"  # data prep's train-*.tar / val-*.tar (d3ds2/data/layout.py)
     run = [f"paths.root_dir={out}", "run_name=demo", "logger=csv", "callbacks.progress_bar.refresh_rate=0"]
 
     _stage("1/8 corpus: real meshes shipped in pyvista/pymeshfix + procedural CSG shapes",
@@ -57,14 +57,14 @@ def main(argv: list[str]) -> None:
             "--resolution", str(VAE_RES), "-o", str(out / "reconstruction.ply")])
     latents = data / "latents" / str(RES)
     _stage("5/8 encode the shards to latents (+ preprocessed views) and their statistics",
-           ["-m", "data_prep.encode_latents", "--shards", shards, "--out", str(latents), "--resolution", str(RES),
-            "--vae", str(vae_run), "--features", "images"])
-    _stage("5/8 latent statistics", ["-m", "data_prep.latent_stats", f"{latents}/*.tar", str(latents / "stats.json")])
+           ["-m", "data_prep.encode_latents", f"data={data}", f"resolution={RES}", f"vae={vae_run}", "features=images",
+            "stats=false"])
+    _stage("5/8 latent statistics", ["-m", "data_prep.latent_stats", f"data={data}", f"resolution={RES}"])
     _stage("6/8 train the tiny index (occupancy) VAE", ["train.py", "experiment=index_vae_tiny", *run])
     _stage("7/8 train the tiny index DiT",
            ["train.py", "experiment=index_dit_tiny", *run])
     _stage("7/8 train the tiny sparse DiT", ["train.py", "experiment=dit_tiny", *run])
-    image = _first_view(shards, out / "input_view.png")
+    image = _first_view(f"{shards}/*.tar", out / "input_view.png")
     _stage("8/8 inference: image -> index DiT -> sparse DiT -> VAE decode -> mesh",
            ["inference.py", f"image={image}", f"out={out / 'generated.glb'}", "device=cpu", "dense.steps=10",
             "sparse_512.steps=10", f"ckpt.index_dit={logs / 'index_dit_tiny' / 'demo'}",

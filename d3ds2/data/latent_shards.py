@@ -11,7 +11,9 @@ A latent shard is a webdataset tar; each sample holds the entries of ``LATENT_KE
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import random
 from functools import partial
@@ -144,3 +146,56 @@ class LatentStream(IterableDataset):
             packer.add(s, n)
         if len(packer):
             yield collate_latents(packer.pop(), self.view, rng)
+
+
+def latent_stats(shards: list[str]) -> dict:
+    """{"mean": [C], "std": [C], "tokens": int, "samples": int} over every latent token (float64 sums)."""
+    total, sq, count, samples = None, None, 0, 0
+    for url in shards:
+        for s in read_latent_shard(url):
+            f = s["feats"].astype(np.float64)
+            total = f.sum(0) if total is None else total + f.sum(0)
+            sq = (f * f).sum(0) if sq is None else sq + (f * f).sum(0)
+            count += len(f)
+            samples += 1
+    if count == 0:
+        raise ValueError(f"no latent tokens in {shards}")
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean * mean, 1e-12))
+    return {"mean": mean.tolist(), "std": std.tolist(), "tokens": count, "samples": samples}
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def checkpoint_sha256(ckpt: str) -> str:
+    """SHA-256 of a checkpoint file: the identity of the VAE that encoded a latents folder."""
+    h = hashlib.sha256()
+    with open(ckpt, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_encoder(encoder_json: str, vae_ckpt: str, what: str = "these latents") -> dict:
+    """The encoder metadata of a latents folder, checked against the VAE checkpoint a stage expects.
+
+    Raises ValueError naming both checkpoints when the latents were encoded by another VAE, and
+    FileNotFoundError when the folder has no metadata."""
+    if not os.path.isfile(encoder_json):
+        raise FileNotFoundError(f"{encoder_json} not found: {what} carry no record of the VAE that encoded them; "
+                                f"re-encode them ({HINT})")
+    with open(encoder_json) as f:
+        meta = json.load(f)
+    sha = checkpoint_sha256(vae_ckpt)
+    if meta.get("vae_sha256") != sha:
+        raise ValueError(f"{what} were encoded by the VAE {meta.get('vae_checkpoint')} (sha256 "
+                         f"{str(meta.get('vae_sha256'))[:12]}), but this stage uses {vae_ckpt} (sha256 {sha[:12]}); "
+                         f"re-encode them with this VAE into another data folder ({HINT}) or point the stage at "
+                         "the VAE that encoded them")
+    return meta

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 
 SPLITS = ("train", "val")
+LATENT_STATS = "stats.json"
+LATENT_ENCODER = "encoder.json"
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,10 @@ class DataLayout:
         return os.path.join(self.root, "latents", str(int(resolution)))
 
     def latent_stats(self, resolution: int) -> str:
-        return os.path.join(self.latents_dir(resolution), "stats.json")
+        return os.path.join(self.latents_dir(resolution), LATENT_STATS)
 
     def latent_encoder(self, resolution: int) -> str:
-        return os.path.join(self.latents_dir(resolution), "encoder.json")
+        return os.path.join(self.latents_dir(resolution), LATENT_ENCODER)
 
 
 def check_split(split: str) -> str:
