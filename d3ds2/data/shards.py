@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from torch.utils.data import IterableDataset
 
 log = logging.getLogger(__name__)
 BLOCK = 512
@@ -435,7 +436,7 @@ def decode_data_sample(raw: dict, resolutions=None, with_views: bool = True) -> 
     return decode_sample(raw, resolutions, with_views)
 
 
-class ShardStream:
+class ShardStream(IterableDataset):
     """One epoch of decoded data samples for this rank and loader worker (``iter``), ``set_epoch`` between
     epochs: the :class:`ShardReader` of the current process's slot. Rank and world size come from
     torch.distributed (or RANK / WORLD_SIZE) unless given."""
