@@ -219,3 +219,35 @@ def test_vae_tiny_on_shards_resumes_bit_identically_after_kill_9(tmp_path):
     rows = [r for r in csv.DictReader(open(next((run / "straight").rglob("metrics.csv")))) if r.get("data/skipped_samples")]
     assert rows and float(rows[-1]["data/skipped_samples"]) >= 1
     assert f"damaged shard {damaged}" in straight.stderr + straight.stdout
+
+
+def test_latent_stream_resumes_with_two_workers(tmp_path):
+    """The DiT data module's position (2 loader workers, role rotation) restarts the stream at the next batch."""
+    from d3ds2.data.latent_shards import write_latent_shard
+    from d3ds2.training.dit_datamodule import LatentDataModule
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_latent_shard(str(tmp_path / f"train-rank000-{i:05d}.tar"), [
+            {"key": f"k{i}_{j}", "coords": rng.integers(0, 8, (3 + j, 3)), "feats": rng.normal(size=(3 + j, 2)),
+             "resolution": 64, "images": rng.integers(0, 255, (3, 4, 4, 4), dtype=np.uint8)} for j in range(3)])
+
+    def module():
+        return LatentDataModule(str(tmp_path), None, batch_tokens=9, max_batch=2, num_workers=2, seed=1,
+                                shuffle_buffer=2)
+
+    def take(dm, n):
+        it = iter(dm.train_dataloader())
+        out = [dm.on_before_batch_transfer(next(it), 0) for _ in range(n)]
+        return [(b["keys"], b["images"]) for b in out]
+
+    want = take(module(), 11)
+    first = module()
+    head = take(first, 5)
+    state = first.state_dict()
+    assert state["batch"] == 4 and state["workers"] == 2 and set(state["readers"]["0"]) == {"0", "1"}
+    resumed = module()
+    resumed.load_state_dict(state)
+    got = head + take(resumed, 6)
+    assert [k for k, _ in got] == [k for k, _ in want]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))  # the same views drawn

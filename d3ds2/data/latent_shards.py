@@ -27,6 +27,7 @@ from ..sparse import SparseTensor
 from .batching import BudgetPacker
 from .layout import shard_urls
 from .shards import ShardReader, dist_rank, loader_worker, read_tar, write_tar_atomic
+from .stream_position import first_batch, positioned, restore_reader
 
 LATENT_KEYS = ("latent", "cond", "views")
 HINT = "write them with `python -m data_prep.encode_latents data=DATA resolution=R vae=VAE_RUN` (docs/generation.md)"
@@ -107,14 +108,18 @@ class LatentStream(IterableDataset):
     ``max_batch``). Samples with more than ``max_tokens`` tokens are skipped. ``loop``: epoch after epoch
     (training), else one epoch. ``shuffle``: shuffle buffer of ``buffer`` samples and a shard order per epoch
     (else file order). ``cache``: keep this reader's samples in memory after the first epoch and reshuffle them
-    from there (small data sets trained for many steps)."""
+    from there (small data sets trained for many steps). The view of each sample is drawn by rng (seed, g) of
+    the global batch index g. ``with_position``: yield :class:`~d3ds2.data.stream_position.Positioned` batches;
+    ``position`` (saved from a run) resumes the stream where it stood (not with ``cache``: that restarts it)."""
 
     def __init__(self, shards: list[str], batch_tokens: int, max_batch: int = 64, max_tokens: int | None = None,
                  shuffle: bool = True, loop: bool = True, seed: int = 0, view: str = "random", buffer: int = 256,
-                 cache: bool = False, resample: bool = False, max_skip_fraction: float = 0.01) -> None:
+                 cache: bool = False, resample: bool = False, max_skip_fraction: float = 0.01,
+                 position: dict | None = None, with_position: bool = False) -> None:
         self.shards, self.batch_tokens, self.max_batch, self.max_tokens = shards, batch_tokens, max_batch, max_tokens
         self.shuffle, self.loop, self.seed, self.view, self.buffer = shuffle, loop, seed, view, buffer
         self.cache, self.resample, self.max_skip = cache, resample, max_skip_fraction
+        self.position, self.with_position = position, with_position
 
     def _samples(self, reader: ShardReader, rng: random.Random) -> Iterator[dict]:
         if not self.cache:
@@ -132,20 +137,29 @@ class LatentStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         rank, world = dist_rank()
         worker, workers = loader_worker()
-        slot, slots = rank * workers + worker, world * workers
-        reader = ShardReader(self.shards, slot, slots, partial(decode_latent_sample), self.seed,
-                             self.buffer if self.shuffle else 0, self.resample, self.max_skip)
-        rng = random.Random(self.seed * 7919 + slot)
+        g = first_batch(None if self.cache else self.position, 0)
+        role = (g + worker) % workers
+        reader = ShardReader(self.shards, rank * workers + role, world * workers, partial(decode_latent_sample),
+                             self.seed, self.buffer if self.shuffle else 0, self.resample, self.max_skip)
+        if not self.cache:
+            restore_reader(reader, self.position, rank, world, role, workers)
+        g += worker
         packer: BudgetPacker[dict] = BudgetPacker(self.batch_tokens, self.max_batch)
-        for s in self._samples(reader, rng):
+
+        def batch(pending: bool):
+            out = collate_latents(packer.pop(), self.view, random.Random(self.seed * 7919 + g))
+            return positioned(out, g, rank, role, world, workers, reader, pending) if self.with_position else out
+
+        for s in self._samples(reader, random.Random(self.seed * 7919 + rank * workers + role)):
             n = len(s["coords"])
             if self.max_tokens is not None and n > self.max_tokens:
                 continue
             if len(packer) and not packer.fits(n):
-                yield collate_latents(packer.pop(), self.view, rng)
+                yield batch(pending=True)
+                g += workers
             packer.add(s, n)
         if len(packer):
-            yield collate_latents(packer.pop(), self.view, rng)
+            yield batch(pending=False)
 
 
 def latent_stats(shards: list[str]) -> dict:

@@ -8,14 +8,16 @@ from torch.utils.data import DataLoader
 
 from ..data.latent_shards import LatentStream, check_encoder, latent_shard_urls
 from ..data.layout import LATENT_ENCODER
+from .stream_state import StreamStateMixin
 
 
-class LatentDataModule(L.LightningDataModule):
+class LatentDataModule(StreamStateMixin, L.LightningDataModule):
     """DiT data: ``train_shards`` / ``val_shards`` latent shard sources (a folder ``DATA/latents/R``, whose
     ``train-*.tar`` / ``val-*.tar`` are read; a glob; ``pipe:`` / ``http(s)://`` URLs; a list); batches bounded by
     ``batch_tokens``; ``cache``: keep the samples in memory after the first pass; ``shuffle_buffer``,
     ``resample``, ``max_skip_fraction``: see :class:`d3ds2.data.shards.ShardReader`. ``vae_ckpt``: the VAE
-    checkpoint this stage decodes with; latents folders whose ``encoder.json`` names another VAE are refused."""
+    checkpoint this stage decodes with; latents folders whose ``encoder.json`` names another VAE are refused.
+    The training stream's position is saved in checkpoints (a resumed run reads what an uninterrupted one would)."""
 
     def __init__(self, train_shards, val_shards=None, batch_tokens: int = 32768, max_batch: int = 64,
                  max_tokens: int | None = None, num_workers: int = 0, seed: int = 0, cache: bool = False,
@@ -39,7 +41,8 @@ class LatentDataModule(L.LightningDataModule):
         stream = LatentStream(latent_shard_urls(spec, "train" if train else "val"), self.batch_tokens, self.max_batch,
                               self.max_tokens, shuffle=train, loop=train, seed=self.seed,
                               view="random" if train else "first", buffer=self.shuffle_buffer, cache=self.cache,
-                              resample=self.resample and train, max_skip_fraction=self.max_skip_fraction)
+                              resample=self.resample and train, max_skip_fraction=self.max_skip_fraction,
+                              position=self.position if train else None, with_position=train)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

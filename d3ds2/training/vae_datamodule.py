@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
@@ -22,7 +22,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..data.batching import BudgetPacker
+from ..data.stream_position import first_batch, positioned, restore_reader
 from ..data.sdf_transforms import SDFSample, analytic_sample, collate, sample_at_resolution
+from .stream_state import StreamStateMixin
 
 log = logging.getLogger(__name__)
 
@@ -68,29 +70,20 @@ class AnalyticSource:
         return analytic_sample(item, resolution, self.band, self.trunc)
 
 
-class Positioned(NamedTuple):
-    """A training batch and the stream position after it: {batch (global index), rank, role, world, workers,
-    reader: {epoch, offset, skipped, seen}} (reader: shard sources only)."""
-
-    batch: Any
-    position: dict
-
-
 class VAEBatchStream(IterableDataset):
     """Endless VAE batches; global batch g (counted from ``start``) uses resolution rng (seed, g).
 
     With W loader workers, worker w yields the batches g = start + w + k W in the order the DataLoader takes
-    them, so its reader plays the role (start + w) mod W; a ``position`` saved from a run (see
-    :class:`VAEDataModule`) puts every role's shard reader back where it stood. ``positioned``: yield
-    :class:`Positioned` batches.
+    them (see :mod:`d3ds2.data.stream_position`); a ``position`` saved from a run puts every role's shard
+    reader back where it stood. ``with_position``: yield :class:`~d3ds2.data.stream_position.Positioned` batches.
     """
 
     def __init__(self, source, resolutions: list[int], batch_voxels: int, max_samples: int | None,
                  sdf_scale: float, seed: int, start: int = 0, position: dict | None = None,
-                 positioned: bool = False) -> None:
+                 with_position: bool = False) -> None:
         self.source, self.resolutions = source, list(resolutions)
         self.batch_voxels, self.max_samples, self.sdf_scale = batch_voxels, max_samples, sdf_scale
-        self.seed, self.start, self.position, self.positioned = seed, start, position, positioned
+        self.seed, self.start, self.position, self.with_position = seed, start, position, with_position
 
     def _take(self, item, resolution: int) -> SDFSample | None:
         sample = self.source.at_resolution(item, resolution)
@@ -103,27 +96,17 @@ class VAEBatchStream(IterableDataset):
             return None
         return sample
 
-    def _reader(self, rank: int, world: int, role: int, workers: int):
-        reader = self.source.reader(rank * workers + role, world * workers, self.seed)
-        saved = (self.position or {}).get("readers", {}).get(str(rank), {}).get(str(role))
-        if saved is not None:
-            if (self.position.get("world"), self.position.get("workers")) != (world, workers):
-                log.warning("the saved stream position is for %s ranks x %s loader workers, this run has %d x %d: "
-                            "the shard stream starts a new epoch", self.position.get("world"),
-                            self.position.get("workers"), world, workers)
-                reader.restore({"epoch": int(saved["epoch"]) + 1, "offset": 0})
-            else:
-                reader.restore(saved)
-        return reader
-
     def __iter__(self):
         from ..data.shards import dist_rank, loader_worker
 
         rank, world = dist_rank()
         worker, workers = loader_worker()
-        start = int(self.position["batch"]) + 1 if self.position else self.start
+        start = first_batch(self.position, self.start)
         role = (start + worker) % workers
-        reader = self._reader(rank, world, role, workers) if self.source.persistent else None
+        reader = None
+        if self.source.persistent:
+            reader = restore_reader(self.source.reader(rank * workers + role, world * workers, self.seed),
+                                    self.position, rank, world, role, workers)
         items = reader.samples() if reader is not None else None
         pending = None
         g = start + worker
@@ -151,12 +134,8 @@ class VAEBatchStream(IterableDataset):
             if not len(packer):
                 return
             batch = collate(packer.pop(), self.sdf_scale)
-            if self.positioned:
-                position = {"batch": g, "rank": rank, "role": role, "world": world, "workers": workers}
-                if reader is not None:  # the pending sample is not consumed yet: it is taken again on resume
-                    position["reader"] = {**reader.state(), "skipped": reader.skipped, "seen": reader.seen}
-                    position["reader"]["offset"] -= pending is not None
-                batch = Positioned(batch, position)
+            if self.with_position:
+                batch = positioned(batch, g, rank, role, world, workers, reader, pending is not None)
             yield batch
             g += workers
 
@@ -175,7 +154,7 @@ def _source(spec, split: str, **shard_args) -> Any:
     return ShardSource([str(n) for n in names], split, **shard_args)
 
 
-class VAEDataModule(L.LightningDataModule):
+class VAEDataModule(StreamStateMixin, L.LightningDataModule):
     """Args:
     train_shards / val_shards: data-prep shards (a folder such as ``DATA/shards``, whose ``train-*.tar`` /
         ``val-*.tar`` are read; a glob; a ``pipe:`` or ``http(s)://`` URL with brace ranges; or a list) or a list
@@ -202,10 +181,6 @@ class VAEDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.shard_args = {"shuffle_buffer": shuffle_buffer, "resample": resample,
                            "max_skip_fraction": max_skip_fraction}
-        self.position: dict | None = None  # restored from a checkpoint
-        self.last_batch: int | None = None
-        self.readers: dict[str, dict] = {}  # role -> reader position of this rank
-        self.layout: dict = {}
 
     def _loader(self, stream: VAEBatchStream) -> DataLoader:
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
@@ -215,41 +190,9 @@ class VAEDataModule(L.LightningDataModule):
         start = self.trainer.global_step if self.trainer is not None else 0
         return self._loader(VAEBatchStream(_source(self.train_spec, "train", **self.shard_args), self.resolutions,
                                            self.batch_voxels, self.max_samples, self.sdf_scale, self.seed, start,
-                                           position=self.position, positioned=True))
+                                           position=self.position, with_position=True))
 
     def val_dataloader(self) -> DataLoader:
         split = "train" if self.val_spec is self.train_spec else "val"
         return self._loader(VAEBatchStream(_source(self.val_spec, split, **self.shard_args), [self.val_resolution],
                                            self.batch_voxels, 1, self.sdf_scale, self.seed + 1))
-
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Unwrap a training batch and record the stream position it carries (and its damaged-sample count)."""
-        if not isinstance(batch, Positioned):
-            return batch
-        pos = batch.position
-        self.last_batch = pos["batch"]
-        self.layout = {"world": pos["world"], "workers": pos["workers"]}
-        reader = pos.get("reader")
-        if reader is not None:
-            old = self.readers.get(str(pos["role"]), {})
-            self.readers[str(pos["role"])] = reader
-            if reader["skipped"] != old.get("skipped", 0) and self.trainer is not None:
-                skipped = sum(r["skipped"] for r in self.readers.values())
-                for logger in self.trainer.loggers:
-                    logger.log_metrics({"data/skipped_samples": skipped, "data/epoch": reader["epoch"]},
-                                       step=self.trainer.global_step)
-        return batch.batch
-
-    def state_dict(self) -> dict:
-        """The training stream's position: the last batch taken and every reader's (epoch, offset) per rank."""
-        if self.last_batch is None:
-            return dict(self.position or {})
-        mine = {role: {"epoch": r["epoch"], "offset": r["offset"]} for role, r in self.readers.items()}
-        ranks = [mine]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            ranks = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(ranks, mine)
-        return {"batch": self.last_batch, **self.layout, "readers": {str(r): v for r, v in enumerate(ranks)}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = dict(state) if state else None
