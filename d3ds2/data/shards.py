@@ -19,10 +19,13 @@ import logging
 import os
 import tarfile
 import time
+import zlib
 from typing import Any, Callable, Iterator
 
 import numpy as np
 from torch.utils.data import IterableDataset
+
+from .layout import is_remote
 
 log = logging.getLogger(__name__)
 BLOCK = 512
@@ -111,6 +114,11 @@ def _key(name: str) -> str:
     return os.path.basename(name).split(".", 1)[0] or "?"
 
 
+def _why(e: Exception) -> str:
+    """An exception as 'Type: message', without the stream that webdataset appends to the message."""
+    return f"{type(e).__name__}: {str(e).split(' @ ')[0]}"
+
+
 def _marker(key: str, url: str, reason: str) -> dict:
     return {"fname": f"{key}.{DAMAGED}", "data": reason.encode(), "__url__": url}
 
@@ -144,9 +152,8 @@ def _members(url: str, stream: _Tracked, report: Report) -> Iterator[dict]:
     after = f"after sample {_key(last)!r}" if last else "at its start"
     head = _header(stream.at(q)) if checked else None
     if errors and (head is not None or not checked):  # a member cut short: its header is intact
-        why = str(errors[0]).split(" @ ")[0]
         key = _key(head[0]) if head else ""
-        report(url, key, f"unreadable {after} ({type(errors[0]).__name__}: {why}); the rest of the shard is skipped")
+        report(url, key, f"unreadable {after} ({_why(errors[0])}); the rest of the shard is skipped")
         if key:
             yield _marker(key, url, "member cut short")
         return
@@ -183,27 +190,35 @@ def _open(url: str):
 def shard_files(url: str, report: Report) -> Iterator[dict]:
     """Tar members of one shard as webdataset file dicts, damage reported (see the module docstring)."""
     raw = _open(url)
+    finished = False
     try:
         try:
             head = raw.read(BLOCK)
         except OSError as e:
             raise ShardUnreachable(f"shard {url} did not answer: {e}") from None
-        if not head:
-            raise ShardUnreachable(f"shard {url} is empty or did not answer")
+        if not head and is_remote(url):
+            raise ShardUnreachable(f"shard {url} gave no data")
         stream = _Prefixed(head, raw)
-        if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":  # compressed: no checks
+        if not head:
+            report(url, "", "empty file")
+        elif head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":  # compressed: no checks
             from webdataset.tariterators import tar_file_iterator
 
-            for f in tar_file_iterator(stream, handler=lambda e: report(url, "", f"{type(e).__name__}: {e}") or False):
-                f["__url__"] = url
-                yield f
-            return
-        yield from _members(url, _Tracked(stream), report)
+            try:
+                for f in tar_file_iterator(stream, handler=lambda e: report(url, "", _why(e)) or False):
+                    f["__url__"] = url
+                    yield f
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                report(url, "", f"unreadable compressed tar ({_why(e)}); the rest of the shard is skipped")
+        else:
+            yield from _members(url, _Tracked(stream), report)
+        finished = True
     finally:
         try:
             raw.close()
-        except OSError as e:  # a pipe or curl that failed after it started
-            raise ShardUnreachable(f"shard {url} could not be fetched: {e}") from None
+        except OSError as e:  # a pipe or curl that failed after it started (not one closed early by us)
+            if finished:
+                raise ShardUnreachable(f"shard {url} could not be fetched: {e}") from None
 
 
 class _Prefixed(io.RawIOBase):
@@ -233,7 +248,7 @@ def shard_samples(url: str, report: Report) -> Iterator[dict]:
     from webdataset.tariterators import group_by_keys
 
     def handler(e: Exception) -> bool:
-        report(url, "", f"{type(e).__name__}: {e}")
+        report(url, "", _why(e))
         return True
 
     for sample in group_by_keys(shard_files(url, report), handler=handler):
