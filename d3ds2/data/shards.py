@@ -44,7 +44,7 @@ def write_tar_atomic(path: str, samples: list[dict]) -> None:
     """Write webdataset dicts (`__key__` + name -> bytes) as one tar at `path` (temp name, then rename)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with tarfile.open(tmp, "w") as tar:
             for sample in samples:
                 key = sample["__key__"]
                 for name, data in sorted(sample.items()):
