@@ -251,3 +251,20 @@ def test_latent_stream_resumes_with_two_workers(tmp_path):
     got = head + take(resumed, 6)
     assert [k for k, _ in got] == [k for k, _ in want]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))  # the same views drawn
+
+
+def test_vae_tiny_on_shards_two_ranks_saves_both_positions(tmp_path):
+    """train.py under DDP (2 gloo ranks) on shards: each rank reads its own shards and the checkpoint holds the
+    stream position of both (gathered at save time)."""
+    from test_encode_latents import sphere_sample
+
+    write_shards(tmp_path / "data", "train", n_shards=4, per_shard=2,
+                 make=lambda key: {**sphere_sample(key, res=32, radius=0.3 + 0.05 * int(key[-1]), views=0),
+                                   "views": None})
+    done = _train(tmp_path, "ddp", "trainer.max_steps=4", "trainer=ddp", "trainer.accelerator=cpu",
+                  "trainer.devices=2", "trainer.precision=32")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "logs" / "vae_tiny" / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
+    position = ckpt["VAEDataModule"]
+    assert position["world"] == 2 and set(position["readers"]) == {"0", "1"}
+    assert all((r["0"]["epoch"], r["0"]["offset"]) > (0, 0) for r in position["readers"].values())  # both moved on
