@@ -107,5 +107,6 @@ def shard_urls(spec, split: str | None = None, hint: str = "") -> list[str]:
         return found
     found = sorted(p for pattern in expand_urls(spec) for p in glob.glob(pattern))
     if not found:
-        raise FileNotFoundError(f"no shard file matches {spec!r}{where}" + (f"; {hint}" if hint else ""))
+        what = f"{spec} does not exist" if glob.escape(spec) == spec else f"no shard file matches {spec!r}"
+        raise FileNotFoundError(what + (f" (looking for {split} shards)" if split else "") + (f"; {hint}" if hint else ""))
     return found
