@@ -73,6 +73,10 @@ def test_http_stream_two_ranks_two_workers_each_sample_once_per_epoch(http_root)
         assert sorted(got) == sorted(keys), f"epoch {epoch}: each sample once over 2 ranks x 2 workers"
         orders.append(got)
     assert orders[0] != orders[1]  # the shard order and the buffer are reshuffled per epoch
+    # a pipe: command is a source too
+    piped = ShardStream([f"pipe:cat {folder / 'shards' / 'val-rank000-00000.tar'}"], with_views=False, rank=0,
+                        world_size=1)
+    assert sorted(s["key"] for s in piped) == ["val00_0", "val00_1"]
     # resampling: shards drawn with replacement, still only this split's samples
     reader = ShardReader(urls, 0, 4, lambda raw: raw["__key__"], seed=0, resample=True)
     drawn = list(reader.epoch_samples())
