@@ -266,7 +266,7 @@ def prepare(args) -> None:
     run_entry(["-m", "data_prep.corpus", f"out={meshes}", f"n_procedural={args.n_procedural}", f"seed={args.seed}"],
               data / "logs" / "corpus.log", None)
     run_entry(["-m", "data_prep", f"input={meshes}", f"output={data}", f"resolutions=[{args.resolution}]",
-               f"views={args.views}", f"render.size={args.render_size}", "samples_per_shard=1000",
+               f"views={args.views}", f"render.size={args.render_size}", "samples_per_shard=1000", "val_fraction=0",
                f"workers={args.workers}", "progress=false"], data / "logs" / "data_prep.log", None)
     keys, names, points = [], [], []
     for shard in sorted((data / "shards").glob("*.tar")):
@@ -383,17 +383,16 @@ class RetrievalRun:
                 "params_M": sum(p.numel() for p in enc.parameters()) / 1e6}
 
     def encode(self) -> dict:
-        run_entry(["-m", "data_prep.encode_latents", "--shards", str(self.data / "shards" / "*.tar"), "--out", str(self.latents),
-                   "--resolution", str(self.args.resolution), "--vae", str(self.vae), "--features", "precompute",
-                   "--backbone", str(self.dino_dir), "--device", self.device], self.work / "stage_logs" / "encode.log",
-                  max(self.left(), 1))
-        from d3ds2.training.dit_datamodule import read_latent_shard
+        run_entry(["-m", "data_prep.encode_latents", f"data={self.data}", f"resolution={self.args.resolution}",
+                   f"vae={self.vae}", f"out={self.latents}", "features=precompute", f"backbone={self.dino_dir}", f"device={self.device}",
+                   "stats=false", "progress=false"], self.work / "stage_logs" / "encode.log", max(self.left(), 1))
+        from d3ds2.data.latent_shards import read_latent_shard
 
         tokens = [len(s["coords"]) for p in sorted(self.latents.glob("*.tar")) for s in read_latent_shard(p)]
         return {"samples": len(tokens), "latent_tokens_mean": float(np.mean(tokens)), "latent_tokens_max": int(max(tokens))}
 
     def stats(self) -> dict:
-        run_entry(["-m", "data_prep.latent_stats", str(self.latents / "*.tar"), str(self.latents / "stats.json")],
+        run_entry(["-m", "data_prep.latent_stats", f"shards={self.latents}", f"out={self.latents / 'stats.json'}"],
                   self.work / "stage_logs" / "stats.log", max(self.left(), 1))
         s = json.loads((self.latents / "stats.json").read_text())
         return {"mean_abs_mean": float(np.abs(s["mean"]).mean()), "std_mean": float(np.mean(s["std"]))}
@@ -530,7 +529,7 @@ class RetrievalRun:
 
         from d3ds2.pipeline import extract_meshes, load_model, resolve_run
         from d3ds2.sparse import SparseTensor
-        from d3ds2.training.dit_datamodule import read_latent_shard
+        from d3ds2.data.latent_shards import read_latent_shard
 
         keys, names, ref_points, _, _ = reference_data(self.data, self.args.view)
         self.results.data["retrieval_names"] = names

@@ -8,12 +8,13 @@ Usage: ``python -m d3ds2.demo out=demo_out``.
 """
 from __future__ import annotations
 
-import glob
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
+
+from d3ds2.data.layout import DataLayout, shard_urls
+from d3ds2.data.shards import read_tar
 
 RES = 128  # data prep, latents and the DiTs
 VAE_RES = 32  # the tiny VAE trains at 32³: 60 steps take ~1 min on 2 cores
@@ -27,10 +28,9 @@ def _stage(name: str, args: list[str]) -> None:
 
 
 def _first_view(shards: str, dest: Path) -> Path:
-    """Extract the first rendered view (RGBA PNG) of the first demo shard."""
-    with tarfile.open(sorted(glob.glob(shards))[0]) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(".view000.png"))
-        dest.write_bytes(tar.extractfile(member).read())
+    """Write the first rendered view (RGBA PNG) of the first train shard of the demo data to ``dest``."""
+    first = read_tar(shard_urls(shards, "train")[0])[0]
+    dest.write_bytes(first["view000.png"])
     return dest
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     out = Path(opts.get("out", "demo_out")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     meshes, data, logs = out / "meshes", out / "data", out / "logs"
-    shards = f"{data}/shards/*.tar"
+    shards = DataLayout(str(data)).shards_dir  # data prep's train-*.tar / val-*.tar
     run = [f"paths.root_dir={out}", "run_name=demo", "logger=csv", "callbacks.progress_bar.refresh_rate=0"]
 
     _stage("1/8 corpus: real meshes shipped in pyvista/pymeshfix + procedural CSG shapes",
@@ -55,11 +55,10 @@ def main(argv: list[str]) -> None:
     _stage("4/8 reconstruct a real mesh through the VAE, with metrics",
            ["-m", "d3ds2.vae", "reconstruct", str(bunny), "--ckpt", str(vae_run / "checkpoints" / "last.ckpt"),
             "--resolution", str(VAE_RES), "-o", str(out / "reconstruction.ply")])
-    latents = data / "latents" / str(RES)
     _stage("5/8 encode the shards to latents (+ preprocessed views) and their statistics",
-           ["-m", "data_prep.encode_latents", "--shards", shards, "--out", str(latents), "--resolution", str(RES),
-            "--vae", str(vae_run), "--features", "images"])
-    _stage("5/8 latent statistics", ["-m", "data_prep.latent_stats", f"{latents}/*.tar", str(latents / "stats.json")])
+           ["-m", "data_prep.encode_latents", f"data={data}", f"resolution={RES}", f"vae={vae_run}", "features=images",
+            "stats=false"])
+    _stage("5/8 latent statistics", ["-m", "data_prep.latent_stats", f"data={data}", f"resolution={RES}"])
     _stage("6/8 train the tiny index (occupancy) VAE", ["train.py", "experiment=index_vae_tiny", *run])
     _stage("7/8 train the tiny index DiT",
            ["train.py", "experiment=index_dit_tiny", *run])

@@ -12,7 +12,7 @@ from d3ds2.data.prep import OutputError, run
 def main(cfg: DictConfig) -> None:
     try:
         summary = run(cfg, progress=cfg.progress)
-    except OutputError as e:
+    except (OutputError, FileNotFoundError, ValueError) as e:  # unwritable output, bad input / split_file
         print(f"data_prep: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(summary, indent=2))

@@ -1,47 +1,31 @@
-"""Per-channel mean/std of the latents in latent shards (for the DiT's latent normalisation).
-
-Usage: python data_prep/latent_stats.py 'data/latents/512/train-*.tar' data/latents/512/stats.json
-"""
+"""`python -m data_prep.latent_stats data=DATA resolution=512` (Hydra): per-channel mean/std of the train latents
+(for the DiT's latent normalisation) -> DATA/latents/R/stats.json. ``encode_latents`` writes the same file at its
+end; this entry point recomputes it (``shards=`` and ``out=`` read and write elsewhere)."""
 from __future__ import annotations
 
-import json
-import os
 import sys
-from pathlib import Path
 
-import numpy as np
+import hydra
+from omegaconf import DictConfig
 
-from d3ds2.training.dit_datamodule import expand_shards, read_latent_shard
-
-
-def latent_stats(shards: list[str]) -> dict:
-    """{"mean": [C], "std": [C], "tokens": int, "samples": int} over every latent token (float64 sums)."""
-    total, sq, count, samples = None, None, 0, 0
-    for path in shards:
-        for s in read_latent_shard(path):
-            f = s["feats"].astype(np.float64)
-            total = f.sum(0) if total is None else total + f.sum(0)
-            sq = (f * f).sum(0) if sq is None else sq + (f * f).sum(0)
-            count += len(f)
-            samples += 1
-    if count == 0:
-        raise ValueError(f"no latent tokens in {shards}")
-    mean = total / count
-    std = np.sqrt(np.maximum(sq / count - mean * mean, 1e-12))
-    return {"mean": mean.tolist(), "std": std.tolist(), "tokens": count, "samples": samples}
+from d3ds2.data.latent_shards import latent_shard_urls, latent_stats, write_json_atomic
+from d3ds2.data.layout import DataLayout
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        raise SystemExit("usage: latent_stats.py SHARD_GLOB OUT.json")
-    stats = latent_stats(expand_shards(argv[0]))
-    out = Path(argv[1])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(stats, indent=1))
-    os.replace(tmp, out)
+@hydra.main(config_path="../configs/data_prep", config_name="latent_stats", version_base=None)
+def main(cfg: DictConfig) -> None:
+    layout = DataLayout(str(cfg.data)) if cfg.data else None
+    if layout is None and (cfg.shards is None or cfg.out is None):
+        sys.exit("latent_stats: error: give data=DATA resolution=R, or shards=... out=...")
+    try:
+        urls = latent_shard_urls(cfg.shards if cfg.shards is not None else layout.latents_dir(cfg.resolution), cfg.split)
+        stats = latent_stats(urls)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"latent_stats: error: {e}")
+    out = str(cfg.out) if cfg.out is not None else layout.latent_stats(cfg.resolution)
+    write_json_atomic(out, stats)
     print(f"{stats['samples']} samples, {stats['tokens']} tokens -> {out}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

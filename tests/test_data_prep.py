@@ -47,6 +47,8 @@ def test_run_round_trip_bad_inputs_and_resume(corpus, tmp_path):
     assert set(reasons) == {"corrupt.obj", "empty.stl", "nan.obj", "degenerate.obj"}
     assert all(reasons.values())
     shards = sorted(glob.glob(str(out / "shards" / "*.tar")))
+    assert [os.path.basename(s) for s in shards] == ["train-rank000-00000.tar", "train-rank000-00001.tar"]
+    assert summary["splits"] == {"train": 4, "val": 0}  # val_fraction 0.05 of 4 meshes: none hashed to val here
     assert len(shards) == 2 and not glob.glob(str(out / "**" / "*.tmp*"), recursive=True)
     samples = [decode_sample(raw) for s in shards for raw in read_tar(s)]
     assert len(samples) == 4
@@ -137,9 +139,57 @@ def test_stream_splits_ranks_and_workers(tmp_path):
         p = str(tmp_path / f"shard{i}.tar")
         write_tar_atomic(p, [encode_sample(sample)])
         urls.append(p)
-    parts = [shards_for(urls, r, 2, w, 2) for r in range(2) for w in range(2)]
+    parts = [shards_for(urls, r * 2 + w, 4) for r in range(2) for w in range(2)]
     assert sorted(sum(parts, [])) == sorted(urls)
     keys = [s["key"] for r in range(2) for s in ShardStream(urls, shuffle_buffer=2, rank=r, world_size=2)]
     assert sorted(keys) == ["s0", "s1", "s2", "s3"]
     e0 = [s["key"] for s in ShardStream(urls, shuffle_buffer=4, seed=1, rank=0, world_size=1)]
     assert sorted(e0) == ["s0", "s1", "s2", "s3"]
+
+
+def test_split_is_deterministic_stable_and_pinnable(tmp_path):
+    from d3ds2.data.splits import assign_split, hashed_split, read_split_file, split_name
+
+    names = [f"meshes/part{i:04d}.obj" for i in range(4000)]
+    first = {n: hashed_split(n, 0.1) for n in names}
+    assert 0.08 < sum(v == "val" for v in first.values()) / len(names) < 0.12  # val_fraction honoured
+    # adding meshes (and listing them in another order) moves none of the others
+    more = names[::-1] + [f"new/extra{i}.obj" for i in range(500)]
+    assert all(hashed_split(n, 0.1) == first[n] for n in more if n in first)
+    # a larger val_fraction only moves train meshes to val, never back
+    assert all(hashed_split(n, 0.2) == "val" for n in names if first[n] == "val")
+    # the name is relative to the input folder: the same corpus elsewhere keeps its split
+    a, b = tmp_path / "a" / "x" / "m.obj", tmp_path / "b" / "x" / "m.obj"
+    assert split_name(str(a), str(tmp_path / "a")) == split_name(str(b), str(tmp_path / "b")) == "x/m.obj"
+    # a split file pins chosen meshes by relative path, file name or key
+    val_name = next(n for n in names if first[n] == "val")
+    pins = tmp_path / "split.txt"
+    pins.write_text(f"# pinned\ntrain {val_name}\nval part0003.obj\nval abcdef0123456789\n")
+    pinned = read_split_file(str(pins))
+    root = str(tmp_path)
+    assert assign_split(os.path.join(root, val_name), "k1", root, 0.1, pinned) == "train"
+    assert assign_split(os.path.join(root, "meshes/part0003.obj"), "k2", root, 0.1, pinned) == "val"
+    assert assign_split(os.path.join(root, "other/z.obj"), "abcdef0123456789", root, 0.0, pinned) == "val"
+    pins.write_text("test foo.obj\n")
+    with pytest.raises(ValueError, match="split.txt:1.*'train NAME' or 'val NAME'"):
+        read_split_file(str(pins))
+    with pytest.raises(ValueError, match="val_fraction"):
+        hashed_split("m.obj", 1.0)
+
+
+def test_prep_writes_split_named_shards(corpus, tmp_path):
+    """A pinned mesh lands in val-rank000-*.tar, the rest in train; re-running with more meshes keeps both."""
+    pins = tmp_path / "split.txt"
+    pins.write_text("val csg_1.obj\n")
+    out = tmp_path / "out"
+    summary = run(_cfg(corpus, out, views=0, resolutions=[32], split_file=str(pins)), progress=False)
+    assert summary["splits"] == {"train": 3, "val": 1}
+    names = sorted(os.path.basename(p) for p in glob.glob(str(out / "shards" / "*.tar")))
+    assert names == ["train-rank000-00000.tar", "train-rank000-00001.tar", "val-rank000-00000.tar"]
+    (val,) = read_tar(str(out / "shards" / "val-rank000-00000.tar"))
+    assert decode_sample(val)["meta"]["source"].endswith("csg_1.obj")
+    from d3ds2.data.layout import shard_urls
+
+    with pytest.raises(FileNotFoundError, match=r"no shards of split 'val' in .*empty.*val-\*\.tar"):
+        os.makedirs(tmp_path / "empty")
+        shard_urls(str(tmp_path / "empty"), "val")

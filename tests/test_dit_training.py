@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from d3ds2.training.dit_datamodule import LatentStream, expand_shards, read_latent_shard, write_latent_shard
+from d3ds2.data.latent_shards import LatentStream, latent_shard_urls, read_latent_shard, write_latent_shard
 from d3ds2.training.runner import run_training
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -46,7 +46,7 @@ def latent_root(tmp_path_factory) -> Path:
 
 
 def test_latent_shard_roundtrip_and_token_budget(latent_root):
-    paths = expand_shards(str(latent_root / "data/latents/128/train-*.tar"))
+    paths = latent_shard_urls(str(latent_root / "data/latents/128/train-*.tar"))
     samples = list(read_latent_shard(paths[0]))
     assert [s["key"] for s in samples] == ["a", "b"] and samples[0]["images"].shape == (2, 518, 518, 4)
     n = [len(s["coords"]) for s in samples]
@@ -55,7 +55,7 @@ def test_latent_shard_roundtrip_and_token_budget(latent_root):
     both = next(iter(LatentStream(paths, batch_tokens=sum(n), shuffle=False, loop=False)))
     assert both["latent"].num_voxels == sum(n) and both["images"].shape == (2, 4, 518, 518)
     with pytest.raises(FileNotFoundError, match="encode_latents"):
-        expand_shards(str(latent_root / "nothing-*.tar"))
+        latent_shard_urls(str(latent_root / "nothing-*.tar"))
     # two DataLoader workers over one shard split its samples, together reading each once
     loader = torch.utils.data.DataLoader(LatentStream(paths, batch_tokens=10**6, shuffle=False, loop=False), batch_size=None, num_workers=2)
     assert sorted(k for b in loader for k in b["keys"]) == ["a", "b"]
@@ -63,7 +63,7 @@ def test_latent_shard_roundtrip_and_token_budget(latent_root):
 
 def test_cached_stream_reads_the_shards_once(latent_root, tmp_path):
     shard = tmp_path / "train-000.tar"
-    shard.write_bytes(Path(expand_shards(str(latent_root / "data/latents/128/train-*.tar"))[0]).read_bytes())
+    shard.write_bytes(Path(latent_shard_urls(str(latent_root / "data/latents/128/train-*.tar"))[0]).read_bytes())
     stream = iter(LatentStream([str(shard)], batch_tokens=10**6, max_batch=1, shuffle=True, loop=True, cache=True))
     first = [next(stream)["keys"][0] for _ in range(2)]
     shard.unlink()  # later passes come from memory (an uncached stream would fail to reopen the shard)

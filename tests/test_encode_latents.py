@@ -1,6 +1,8 @@
-"""data_prep/encode_latents.py on a data shard (sphere SDF + renders) with a tiny random VAE run."""
+"""`python -m data_prep.encode_latents` on data shards (sphere SDF + renders) with a tiny random VAE run."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d3ds2.training.dit_datamodule import read_latent_shard
+from d3ds2.data.latent_shards import read_latent_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,28 +33,55 @@ def sphere_sample(key: str, res: int = 64, radius: float = 0.5, views: int = 2) 
                           "sharp": np.zeros((len(cells), 8, 8, 8), bool), "band": 4.0, "trunc": 7.9375}}}
 
 
-def test_encode_latents_writes_latents_and_views(tmp_path):
+def test_encode_latents_on_two_ranks_encodes_each_sample_once(tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank its shards, every sample once, split names kept, encoder
+    metadata + stats written, a re-run resumes with nothing to do, latents of another VAE are refused."""
     pytest.importorskip("d3ds2.models.sparse_sdf_vae", reason="needs the sparse SDF VAE (VAE helper)")
-    pytest.importorskip("d3ds2.data.sdf_transforms", reason="needs the VAE helper's SDF normalisation")
+    from d3ds2.data.layout import DataLayout
     from d3ds2.data.shard_format import encode_sample
     from d3ds2.data.shards import write_tar_atomic
     from test_inference import SPARSE_VAE, make_run
 
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    samples = [sphere_sample("s0", radius=0.5), sphere_sample("s1", radius=0.7)]
-    write_tar_atomic(str(shards / "rank000-00000.tar"), [encode_sample(s) for s in samples])
+    layout = DataLayout(str(tmp_path / "data"))
+    os.makedirs(layout.shards_dir)
+    samples = {}
+    for i, (split, index) in enumerate([("train", 0), ("train", 1), ("train", 2), ("val", 0)]):
+        s = sphere_sample(f"s{i}", radius=0.45 + 0.1 * i, views=1)
+        samples[s["key"]] = s
+        write_tar_atomic(layout.shard(split, 0, index), [encode_sample(s)])
     vae = make_run(tmp_path, "vae", {"net": SPARSE_VAE}, 0)
     (vae / "config_resolved.yaml").write_text((vae / "config_resolved.yaml").read_text() + "data:\n  sdf_scale: 4.0\n")
-    out = tmp_path / "latents"
-    cmd = [sys.executable, str(ROOT / "data_prep" / "encode_latents.py"), "--shards", str(shards / "*.tar"), "--out", str(out),
-           "--resolution", "64", "--vae", str(vae), "--features", "images", "--device", "cpu"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "data_prep.encode_latents", f"data={layout.root}", "resolution=64", f"vae={vae}", "features=images",
+           "progress=false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    got = list(read_latent_shard(out / "rank000-00000.tar"))
-    assert [g["key"] for g in got] == ["s0", "s1"]
-    for g, s in zip(got, samples):
-        cells = s["sdf"][64]["cells"]
-        assert sorted(map(tuple, g["coords"].tolist())) == sorted(map(tuple, cells.tolist()))  # one token per occupied cell
+    out = Path(layout.latents_dir(64))
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-rank000-00000.tar", "train-rank000-00001.tar",
+                                                        "train-rank000-00002.tar", "val-rank000-00000.tar"]
+    got = [g for p in sorted(out.glob("*.tar")) for g in read_latent_shard(str(p))]
+    assert sorted(g["key"] for g in got) == sorted(samples)  # each sample encoded exactly once
+    assert "'encoded_now': 2" in res.stdout and "rank': 1" in res.stdout  # both ranks took two shards
+    for g in got:
+        cells = samples[g["key"]]["sdf"][64]["cells"]
+        assert sorted(map(tuple, g["coords"].tolist())) == sorted(map(tuple, cells.tolist()))  # one token per cell
         assert g["feats"].shape == (len(cells), SPARSE_VAE["latent_channels"]) and np.isfinite(g["feats"]).all()
-        assert g["images"].shape == (2, 518, 518, 4) and g["images"][..., 3].max() == 255
+        assert g["images"].shape == (1, 518, 518, 4) and g["images"][..., 3].max() == 255
+    encoder = json.loads(Path(layout.latent_encoder(64)).read_text())
+    ckpt = vae / "checkpoints" / "last.ckpt"
+    assert encoder["vae_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest() and encoder["sdf_scale"] == 4.0
+    stats = json.loads(Path(layout.latent_stats(64)).read_text())
+    train = np.concatenate([g["feats"].astype(np.float64) for g in got if g["key"] != "s3"])
+    np.testing.assert_allclose(stats["mean"], train.mean(0), rtol=1e-6, atol=1e-9)  # the train split only
+    # a re-run finds every shard done
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("'encoded_now': 0") == 2, again.stderr[-2000:]
+    # a DiT stage on these latents with another VAE: a clear error naming both
+    from d3ds2.training.dit_datamodule import LatentDataModule
+
+    other = make_run(tmp_path, "other_vae", {"net": SPARSE_VAE}, 1)
+    dm = LatentDataModule(str(out), None, vae_ckpt=str(other / "checkpoints" / "last.ckpt"))
+    with pytest.raises(ValueError, match="encoded by the VAE .*vae/checkpoints/last.ckpt.*other_vae"):
+        dm.setup("fit")
+    LatentDataModule(str(out), None, vae_ckpt=str(ckpt)).setup("fit")  # the right VAE passes

@@ -1,12 +1,12 @@
 """The parallel, resumable data-prep driver: mesh files -> samples/KEY.tar -> packed webdataset shards.
 
-Output layout under ``output``:
+Output under ``output`` (names from :mod:`d3ds2.data.layout`):
   samples/KEY.tar            one finished sample (written atomically; the durable unit of resumption)
   manifest/rank{r:03d}.jsonl one line per input: ok / skipped (bad input) / failed (a worker killed by a
                              signal, or a transient error: memory, permissions) + reason, timings, voxel
                              counts; the last line of a key wins
-  shards/rank{r:03d}-{i:05d}.tar   the packed webdataset shards of this rank (rewritten at the end)
-KEY is :func:`d3ds2.data.mesh_sample.sample_key` of the input.
+  shards/{split}-rank{r:03d}-{i:05d}.tar   the packed webdataset shards of this rank per split (rewritten at the end)
+KEY is :func:`d3ds2.data.mesh_sample.sample_key` of the input; the split comes from :mod:`d3ds2.data.splits`.
 """
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ import time
 from collections import Counter
 
 from ..geometry.mesh_io import is_supported, is_transient_error
+from .layout import SPLITS, DataLayout
 from .mesh_sample import SkipMesh, build_sample, sample_key
 from .shard_format import encode_sample
 from .shards import Manifest, read_tar, write_tar_atomic
+from .splits import assign_split, read_split_file
 from .worker_pool import imap_surviving
 
 log = logging.getLogger(__name__)
@@ -97,19 +99,27 @@ def check_writable(folder: str) -> None:
         raise OutputError(f"output={folder!r} is not writable ({e}); choose another folder or free space") from None
 
 
-def pack_shards(samples_dir: str, shards_dir: str, keys: list[str], rank: int, per_shard: int) -> list[str]:
-    """Pack finished samples (sorted keys) into shards rank{rank}-{i}.tar; remove stale shards of this rank."""
-    os.makedirs(shards_dir, exist_ok=True)
+def pack_shards(layout: DataLayout, keys: list[str], split: str, rank: int, per_shard: int) -> list[str]:
+    """Pack finished samples (sorted keys) into shards {split}-rank{rank}-{i}.tar; remove stale ones of this rank."""
+    os.makedirs(layout.shards_dir, exist_ok=True)
     paths = []
     for i in range(0, len(keys), per_shard):
-        path = os.path.join(shards_dir, f"rank{rank:03d}-{i // per_shard:05d}.tar")
-        samples = [s for k in keys[i : i + per_shard] for s in read_tar(os.path.join(samples_dir, f"{k}.tar"))]
+        path = layout.shard(split, rank, i // per_shard)
+        samples = [s for k in keys[i : i + per_shard] for s in read_tar(layout.sample(k))]
         write_tar_atomic(path, samples)
         paths.append(path)
-    for old in glob.glob(os.path.join(shards_dir, f"rank{rank:03d}-*.tar")):
+    for old in glob.glob(os.path.join(layout.shards_dir, f"{split}-rank{rank:03d}-*.tar")):
         if old not in paths:
             os.remove(old)
     return paths
+
+
+def split_of_inputs(cfg, paths: list[str]) -> dict[str, str]:
+    """{sample key: 'train' | 'val'} of the inputs (cfg.val_fraction, cfg.split_file; see d3ds2.data.splits)."""
+    spec = str(cfg.input)
+    root = spec if os.path.isdir(spec) else None
+    pinned = read_split_file(str(cfg.split_file)) if cfg.get("split_file") else {}
+    return {sample_key(p): assign_split(p, sample_key(p), root, float(cfg.val_fraction), pinned) for p in paths}
 
 
 def run(cfg, progress: bool = True) -> dict:
@@ -121,9 +131,11 @@ def run(cfg, progress: bool = True) -> dict:
         log.warning("input=%s: %d files of unsupported suffixes left out: %s", cfg.input, sum(unsupported.values()), unsupported)
     mine = inputs[cfg.rank :: cfg.world_size]
     out = str(cfg.output)
-    samples_dir = os.path.join(out, "samples")
+    layout = DataLayout(out)
+    samples_dir = layout.samples_dir
+    split = split_of_inputs(cfg, mine)
     check_writable(samples_dir)
-    manifest = Manifest(os.path.join(out, "manifest", f"rank{cfg.rank:03d}.jsonl"))
+    manifest = Manifest(layout.manifest(cfg.rank))
     last = {r["key"]: r for r in manifest.records()}  # the latest record of every input
     retry = cfg.get("retry_failed", False)
     done = {k: r for k, r in last.items()
@@ -153,7 +165,8 @@ def run(cfg, progress: bool = True) -> dict:
     keys_ok = sorted({r["key"] for r in list(done.values()) + records if r["status"] == "ok"}
                      & {sample_key(p) for p in mine})
     try:
-        shards = pack_shards(samples_dir, os.path.join(out, "shards"), keys_ok, cfg.rank, cfg.samples_per_shard)
+        shards = [p for name in SPLITS for p in pack_shards(layout, [k for k in keys_ok if split[k] == name], name,
+                                                              cfg.rank, cfg.samples_per_shard)]
     except OSError as e:
         raise OutputError(f"cannot write shards under {out!r}: {e}; free space or choose another output "
                           "folder") from None
@@ -163,4 +176,5 @@ def run(cfg, progress: bool = True) -> dict:
             "ok": len(keys_ok), "skipped_now": len(skipped), "failed_now": len(failed),
             "crashed_now": sum("exitcode" in r for r in failed),
             "reasons": {r["source"]: r["reason"] for r in skipped}, "unsupported_files": unsupported,
+            "splits": {name: sum(split[k] == name for k in keys_ok) for name in SPLITS},
             "shards": len(shards), "seconds": round(time.perf_counter() - t0, 2)}
