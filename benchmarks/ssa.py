@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from d3ds2.attention.ssa import (SSAConfig, block_mean, build_ssa_layout, compressed_attention, select_blocks,
                                  selection_attention, selection_plan, spatial_sparse_attention,
                                  ssa_window_attention)
-from d3ds2.kernels.span_attention import (_build_pairs, _tile_unions, default_block_m, plan_spans,
-                                    span_attention)
+from d3ds2.kernels.span_attention import span_attention
+from d3ds2.kernels.span_plan import _build_pairs, _tile_unions, default_block_m, plan_spans
 from d3ds2.kernels import ssa_topk
 from d3ds2.kernels.ssa_topk import score_topk
 
