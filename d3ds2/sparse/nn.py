@@ -141,17 +141,6 @@ class SparseSubdivide(nn.Module):
         return subdivide(x)
 
 
-class SparsePrune(nn.Module):
-    """Keep voxels whose first feature channel of ``logits`` is > ``threshold``."""
-
-    def __init__(self, threshold: float = 0.0) -> None:
-        super().__init__()
-        self.threshold = threshold
-
-    def forward(self, x: SparseTensor, logits: SparseTensor) -> SparseTensor:
-        return prune(x, logits.feats[:, 0] > self.threshold)
-
-
 class SparseLinear(nn.Linear):
     def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
         return x.replace(super().forward(x.feats))
@@ -201,7 +190,3 @@ class SparseActivation(nn.Module):
 
 def SparseSiLU() -> SparseActivation:
     return SparseActivation(nn.SiLU())
-
-
-def SparseGELU(approximate: str = "tanh") -> SparseActivation:
-    return SparseActivation(nn.GELU(approximate=approximate))
