@@ -16,8 +16,8 @@ RUN=$W/logs/vae_multires/real
 case $stage in
 prep)
   M=$3
-  python -m data_prep.corpus out=$W/meshes/train n_procedural=100 seed=0 real=none
-  python -m data_prep.corpus out=$W/meshes/val n_procedural=8 seed=5000 real=none
+  python -m data_prep.corpus out=$W/meshes/train n_procedural=100 seed=0 'real=[]'
+  python -m data_prep.corpus out=$W/meshes/val n_procedural=8 seed=5000 'real=[]'
   cp "$M"/train/* $W/meshes/train/
   cp "$M"/val/* $W/meshes/val/
   for split in val train; do
