@@ -1,6 +1,7 @@
 # d3ds2: two commands set up a fresh machine.
 #   make demo   venv + install + the built-in end-to-end example (CPU, a few minutes)
 #   make test   venv + install + the test suite
+#   make bench  on a GPU: re-measure the tables of docs/benchmarks.md (benchmarks/run_all.py)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: install sysdeps demo test test-gpu clean
+.PHONY: install sysdeps demo test test-gpu bench clean
 
 # open3d (ray casting in data prep) needs the system library libusb-1.0.
 sysdeps:
@@ -37,6 +38,9 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(DEMO) logs
