@@ -102,7 +102,7 @@ def span_backward(do, q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: i
 if triton is not None:
     import triton.language as tl
 
-    from .span_common import _query_rows, _tile_span
+    from .span_common import _query_rows, _tile_rows, _tile_span
     from .span_work import _work_item
 
     @triton.jit
@@ -118,11 +118,7 @@ if triton is not None:
         kvh = tl.program_id(1)
         hi = kvh % HI
         R: tl.constexpr = BM * G
-        r = tl.arange(0, R)
-        qi = tile * BM + r // G
-        hq = kvh * G + r % G
-        rmask = qi < n_q
-        qrow = _query_rows(QIDX, qi, rmask, HAS_QIDX)
+        qi, hq, rmask, qrow = _tile_rows(QIDX, tile, kvh, n_q, BM, G, HAS_QIDX)
         d = tl.arange(0, D)
         rows = (qrow[:, None] * HQ + hq[:, None]) * D + d[None, :]
         q = tl.load(Q + rows, mask=rmask[:, None], other=0.0)

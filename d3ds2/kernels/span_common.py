@@ -25,6 +25,16 @@ if triton is not None:
             return qi
 
     @triton.jit
+    def _tile_rows(QIDX, tile, kvh, n_q, BM: tl.constexpr, G: tl.constexpr, HAS_QIDX: tl.constexpr):
+        """The BM * G rows of a forward / dQ tile (BM queries x the G q heads of KV head kvh): each row's plan
+        query qi, q head hq, validity rmask and row in q / o / lse (qrow)."""
+        r = tl.arange(0, BM * G)
+        qi = tile * BM + r // G
+        hq = kvh * G + r % G
+        rmask = qi < n_q
+        return qi, hq, rmask, _query_rows(QIDX, qi, rmask, HAS_QIDX)
+
+    @triton.jit
     def _tile_span(UNION, UFULL, SOFF, sel, slot):
         """Span number `slot` of a tile's union list: which rows selected it (row_sel [R]), whether all of
         them did (all_rows), and its key range [k_lo, k_hi)."""

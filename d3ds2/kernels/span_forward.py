@@ -75,7 +75,7 @@ def _forward_launch(q, k, v, o, lse2, plan: SpanPlan, scale: float, block_k: int
 if triton is not None:
     import triton.language as tl
 
-    from .span_common import _query_rows, _tile_span
+    from .span_common import _tile_rows, _tile_span
 
     # a bounded forward's row sum below this (2^-64) means its bound exceeds the row's largest score by more
     # than 64 log2 units: scores 62 more below it would flush to zero in fp32, so the tile is redone
@@ -125,11 +125,7 @@ if triton is not None:
                 return
         hi = kvh % HI
         R: tl.constexpr = BM * G
-        r = tl.arange(0, R)
-        qi = tile * BM + r // G
-        hq = kvh * G + r % G
-        rmask = qi < n_q
-        qrow = _query_rows(QIDX, qi, rmask, HAS_QIDX)
+        qi, hq, rmask, qrow = _tile_rows(QIDX, tile, kvh, n_q, BM, G, HAS_QIDX)
         d = tl.arange(0, D)
         q = tl.load(Q + (qrow[:, None] * HQ + hq[:, None]) * D + d[None, :], mask=rmask[:, None], other=0.0)
         t = tl.arange(0, TOPK_P)
