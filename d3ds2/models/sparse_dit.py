@@ -4,7 +4,8 @@ Tokens are the occupied latent voxels (a :class:`SparseTensor`, feats [N, in_cha
 adaLN-Zero modulated by the timestep, attends to the other tokens of its sample (SSA, full or windowed
 attention, one interface), cross-attends to the image condition and applies a 4x MLP. Parameter names
 and shapes follow the official release (docs/generation.md), so the v1.1 config has 509.29M parameters
-and v1.0 (sparse conditions, m_cmp 4, compression v2) 520.08M.
+and v1.0 (sparse conditions, m_cmp 4, compression v2) 520.08M. The layers it shares with the dense DiT are in
+:mod:`d3ds2.models.dit_layers`, its self-attention in :mod:`d3ds2.attention.self_attention`.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .backend import flat_weight, submanifold_conv
 from .gemm import sparse_conv
-from .spatial import DownsampleMap, downsample_map, mean_pool, prune, subdivide, unpool
+from .spatial import DownsampleMap, downsample_map, mean_pool, subdivide, unpool
 from .tensor import SparseTensor
 
 UPSAMPLE_KEY = "upsample_map"  # cache key, on a downsampled tensor, of the map back to its fine sites
