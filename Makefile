@@ -2,6 +2,7 @@
 #   make demo   venv + install + the built-in end-to-end example (CPU, a few minutes)
 #   make test   venv + install + the test suite
 #   make lock   refresh constraints.txt: unpinned install into a fresh venv, the test suite, then pip freeze
+#   make bench  on a GPU: re-measure the tables of docs/benchmarks.md (benchmarks/run_all.py)
 ROOT    := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 PY      ?= python3
 VENV    ?= $(ROOT)/.venv
@@ -13,7 +14,7 @@ PYTEST_ARGS ?= -n 2 -q
 CONSTRAINTS ?= $(ROOT)/constraints.txt
 PIN     := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install sysdeps demo test test-gpu lock clean
+.PHONY: install sysdeps demo test test-gpu bench lock clean
 
 # open3d (ray casting in data prep) needs the system library libusb-1.0.
 sysdeps:
@@ -50,6 +51,9 @@ lock:
 	{ echo "# make lock: the versions the test suite passed with (pip install -c constraints.txt)"; \
 	  $(ROOT)/.venv-lock/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(ROOT)/constraints.txt
 	rm -rf $(ROOT)/.venv-lock
+
+bench: $(STAMP)
+	cd $(ROOT) && $(BIN)/python benchmarks/run_all.py --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(DEMO) $(ROOT)/logs

@@ -1,6 +1,6 @@
 """Training-step time, MFU and peak memory of the 509M SS-DiT (v1.1) at the paper's token counts (GPU).
 
-For each attention mode (SSA when available, full attention = FlashAttention varlen) x tokens per sample
+For each attention mode (SSA, full attention = FlashAttention varlen) x tokens per sample
 (Table 1: 2,058 / 5,510 / 10,655 / 45,904) x gradient checkpointing, one AdamW step in bf16 autocast on a
 token-budget batch (B = max(1, 32768 // N) samples of N tokens; batch 1 at 45,904). Tokens are the latent
 cells nearest a sphere of radius 0.4 x grid (grid = resolution / 8 of the stage). Condition: 1374 dense
@@ -14,7 +14,8 @@ full-size problem, and a micro-benchmark of the attention kernels at 10,655 toke
 dense SDPA backends). After the rows: a torch.profiler breakdown of one step of the first mode at 10,655.
 Modes: 'full' (FlashAttention varlen), 'ssa'; '-span' appended ('full-span', 'ssa-span') runs the varlen
 attentions (cross, and self in 'full') through the project's Triton span kernel instead.
-Usage: python benchmarks/dit_step.py --out results.json [--tokens 10655] [--modes full,full-span]
+Writes OUT/dit_step.json and OUT/dit_step.md (the step table).
+Usage: python benchmarks/dit_step.py --out OUT [--tokens 10655] [--modes full,full-span]
        [--profile-out prof.json] [--compile-row]
 """
 from __future__ import annotations
@@ -22,17 +23,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import time
 
 import torch
 import torch.nn.functional as F
+from harness import markdown_table, median_ms, write_outputs
 
 from d3ds2.attention import varlen as varlen_module
 from d3ds2.attention import varlen_attention
 from d3ds2.models.sparse_dit import SparseDiT
 from d3ds2.sparse import SparseTensor
-import d3ds2.kernels.span_attention as span_kernels
+import d3ds2.kernels.span_forward as span_forward
 from d3ds2.kernels.modulation import (gated_residual, gated_residual_reference, modulated_layer_norm,
                                 modulated_layer_norm_reference)
 
@@ -144,7 +145,7 @@ def bench_row(model, opt, mode: str, ckpt: bool, n: int, device) -> dict:
 def check_model(device) -> str:
     """bf16 GPU forward of a small random-weight model vs float64 CPU; batch of two = each alone; SSA too."""
     lines = []
-    for mode in ("full", "ssa") if has_ssa() else ("full",):
+    for mode in ("full", "ssa"):
         torch.manual_seed(0)
         model = SparseDiT(model_channels=128, cond_channels=64, num_blocks=2, num_heads=8, num_kv_heads=2, attention=mode,
                           ssa={"m_cmp": 4, "m_slc": 8, "topk": 4} if mode == "ssa" else None)
@@ -197,7 +198,8 @@ SPAN_TILES = ((8, 64, 8, 64), (4, 128, 8, 64), (8, 128, 8, 128), (4, 64, 4, 128)
 
 def span_variant(cu: torch.Tensor, block_m: int, block_k: int, block_q: int, block_kv: int):
     """The span kernel over segments ``cu`` with explicit tiles (plan built once, as a layer stack would)."""
-    from d3ds2.kernels.span_attention import plan_spans, span_attention
+    from d3ds2.kernels.span_attention import span_attention
+    from d3ds2.kernels.span_plan import plan_spans
 
     seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff()).int()
     plan = plan_spans(seg.view(-1, 1, 1), cu, block_m, query_offsets=cu, check_unique=False)
@@ -208,7 +210,6 @@ def attention_microbench(device, n: int = 10655, b: int = 3) -> list[dict]:
     """Self-attention of the SS-DiT (32 q heads, 2 KV heads, head dim 32, bf16) on b samples of n tokens:
     varlen flash (the model's path), the span kernel (default and other tiles) and dense SDPA backends on
     [b, 32, n, 32] (KV heads expanded)."""
-    import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     gen = torch.Generator(device=device).manual_seed(2)
@@ -252,14 +253,13 @@ def attention_microbench(device, n: int = 10655, b: int = 3) -> list[dict]:
                     grads = torch.autograd.grad(out, (qq, kk, vv), do)
                     row["grad_rel_err_vs_varlen"] = max(((g.float() - r).norm() / r.norm()).item()
                                                         for g, r in zip(grads, ref_grads))
-                fwd = triton.testing.do_bench(lambda: fn(qq, kk, vv), warmup=50, rep=200, return_mode="median")
+                fwd = median_ms(lambda: fn(qq, kk, vv), warmup=50, iters=200)
                 row.update(fwd_ms=fwd, fwd_tflops=fwd_flops / fwd / 1e9)
                 if not fwd_only:
                     def fwd_bwd():
                         fn(qq, kk, vv).backward(do)
 
-                    both = triton.testing.do_bench(fwd_bwd, warmup=50, rep=300, grad_to_none=[qq, kk, vv],
-                                                   return_mode="median")
+                    both = median_ms(fwd_bwd, warmup=50, iters=300, grad_to_none=[qq, kk, vv])
                     row.update(fwd_bwd_ms=both, fwd_bwd_tflops_counted_3x=3 * fwd_flops / both / 1e9,
                                fwd_bwd_tflops_actual_3_5x=3.5 * fwd_flops / both / 1e9)
         except Exception as e:
@@ -333,17 +333,23 @@ def build(mode: str, device):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
 
-def has_ssa() -> bool:
-    try:
-        from d3ds2.attention import SpatialSparseAttention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def step_table(results: list[dict]) -> str:
+    """The rows as a markdown table (errors and out-of-memory rows say so)."""
+    rows = []
+    for r in results:
+        head = [f"{r['tokens']:,}", r["batch"], r["mode"], "yes" if r["ckpt"] else "no"]
+        if "step_ms" in r:
+            rows.append(head + [f"{r['step_ms']:,.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.0f}",
+                                f"{100 * r['mfu']:.1f} %", f"{r['peak_gib']:.1f}"])
+        else:
+            rows.append(head + ["out of memory" if r.get("oom") else r.get("error", "-")[:80], "", "", "", ""])
+    return markdown_table(["tokens/sample", "batch", "attention", "grad ckpt", "step ms", "tokens/s",
+                           "counted TFLOP/s", "MFU", "peak GiB"], rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="dit_step.json")
+    ap.add_argument("--out", default=".", help="folder for dit_step.json and dit_step.md")
     ap.add_argument("--tokens", default=",".join(map(str, TABLE1)))
     ap.add_argument("--modes", default="full,ssa")
     ap.add_argument("--profile-out", default=None, help="also profile one step of the first mode at 10,655 tokens")
@@ -361,9 +367,7 @@ def main() -> None:
     report = dict(info, checks=[], attention=[], results=[])
 
     def save():
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        write_outputs(args.out, "dit_step", step_table(report["results"]), report)
 
     for check in (check_model, check_modulation):  # recorded; a failure is reported, the timings still run
         try:
@@ -373,18 +377,19 @@ def main() -> None:
         print(report["checks"][-1], flush=True)
     report["attention"] = attention_microbench(device)
     save()
-    modes = [m for m in args.modes.split(",") if not m.startswith("ssa") or has_ssa()]
+    modes = args.modes.split(",")
     for mode in modes:  # full first: the rows of the MFU target come before the rest
         model, opt = build(mode, device)
         for n in map(int, args.tokens.split(",")):
             rows = [(mode, False), (mode, True)]
             if args.online_forward_row and mode.endswith("span"):
                 rows.append((mode + " (online-softmax forward)", False))
-            bounded = span_kernels.BOUNDED_FORWARD
+            min_keys = span_forward.BOUNDED_MIN_KEYS
             for label, ckpt in rows:
-                span_kernels.BOUNDED_FORWARD = bounded and "online" not in label
+                if "online" in label:  # the bounded forward off: no span is long enough for it
+                    span_forward.BOUNDED_MIN_KEYS = 2 ** 31
                 r = bench_row(model, opt, label, ckpt, n, device)
-                span_kernels.BOUNDED_FORWARD = bounded
+                span_forward.BOUNDED_MIN_KEYS = min_keys
                 r["elapsed_s"] = time.perf_counter() - t0
                 print(json.dumps(r), flush=True)
                 report["results"].append(r)

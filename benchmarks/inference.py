@@ -1,11 +1,13 @@
 """Inference time and peak GPU memory per stage with random-weight full-size models (GPU).
 
 Models: DINOv2-L/14 with registers (random, transformers config), occupancy VAE (193M), index DiT (560M),
-SS-DiT v1.1 (509M; SSA when available, else full attention) for 512 and 1024, sparse SDF VAE (37.9M) when
-available. Random weights make the index stage's occupancy meaningless, so the sparse stages run on sphere
-shells with the paper's average token counts (10,655 at 512, 45,904 at 1024); everything else is the
-pipeline's own code (d3ds2.pipeline). Steps: dense 50, 512: 30, 1024: 15, CFG batched (guidance 7).
-Usage: python benchmarks/inference.py --out inference.json [--offload] [--weights bf16]
+SS-DiT v1.1 (509M, SSA) for 512 and 1024, sparse SDF VAE (37.9M; 1024: chunks of 32³ cells). Random weights
+make the index stage's occupancy meaningless, so the sparse stages run on sphere shells with the paper's
+average token counts (10,655 at 512, 45,904 at 1024); everything else is the pipeline's own code
+(d3ds2.pipeline). Steps: dense 50, 512: 30, 1024: 15, CFG batched (guidance 7). One pass per process: the
+first VAE decode of a process includes the Triton compilation of the sparse-convolution kernels.
+Writes OUT/inference.{json,md} (OUT/inference_offload.* with --offload).
+Usage: python benchmarks/inference.py --out OUT [--offload] [--weights bfloat16]
 """
 from __future__ import annotations
 
@@ -13,50 +15,33 @@ import argparse
 import json
 
 import torch
+from harness import markdown_table, write_outputs
 
 from dit_step import shell_coords  # run as a script: benchmarks/ is on sys.path
 from d3ds2.models.conditioner import DINOV2_L_REG_CONFIG, ImageConditioner
 from d3ds2.models.dense_dit import DenseDiT
 from d3ds2.models.dense_vae import DenseShapeVAE
 from d3ds2.models.sparse_dit import SparseDiT
+from d3ds2.models.sparse_sdf_vae import SparseSDFVAE
 from d3ds2.pipeline import ImageTo3DPipeline, SparseStage, StageSampling, cast_parameters
 
-
-def sparse_vae():
-    try:
-        from d3ds2.models.sparse_sdf_vae import SparseSDFVAE
-    except ImportError:
-        return None
-    return SparseSDFVAE(chunk_size=None)
-
-
-def attention_mode() -> str:
-    try:
-        from d3ds2.attention import SpatialSparseAttention  # noqa: F401
-
-        return "ssa"
-    except ImportError:
-        return "full"
+SSA_V11 = {"m_cmp": 8, "m_slc": 8, "topk": 8, "compression": "v1"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="inference.json")
+    ap.add_argument("--out", default=".", help="folder for inference[_offload].json / .md")
     ap.add_argument("--offload", action="store_true")
     ap.add_argument("--weights", default="bfloat16")
     ap.add_argument("--tokens512", type=int, default=10655)
     ap.add_argument("--tokens1024", type=int, default=45904)
     args = ap.parse_args()
     dev = torch.device("cuda")
-    mode = attention_mode()
-    ssa = {"m_cmp": 8, "m_slc": 8, "topk": 8, "compression": "v1"} if mode == "ssa" else None
     conditioner = ImageConditioner(config=DINOV2_L_REG_CONFIG)  # transformers builds it (CPU)
     with torch.device(dev):  # random init of the rest on the GPU (seconds, not minutes on the CPU)
-        vae512, vae1024 = sparse_vae(), sparse_vae()
-        if vae1024 is not None:
-            vae1024.chunk_size = 32
-        models = [conditioner, DenseShapeVAE(), DenseDiT(), SparseDiT(attention=mode, ssa=ssa),
-                  vae512 or torch.nn.Identity(), SparseDiT(attention=mode, ssa=ssa, pe_factor=0.5), vae1024 or torch.nn.Identity()]
+        models = [conditioner, DenseShapeVAE(), DenseDiT(), SparseDiT(attention="ssa", ssa=SSA_V11),
+                  SparseSDFVAE(chunk_size=None), SparseDiT(attention="ssa", ssa=SSA_V11, pe_factor=0.5),
+                  SparseSDFVAE(chunk_size=32)]
     if args.offload:  # the pipeline expects offloaded models on the CPU
         models = [cast_parameters(m, getattr(torch, args.weights)).cpu() for m in models]
         torch.cuda.empty_cache()
@@ -79,14 +64,14 @@ def main() -> None:
                                            (pipe.stage_1024, args.tokens1024, 128, StageSampling(15, 8.0, 7.0), "1024")]:
             cells = shell_coords(n, grid, 1, "cpu")
             lat = pipe._stage(f"sparse DiT {name}", [s.dit], pipe._sparse, s, cells, tokens, masks, 1, sampling, gen, name)
-            if not isinstance(s.vae, torch.nn.Identity):
-                pipe._stage(f"VAE decode {name}", [s.vae], pipe._decode, s, lat)
-    out = {"device": torch.cuda.get_device_name(dev), "attention": mode, "offload": args.offload, "weights": args.weights,
-           "resident_weights_gib": resident,
+            pipe._stage(f"VAE decode {name}", [s.vae], pipe._decode, s, lat)
+    out = {"offload": args.offload, "weights": args.weights, "resident_weights_gib": resident,
            "stages": [{"name": r.name, "seconds": r.seconds, "peak_gib": r.peak_gib, "info": r.info} for r in pipe.reports]}
     print(json.dumps(out, indent=1))
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    table = markdown_table(["stage", "work", "s", "peak GiB (weights incl.)"],
+                           [[r["name"], ", ".join(f"{k} {v}" for k, v in r["info"].items()), f"{r['seconds']:.2f}",
+                             f"{r['peak_gib']:.2f}"] for r in out["stages"]])
+    write_outputs(args.out, "inference_offload" if args.offload else "inference", table, out)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
-import d3ds2.kernels.span_attention as sa
+import d3ds2.kernels.span_backward as bwd
 import d3ds2.kernels.span_dkdv_hopper as hopper
+import d3ds2.kernels.span_forward as fwd_kernels
+from d3ds2.kernels.span_common import SPAN_STAGES, _num_warps
+from d3ds2.kernels.span_plan import default_block_m
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 HQ, HKV, D = 32, 2, 32
@@ -60,7 +63,7 @@ def compile_sm90(name: str, fn, signature: dict[str, str], constexprs: dict, num
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
     src = (GluonASTSource if gluon else ASTSource)(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": sa.SPAN_STAGES})
+                            options={"num_warps": num_warps, "num_stages": SPAN_STAGES})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(keep or tmp, f"{name}.cubin")
         with open(cubin, "wb") as f:
@@ -117,7 +120,7 @@ def span_kernels(keep: str | None = None) -> list[Compiled]:
     """The forward (bounded and online softmax), dQ and dK/dV kernels at the default tiles of
     :func:`d3ds2.kernels.span_attention.span_attention`."""
     g = HQ // HKV
-    bm, bk, bq, bkv = sa.default_block_m(g, 1), 64, max(1, 128 // g), 64
+    bm, bk, bq, bkv = default_block_m(g, 1), 64, max(1, 128 // g), 64
     shapes = dict(HQ=HQ, HKV=HKV, G=g, D=D, HAS_QIDX=False)
     plan = dict(QIDX="*i32", IDX="*i32", UNION="*i32", UCNT="*i32", UFULL="*i8", SOFF="*i32", n_q="i32",
                 n_tiles="i32")
@@ -125,19 +128,19 @@ def span_kernels(keep: str | None = None) -> list[Compiled]:
     plan_ids = {name: t for name, t in plan.items() if name not in ("n_q", "n_tiles")}
     fwd_signature = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", **plan_ids,
                      "KB": "*fp32", "REDO": "*i32", "n_q": "i32", "n_tiles": "i32", "sm_scale_log2": "fp32"}
-    fwd = [compile_sm90(name, sa._span_fwd_kernel, fwd_signature, {**shapes, **tiles, "MODE": mode},
-                        sa._num_warps(bm * g, D), bm * g * bk, keep)
+    fwd = [compile_sm90(name, fwd_kernels._span_fwd_kernel, fwd_signature, {**shapes, **tiles, "MODE": mode},
+                        _num_warps(bm * g, D), bm * g * bk, keep)
            for name, mode in (("forward (bounded)", 1), ("forward (online softmax)", 0))]
-    dq = compile_sm90("dQ", sa._span_bwd_dq_kernel,
+    dq = compile_sm90("dQ", bwd._span_bwd_dq_kernel,
                       {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "LSE": "*fp32",
                        "DELTA": "*fp32", "COLS": "*bf16", "DQ": "*bf16", **plan, "sm_scale": "fp32", "sm_scale_log2": "fp32"},
-                      {**shapes, **tiles, "ACC": False}, sa._num_warps(bm * g, D), bm * g * bk, keep)
+                      {**shapes, **tiles, "ACC": False}, _num_warps(bm * g, D), bm * g * bk, keep)
     dkdv_signature = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "COLS": "*bf16", "DK": "*fp32",
                       "DV": "*fp32", "QIDX": "*i32", "CH_SPAN": "*i32", "CH_START": "*i32", "SOFF": "*i32",
                       "POFF": "*i32", "PQ": "*i32", "CUM_ITEMS": "*i32", "NEXT_ITEM": "*i32", "n_slots": "i32",
                       "n_chunk_slots": "i32", "n_spans": "i32", "sm_scale": "fp32", "sm_scale_log2": "fp32"}
-    dkdv_shape = {**shapes, "HI": 1, "BQ": bq, "BK": bkv, "PER_ITEM": sa.ROWS_PER_ITEM // g, "SEARCH_STEPS": 12}
-    dkdv = compile_sm90("dK-dV", sa._span_bwd_dkdv_kernel, dkdv_signature, dkdv_shape, sa._num_warps(bq * g, D),
+    dkdv_shape = {**shapes, "HI": 1, "BQ": bq, "BK": bkv, "PER_ITEM": bwd.ROWS_PER_ITEM // g, "SEARCH_STEPS": 12}
+    dkdv = compile_sm90("dK-dV", bwd._span_bwd_dkdv_kernel, dkdv_signature, dkdv_shape, _num_warps(bq * g, D),
                         bq * g * bkv, keep)
     hopper_dkdv = compile_sm90("dK-dV (Gluon)", hopper._span_dkdv_hopper_kernel, dkdv_signature,
                                {**dkdv_shape, "STAGES": hopper.STAGES}, 4, bq * g * bkv, keep, gluon=True)

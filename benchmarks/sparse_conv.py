@@ -2,8 +2,8 @@
 
 Voxels: sphere shells 2 voxels thick at radius 0.4·res (the set of docs/benchmarks.md and
 /work/shared/anchors.md), bf16, Cin = Cout = C, no bias. For each case: correctness first (outputs and
-both gradients of both native paths against the float32 gather-GEMM-scatter reference), then medians of
-``triton.testing.do_bench``. "cold" = building the neighbour table / kernel map from the coords plus the
+both gradients of both native paths against the float32 gather-GEMM-scatter reference), then medians after
+warm-up (benchmarks/harness.py), all paths timed in the same run. "cold" = building the neighbour table / kernel map from the coords plus the
 call, as spconv's anchor figures rebuild theirs. Peak = max allocated GiB during one cold fwd+bwd, inputs
 included.
 
@@ -18,7 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-import triton.testing
+from harness import median_ms, peak_gib, write_outputs
 
 from d3ds2.sparse.coords import pack_keys
 from d3ds2.sparse.gemm import sparse_conv
@@ -50,16 +50,8 @@ def shell_coords(res: int, device: str = "cuda", chunk: int = 32) -> torch.Tenso
     return torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1)
 
 
-def bench(fn, grads=None) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
-
-
-def peak_gib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
+def bench(fn, grads=()) -> float:
+    return median_ms(fn, warmup=25, iters=100, grad_to_none=grads)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -143,7 +135,7 @@ def table_build_times(res: int, coords: torch.Tensor) -> dict:
     }
 
 
-def fmt(rows: list, maps: list, device: str) -> str:
+def fmt(rows: list, maps: list) -> str:
     def r(x):
         return f"{x:.3g}" if x >= 0.1 else f"{x:.2g}"
 
@@ -170,7 +162,7 @@ def fmt(rows: list, maps: list, device: str) -> str:
               "| res | voxels | neighbour table (Triton path) ms | kernel map (torch path) ms |", "|---|---|---|---|"]
     for m in maps:
         lines.append(f"| {m['res']} | {m['voxels']:,} | {r(m['table_ms'])} | {r(m['kmap_ms'])} |")
-    return f"Device: {device}; torch {torch.__version__}, triton {triton.__version__}.\n\n" + "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -179,7 +171,6 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="256³ only (smoke test)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    device = torch.cuda.get_device_name()
     logf = open(os.path.join(args.out, "sparse_conv.log"), "w")
 
     def log(msg: str) -> None:
@@ -188,13 +179,7 @@ def main() -> None:
         logf.flush()
 
     def save() -> str:
-        md = fmt(rows, maps, device)
-        for name, text in (("sparse_conv.md", md), ("sparse_conv.json", json.dumps({"rows": rows, "maps": maps}, indent=1))):
-            tmp = os.path.join(args.out, name + ".tmp")
-            with open(tmp, "w") as fh:
-                fh.write(text)
-            os.replace(tmp, os.path.join(args.out, name))
-        return md
+        return write_outputs(args.out, "sparse_conv", fmt(rows, maps), {"rows": rows, "maps": maps})
 
     rows, maps = [], []
     t0 = time.time()

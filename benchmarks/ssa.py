@@ -1,27 +1,28 @@
 """Benchmark of Spatial Sparse Attention (SSA) against dense FlashAttention-2 (torch SDPA) on a GPU.
 
 Tokens = voxels of a noisy sphere shell (about 70 tokens per occupied 8^3 block); 32 q heads, 2 KV heads,
-head dim 32, bf16. Times: triton.testing.do_bench medians. Writes a markdown report.
+head dim 32, bf16. Times: medians after warm-up (benchmarks/harness.py); the dense baseline is timed in the same
+run. Writes OUT/ssa.md and OUT/ssa.json.
 
-    python benchmarks/ssa.py --out ssa_bench.md [--sizes 16384 32768 65536 131072] [--batches 1 4]
+    python benchmarks/ssa.py --out OUT [--sizes 16384 32768 65536 131072] [--batches 1 4]
                              [--configs v1.1 v1.0@1024] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 import traceback
 
 import torch
 import torch.nn.functional as F
+from harness import median_ms, write_outputs
 
 from d3ds2.attention.ssa import (SSAConfig, block_mean, build_ssa_layout, compressed_attention, select_blocks,
                                  selection_attention, selection_plan, spatial_sparse_attention,
                                  ssa_window_attention)
-from d3ds2.kernels.span_attention import (_build_pairs, _tile_unions, default_block_m, plan_spans,
-                                    span_attention)
+from d3ds2.kernels.span_attention import span_attention
+from d3ds2.kernels.span_plan import _build_pairs, _tile_unions, default_block_m, plan_spans
 from d3ds2.kernels import ssa_topk
 from d3ds2.kernels.ssa_topk import score_topk
 
@@ -54,28 +55,13 @@ DEV = "cuda"
 
 def bench(fn, warmup=25, rep=100) -> float:
     if DEV == "cpu":  # --dry-run: one call, wall clock
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+        return median_ms(fn, warmup=0, iters=1)
+    return median_ms(fn, warmup=warmup, iters=rep)
 
 
 def bench_few(fn, reps=3) -> float:
     """Median of ``reps`` timed calls after one warm-up (for calls of a second: dense attention at large N)."""
-    if DEV == "cpu":
-        return bench(fn)
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return bench(fn) if DEV == "cpu" else median_ms(fn, warmup=1, iters=reps)
 
 
 def peak_gib(fn) -> tuple[float, float]:
@@ -378,12 +364,12 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="1 = one shell, 4 = four of mixed sizes")
     p.add_argument("--configs", nargs="*", default=None, help="config name prefixes (default: all)")
-    p.add_argument("--out", default="ssa_bench.md")
+    p.add_argument("--out", default=".", help="folder for ssa.md and ssa.json")
     p.add_argument("--quick", action="store_true", help="batch 4: only the v1.1 configs")
     p.add_argument("--tune", action="store_true", help="only time kernel tile shapes at the largest size")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU run (TRITON_INTERPRET=1) to check the script")
     p.add_argument("--score-tile", default=None, metavar="ROWSxWARPS",
-                   help="default tile of the scoring kernel for this run (d3ds2.kernels.ssa_topk.SCORE_ROWS / SCORE_WARPS)")
+                   help="default tile of the scoring kernel in this process (d3ds2.kernels.ssa_topk.SCORE_ROWS / SCORE_WARPS)")
     args = p.parse_args()
     if args.score_tile:
         ssa_topk.SCORE_ROWS, ssa_topk.SCORE_WARPS = map(int, args.score_tile.split("x"))
@@ -393,23 +379,15 @@ def main():
         args.sizes = [600]
     elif not torch.cuda.is_available():
         raise SystemExit("benchmarks/ssa.py needs a CUDA GPU")
-    import triton
-
-    name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)"
-    report = [f"Device: {name}, torch {torch.__version__}, triton {triton.__version__}; "
-              f"{HQ} q heads, {HKV} KV heads, head dim {D}, bf16; do_bench medians; scoring tile "
-              f"{ssa_topk.SCORE_ROWS} rows x {ssa_topk.SCORE_WARPS} warps.\n"]
+    report = [f"{HQ} q heads, {HKV} KV heads, head dim {D}, bf16; scoring tile {ssa_topk.SCORE_ROWS} rows x "
+              f"{ssa_topk.SCORE_WARPS} warps.\n"]
     t0 = time.time()
     if args.tune:
         tune(args, report)
     else:
         run_sizes(args, report)
     report.append(f"\n(total benchmark time {time.time() - t0:.0f} s)")
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(report) + "\n")
-    os.replace(tmp, args.out)
-    print("\n".join(report))
+    print(write_outputs(args.out, "ssa", "\n".join(report), {"report": report}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Pick the real meshes of the VAE training run and split them into training and held-out sets.
 
 `python benchmarks/vae_corpus_split.py CORPUS_DIR OUT_DIR --random-urdfs 150 --held-out 0.06`
-CORPUS_DIR is `python -m data_prep.corpus out=CORPUS_DIR n_procedural=0 real=pyvista,pymeshfix,pybullet
+CORPUS_DIR is `python -m data_prep.corpus out=CORPUS_DIR n_procedural=0 real=[pyvista,pymeshfix,pybullet]
 max_faces=20000`. Meshes with fewer than 200 faces, flatter than 1:20, or (with --closed-only)
 not closed solids are left out (data prep would rebuild those: a marching-cubes surface of ~10^5 faces whose
 SDF costs ~20x more); pybullet's random_urdfs objects are subsampled; the split is by a hash of the file name (reproducible, independent of

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The real VAE training run of docs/benchmarks.md ("Sparse SDF VAE"), in stages so that it can span several
-# device calls (one call may run 10 minutes; training runs in its own process session meanwhile).
+# device calls (one call may take 10 minutes; training runs in its own process group meanwhile).
 #   bash benchmarks/vae_real_run.sh prep  WORK MESHES   # procedural corpus + MESHES/{train,val} -> shards at 256
 #   bash benchmarks/vae_real_run.sh train WORK [MIN]    # starts vae_multires at 256 in the background (MIN minutes;
 #                                                       # validation + checkpoint every VAL_EVERY steps, default 400)
@@ -16,8 +16,8 @@ RUN=$W/logs/vae_multires/real
 case $stage in
 prep)
   M=$3
-  python -m data_prep.corpus out=$W/meshes/train n_procedural=100 seed=0 real=none
-  python -m data_prep.corpus out=$W/meshes/val n_procedural=8 seed=5000 real=none
+  python -m data_prep.corpus out=$W/meshes/train n_procedural=100 seed=0 'real=[]'
+  python -m data_prep.corpus out=$W/meshes/val n_procedural=8 seed=5000 'real=[]'
   cp "$M"/train/* $W/meshes/train/
   cp "$M"/val/* $W/meshes/val/
   for split in val train; do

@@ -2,7 +2,7 @@
 
 Synthetic batches of analytic shells (sphere / torus / box / sphere at the band layout of data prep).
 Correctness first: the bf16 forward is compared with the fp32 forward on a 128³ sample.
-Usage: python benchmarks/vae_step.py --out results.md [--configs 256x4 512x4 1024x1] [--steps 5]
+Usage: python benchmarks/vae_step.py --out OUT [--configs 256x4 512x4 1024x1] [--steps 5]
                                      [--profile 256x2] [--skip-bench]
 --profile RxB appends the CUDA kernels of one training step (torch.profiler, after warm-up) by total time.
 """
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from harness import markdown_table, median_ms, write_outputs
 
 from d3ds2.data.sdf_transforms import analytic_sample, collate
 from d3ds2.models.sparse_sdf_vae import SparseSDFVAE
@@ -47,15 +46,13 @@ def bench(resolution: int, batch: int, steps: int, **net_kw) -> dict:
     band = b.targets.coords[b.targets.feats[:, 1] > 0.5] if net_kw.get("occupancy_head") else None
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps + 2):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss, terms = step_fn(vae, opt, b, band)
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
+    last = {}
+
+    def one_step():
+        last["terms"] = step_fn(vae, opt, b, band)[1]
+
+    dt = median_ms(one_step, warmup=2, iters=steps) / 1e3
+    terms = last["terms"]
     decoded = float(terms["decoded_voxels"])
     return {"resolution": resolution, "batch": batch, "input_voxels": b.inputs.num_voxels,
             "decoded_voxels": int(decoded), "step_s": dt, "decoded_voxels_per_s": decoded / dt,
@@ -78,8 +75,6 @@ def gathered_group_norm(feats, batch_ids, counts, groups: int, weight, bias, eps
 def group_norm_bench(voxels: int = 1_200_000, batch: int = 2, channels: int = 32, groups: int = 32) -> dict:
     """Forward + backward of the sparse GroupNorm at the VAE's first level (256^3 x 2): SparseGroupNorm
     (per-sample native group_norm) against the gathered formulation it replaced; outputs and grads compared."""
-    import triton
-
     from d3ds2.sparse import SparseTensor
     from d3ds2.sparse.nn import SparseGroupNorm
 
@@ -105,7 +100,7 @@ def group_norm_bench(voxels: int = 1_200_000, batch: int = 2, channels: int = 32
             x.grad = None
             fn().backward(up)
 
-        out[name] = {"fwd_bwd_ms": triton.testing.do_bench(step, warmup=3, rep=200, return_mode="median")}
+        out[name] = {"fwd_bwd_ms": median_ms(step, warmup=3, iters=200)}
     (ya, ga), (yb, gb) = grads.values()
     out["max_abs_diff"] = {"out": float((ya - yb).abs().max()), "grad": float((ga - gb).abs().max())}
     return out
@@ -162,7 +157,7 @@ def correctness() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=".", help="folder for vae_step.json and vae_step.md")
     ap.add_argument("--configs", nargs="+", default=["256x4", "512x4", "1024x1"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--profile", default=None, help="RxB: also list the kernels of one step at this size")
@@ -188,22 +183,21 @@ def main() -> None:
         torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
         rows.append(row)
-    with open(args.out, "w") as f:
-        f.write(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}\n\ncorrectness: {json.dumps(check)}\n\n")
-        f.write(f"sparse GroupNorm at 1.2M voxels x 32 channels, 2 samples, fwd+bwd: {json.dumps(norm)}\n\n")
-        f.write("| R | batch | variant | input voxels | decoded voxels | step (s) | decoded voxels/s | peak GiB |\n")
-        f.write("|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            if "error" in r:
-                f.write(f"| {r['resolution']} | {r['batch']} | {r['variant']} | {r['error']} | | | | |\n")
-            else:
-                f.write(f"| {r['resolution']} | {r['batch']} | {r['variant']} | {r['input_voxels']:,} | "
-                        f"{r['decoded_voxels']:,} | {r['step_s']:.3f} | {r['decoded_voxels_per_s'] / 1e6:.2f}M | "
-                        f"{r['peak_gib']:.1f} |\n")
-        f.write("\n```json\n" + json.dumps(rows, indent=1) + "\n```\n")
-        if args.profile:
-            f.write("\n" + kernel_profile(*map(int, args.profile.split("x"))))
-
+    lines = [f"Correctness: {json.dumps(check)}", "",
+             f"Sparse GroupNorm at 1.2M voxels x 32 channels, 2 samples, fwd+bwd ms (previous gathered form = "
+             f"baseline): {json.dumps(norm)}", ""]
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append([r["resolution"], r["batch"], r["variant"], r["error"], "", "", "", ""])
+        else:
+            table.append([r["resolution"], r["batch"], r["variant"], f"{r['input_voxels']:,}", f"{r['decoded_voxels']:,}",
+                          f"{r['step_s']:.3f}", f"{r['decoded_voxels_per_s'] / 1e6:.2f}M", f"{r['peak_gib']:.1f}"])
+    lines.append(markdown_table(["R", "batch", "variant", "input voxels", "decoded voxels", "step (s)",
+                                 "decoded voxels/s", "peak GiB"], table))
+    if args.profile:
+        lines += ["", kernel_profile(*map(int, args.profile.split("x")))]
+    print(write_outputs(args.out, "vae_step", "\n".join(lines), {"check": check, "group_norm": norm, "rows": rows}))
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ Real meshes (pyvista / pymeshfix samples + procedural CSG) -> data prep (waterti
 sharp edges, 4 renders) -> a tiny sparse SDF VAE trained for a few steps -> reconstruction of a real mesh
 with its metrics -> latents -> tiny index VAE, index DiT and sparse DiT -> ``inference.py`` on a demo render
 -> a mesh file. Every stage is the real entry point with a small config; outputs go under ``out``.
-Usage: ``python -m d3ds2.demo out=demo_out``.
+Usage: ``python -m d3ds2.demo out=demo_out`` (Hydra; configs/demo.yaml).
 """
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
 
 from d3ds2.data.layout import DataLayout, shard_urls
 from d3ds2.data.shards import read_tar
@@ -34,9 +37,9 @@ def _first_view(shards: str, dest: Path) -> Path:
     return dest
 
 
-def main(argv: list[str]) -> None:
-    opts = dict(a.split("=", 1) for a in argv if "=" in a)
-    out = Path(opts.get("out", "demo_out")).resolve()
+@hydra.main(config_path="../configs", config_name="demo", version_base=None)
+def main(cfg: DictConfig) -> None:
+    out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     meshes, data, logs = out / "meshes", out / "data", out / "logs"
     shards = DataLayout(str(data)).shards_dir  # data prep's train-*.tar / val-*.tar
@@ -53,8 +56,8 @@ def main(argv: list[str]) -> None:
     vae_run = logs / "vae_tiny" / "demo"
     bunny = next(iter(sorted(meshes.glob("*bunny*")) or sorted(meshes.iterdir())))
     _stage("4/8 reconstruct a real mesh through the VAE, with metrics",
-           ["-m", "d3ds2.vae", "reconstruct", str(bunny), "--ckpt", str(vae_run / "checkpoints" / "last.ckpt"),
-            "--resolution", str(VAE_RES), "-o", str(out / "reconstruction.ply")])
+           ["-m", "d3ds2.vae", "command=reconstruct", f"input={bunny}", f"ckpt={vae_run / 'checkpoints' / 'last.ckpt'}",
+            f"resolution={VAE_RES}", f"out={out / 'reconstruction.ply'}"])
     _stage("5/8 encode the shards to latents (+ preprocessed views) and their statistics",
            ["-m", "data_prep.encode_latents", f"data={data}", f"resolution={RES}", f"vae={vae_run}", "features=images",
             "stats=false"])
@@ -73,4 +76,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -43,3 +43,16 @@ def read_dense(dense: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Values of a dense [B, C, X, Y, Z] grid at coords [N, 4] -> [N, C]."""
     c = coords.long()
     return dense[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]]
+
+
+def ssa_coords(gen: torch.Generator, shuffle: bool = True) -> torch.Tensor:
+    """Two shells of different sizes and a sample made of one voxel (a single 1-token block), shuffled."""
+    c = torch.cat([shell(10, 3.5, 0.7, 0), shell(6, 2.0, 0.6, 1), torch.tensor([[2, 5, 6, 7]], dtype=torch.int32)])
+    return c[torch.randperm(len(c), generator=gen)] if shuffle else c
+
+
+def assert_rel_close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-5) -> None:
+    """||a - b|| / ||b|| < tol, in float64."""
+    a, b = a.double(), b.double()
+    err = (a - b).norm() / b.norm().clamp_min(1e-12)
+    assert err < tol, f"relative error {err:.3g} >= {tol}"

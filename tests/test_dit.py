@@ -4,15 +4,9 @@ import torch
 
 from d3ds2.models.dense_dit import DenseDiT
 from d3ds2.models.dense_vae import DenseShapeVAE
-from d3ds2.models.sparse_dit import ModulatedSparseBlock, SparseCondition, SparseDiT, TokenLayout
+from d3ds2.models.dit_layers import Context, SparseCondition
+from d3ds2.models.sparse_dit import ModulatedSparseBlock, SparseDiT, TokenLayout
 from d3ds2.sparse import SparseTensor
-
-try:
-    from d3ds2.attention import SpatialSparseAttention  # noqa: F401
-
-    HAS_SSA = True
-except ImportError:
-    HAS_SSA = False
 
 
 def ssa_only_parameters(m_cmp: int, compression: str, kv: int = 64, channels: int = 1024) -> int:
@@ -37,7 +31,6 @@ def test_sparse_dit_official_parameter_count(kwargs, m_cmp, compression, expecte
     assert round(expected / 1e6, 2) in (509.29, 520.08)
 
 
-@pytest.mark.skipif(not HAS_SSA, reason="d3ds2.attention.SpatialSparseAttention not merged in this checkout")
 @pytest.mark.parametrize(
     "kwargs,expected",
     [({"ssa": {"m_cmp": 8, "m_slc": 8, "topk": 8, "compression": "v1"}}, 509_286_416),
@@ -96,7 +89,7 @@ def test_adaln_zero_init_blocks_only_add_cross_attention():
 SSA_TINY = {"m_cmp": 2, "m_slc": 4, "topk": 2}
 
 
-@pytest.mark.parametrize("attention", ["full", "window", pytest.param("ssa", marks=pytest.mark.skipif(not HAS_SSA, reason="no SSA module"))])
+@pytest.mark.parametrize("attention", ["full", "window", "ssa"])
 def test_batch_of_two_shapes_equals_each_alone(attention):
     gen = torch.manual_seed(1)
     extra = {"ssa": SSA_TINY, "model_channels": 64} if attention == "ssa" else {}  # SSA kernels: head_dim >= 16
@@ -178,13 +171,10 @@ def test_dense_vae_roundtrip_shapes_and_coords():
     assert torch.equal(dense, torch.sigmoid(logits[:, 0]) >= 0.5)
 
 
-@pytest.mark.skipif(not HAS_SSA, reason="no SSA module")
 def test_ssa_blocks_in_layout_order_match_canonical_order():
     """The SS-DiT permutes tokens into SSA order once per forward; the same blocks run in the canonical
     order (SSA permuting inside every call, as its SparseTensor forward does) must give the same output."""
     import torch.nn.functional as F
-
-    from d3ds2.models.sparse_dit import Context
 
     gen = torch.manual_seed(5)
     model = tiny_sparse_dit(attention="ssa", ssa=SSA_TINY, model_channels=64)

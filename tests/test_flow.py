@@ -6,7 +6,7 @@ import torch
 
 from d3ds2.flow import FlowSampler, TimestepSampler, drop_conditions, guided_velocity, interpolate, null_condition, shifted_sigmas, velocity_target
 from d3ds2.flow.guidance import cat_batches
-from d3ds2.models.sparse_dit import SparseCondition
+from d3ds2.models.dit_layers import SparseCondition
 from d3ds2.sparse import SparseTensor
 
 

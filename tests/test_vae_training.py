@@ -1,7 +1,6 @@
 """VAE training: a tiny model overfits one shape; Lightning fit + exact resume; bad input; CLI round trip."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -80,23 +79,28 @@ def test_non_finite_losses_skip_then_stop(tmp_path, caplog):
     assert "step skipped" in caplog.text
 
 
-def test_cli_encode_decode_reconstruct(tmp_path, capsys):
+def test_cli_encode_decode_reconstruct(tmp_path):
     pytest.importorskip("open3d")
     import trimesh
 
-    from d3ds2.vae.__main__ import main
+    from hydra import compose, initialize_config_dir
+
+    from d3ds2.vae.__main__ import run
+    from train_helpers import CONFIGS
+
+    def main(command: str, path, *overrides: str) -> dict:  # the CLI's config, as `python -m d3ds2.vae` reads it
+        with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+            return run(compose("vae_tools", [f"command={command}", f"input={path}", f"ckpt={ckpt}", *overrides]))
 
     _run(_cfg(tmp_path / "run", "trainer.max_steps=2", *SMALL))
     ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
     mesh_path = tmp_path / "ball.obj"
     trimesh.creation.icosphere(subdivisions=2, radius=0.8).export(mesh_path)
-    assert main(["encode", str(mesh_path), "--ckpt", ckpt, "-o", str(tmp_path / "z.npz")]) == 0
-    enc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    enc = main("encode", mesh_path, f"out={tmp_path / 'z.npz'}")
     assert enc["latent_voxels"] > 0 and enc["channels"] == 8
-    assert main(["decode", str(tmp_path / "z.npz"), "--ckpt", ckpt, "-o", str(tmp_path / "d.ply")]) == 0
+    main("decode", tmp_path / "z.npz", f"out={tmp_path / 'd.ply'}")
     assert (tmp_path / "d.ply").is_file()
-    assert main(["reconstruct", str(mesh_path), "--ckpt", ckpt, "-o", str(tmp_path / "r.ply")]) == 0
-    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rec = main("reconstruct", mesh_path, f"out={tmp_path / 'r.ply'}")
     assert rec["resolution"] == 24 and (tmp_path / "r.ply").is_file()
     assert "fscore@0.01" in rec or "error" in rec
     with pytest.raises(ValueError, match="not a VAE latent file"):
@@ -104,7 +108,7 @@ def test_cli_encode_decode_reconstruct(tmp_path, capsys):
         import numpy as np
 
         np.savez(bad, x=np.zeros(3))
-        main(["decode", str(bad), "--ckpt", ckpt])
+        main("decode", bad)
 
 
 def test_renders_turn_off_without_open3d(monkeypatch, caplog):

@@ -25,8 +25,13 @@ from torch import nn
 
 from d3ds2.sparse import SparseGroupNorm, SparseTensor, SubMConv3d, pack_keys
 from d3ds2.sparse.serialize import window_partition
-from d3ds2.kernels.span_attention import (LN2, SpanPlan, default_block_m, gated_sum, plan_spans, span_attention,
-                                    span_backward, span_forward, triton_usable)
+from d3ds2.kernels.gated_sum import gated_sum
+from d3ds2.kernels.runtime import auto_triton
+from d3ds2.kernels.span_attention import span_attention
+from d3ds2.kernels.span_backward import span_backward
+from d3ds2.kernels.span_common import LN2
+from d3ds2.kernels.span_forward import span_forward
+from d3ds2.kernels.span_plan import SpanPlan, default_block_m, plan_spans
 from d3ds2.kernels.ssa_topk import ScoreChunks, score_chunks, score_topk, shared_score_topk
 
 _AXIS = 2 ** 14  # block coordinates per axis representable in the sort key
@@ -381,7 +386,7 @@ def spatial_sparse_attention(q, k, v, k_cmp, v_cmp, gates, layout: SSALayout, co
     (o_cmp, o_slc, o_win, idx) (with the Triton backend these carry no gradient)."""
     backend = config.backend
     if backend == "auto":
-        backend = "triton" if triton_usable(q) else "torch"
+        backend = "triton" if auto_triton(q, "spatial_sparse_attention") else "torch"
     if backend == "triton":
         if not (q.dtype == k.dtype == v.dtype == k_cmp.dtype == v_cmp.dtype):
             raise ValueError(f"spatial_sparse_attention: q, k, v, k_cmp, v_cmp must share a dtype, got "

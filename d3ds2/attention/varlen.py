@@ -14,7 +14,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from d3ds2.kernels.span_attention import default_block_m, plan_spans, span_attention, triton_usable
+from d3ds2.fallbacks import warn_fallback
+from d3ds2.kernels.runtime import triton_usable
+from d3ds2.kernels.span_attention import span_attention
+from d3ds2.kernels.span_plan import default_block_m, plan_spans
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _flash_varlen
@@ -29,8 +32,25 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _span_usable(q: torch.Tensor) -> bool:
-    return triton_usable(q) and q.shape[-1] >= 16 and q.shape[-1] & (q.shape[-1] - 1) == 0
+def _span_unusable(q: torch.Tensor) -> str | None:
+    """Why the span kernel cannot take q, or None where it can."""
+    if not triton_usable(q):
+        return f"Triton does not run on {q.device.type} tensors here"
+    d = q.shape[-1]
+    if d < 16 or d & (d - 1):
+        return f"head dim {d} is not a power of two >= 16"
+    return None
+
+
+def _flash_unusable(q: torch.Tensor) -> str | None:
+    """Why FlashAttention cannot take q, or None where it can."""
+    if _flash_varlen is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10 has)"
+    if not q.is_cuda:
+        return "it needs CUDA tensors"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"it needs float16/bfloat16 inputs, got {q.dtype}"
+    return None
 
 
 def _segments(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +104,9 @@ def varlen_attention(
     q: [Nq, Hq, D]; k, v: [Nk, Hkv, D] with Hq a multiple of Hkv (GQA); cu_seqlens_*: [S + 1] int
     segment starts. Every segment with queries must have at least one key. ``kernel``: one of
     VARLEN_KERNELS (module docstring); where it cannot run, 'span' falls back to 'flash' (head dims that
-    are not a power of two >= 16) and 'flash' to 'torch' (CPU tensors, float32/64). Returns [Nq, Hq, D].
+    are not a power of two >= 16) and 'flash' to 'torch' (CPU tensors, float32/64), with a
+    :class:`~d3ds2.fallbacks.SlowPathWarning` once (not for 'auto' on the CPU, where 'torch' is the only
+    path). Returns [Nq, Hq, D].
     """
     if kernel not in VARLEN_KERNELS:
         raise ValueError(f"varlen_attention: kernel must be one of {VARLEN_KERNELS}, got {kernel!r}")
@@ -96,9 +118,20 @@ def varlen_attention(
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if q.shape[0] == 0:
         return q.new_zeros(q.shape[0], hq, v.shape[-1])
-    if kernel == "span" and _span_usable(q):
-        return _span_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
-    if kernel != "torch" and _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if kernel == "span":
+        why = _span_unusable(q)
+        if why is None:
+            return _span_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+        warn_fallback("varlen-span", f"varlen_attention(kernel='span'): the span kernel cannot run ({why}); "
+                                     f"FlashAttention or the padded PyTorch attention runs instead. Fix: CUDA "
+                                     f"tensors (or TRITON_INTERPRET=1) with a power-of-two head dim >= 16")
+    flash_why = _flash_unusable(q) if kernel != "torch" else "kernel='torch'"
+    if kernel != "torch" and flash_why is not None and (q.is_cuda or kernel == "flash"):
+        warn_fallback("varlen-flash", f"varlen_attention(kernel={kernel!r}): FlashAttention cannot run ({flash_why}); "
+                                      f"the padded PyTorch attention runs instead (slower, memory grows with the "
+                                      f"longest segment squared). Fix: bf16/fp16 CUDA inputs (autocast) and "
+                                      f"torch >= 2.10, or kernel='span'")
+    if flash_why is None:
         kw = {"enable_gqa": True} if _FLASH_GQA else {}
         if not _FLASH_GQA:
             k, v = _repeat_kv(k, hq // hkv), _repeat_kv(v, hq // hkv)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.sparse_dit import SparseCondition
+from ..models.dit_layers import SparseCondition
 from ..sparse import SparseTensor
 
 Batch = torch.Tensor | SparseTensor | SparseCondition

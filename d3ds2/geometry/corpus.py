@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import warnings
 
 import numpy as np
 import trimesh
@@ -19,11 +20,17 @@ REAL_SOURCES = ("pyvista", "pymeshfix", "pybullet")
 _MESH_SUFFIXES = (".obj", ".stl", ".ply", ".off")
 
 
+def _source_missing(source: str, error: ImportError) -> None:
+    warnings.warn(f"corpus: real={source} is asked for but its package cannot be imported ({error}); its meshes are "
+                  f"left out. Fix: pip install {source}, or leave {source} out of real=", stacklevel=3)
+
+
 def _pybullet_mesh_paths() -> dict[str, str]:
     """name -> path of the mesh files in pybullet_data, one per distinct file content (sorted by name)."""
     try:
         import pybullet_data
-    except ImportError:
+    except ImportError as e:
+        _source_missing("pybullet", e)
         return {}
     root = pybullet_data.getDataPath()
     paths, seen = {}, set()
@@ -56,16 +63,16 @@ def real_mesh_paths(sources: tuple[str, ...] = ("pyvista", "pymeshfix")) -> dict
                 p = os.path.join(root, f"{name}.ply")
                 if os.path.isfile(p):
                     paths[f"pyvista_{name}"] = p
-        except ImportError:
-            pass
+        except ImportError as e:
+            _source_missing("pyvista", e)
     if "pymeshfix" in sources:
         try:
             import pymeshfix.examples as fix_examples
 
             if os.path.isfile(fix_examples.bunny_scan):
                 paths["bunny_scan"] = fix_examples.bunny_scan
-        except ImportError:
-            pass
+        except ImportError as e:
+            _source_missing("pymeshfix", e)
     return paths
 
 

@@ -14,6 +14,8 @@ from scipy.spatial import cKDTree
 
 from d3ds2.geometry.sharp_edges import sample_segments, sharp_edges
 
+from d3ds2.fallbacks import warn_fallback
+
 
 def sample_surface(mesh: trimesh.Trimesh, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n area-uniform points [n,3] and their face normals [n,3]."""
@@ -25,8 +27,11 @@ def closest_on_surface(mesh: trimesh.Trimesh, points: np.ndarray) -> tuple[np.nd
     """Distance [n] from each point to the mesh surface, and the unit normal [n,3] of the closest face."""
     try:
         import open3d as o3d
-    except ImportError:
+    except ImportError as e:
         from d3ds2.geometry.torch_distance import TorchSurfaceDistance
+
+        warn_fallback("metrics-open3d", f"mesh metrics: open3d cannot be imported ({e}); closest points run on the "
+                                        f"PyTorch backend (slower on a CPU). Fix: pip install open3d")
 
         dist, face = TorchSurfaceDistance(mesh.vertices, mesh.faces, nsamples=0).closest(points)
         return dist.astype(np.float64), np.asarray(mesh.face_normals)[face]

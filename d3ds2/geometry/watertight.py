@@ -22,6 +22,7 @@ import numpy as np
 import trimesh
 from scipy import ndimage
 
+from d3ds2.fallbacks import warn_fallback
 from d3ds2.geometry.sparse_sdf import candidate_cells, cell_voxel_coords, surface_distance, voxel_centres
 
 
@@ -53,7 +54,10 @@ def exact_solid(mesh: trimesh.Trimesh, stray_area: float = 0.01) -> trimesh.Trim
         return closed[0] if is_closed_solid(closed[0]) else None
     try:
         import manifold3d as m3
-    except ImportError:
+    except ImportError as e:
+        warn_fallback("watertight-manifold3d", f"watertight: manifold3d cannot be imported ({e}); meshes of "
+                                               f"several closed bodies are rebuilt through the UDF instead of "
+                                               f"merged exactly (slower, lossy). Fix: pip install manifold3d")
         return None
     solids: dict[bool, list] = {True: [], False: []}
     for body in closed:

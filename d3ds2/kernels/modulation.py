@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .span_attention import triton, triton_usable
+from .runtime import auto_triton, sm_count, triton, triton_usable
 
 if triton is not None:
     import triton.language as tl
@@ -167,8 +167,7 @@ BWD_PROGRAMS_PER_SM = 4  # backward programs per multiprocessor (each sums its r
 
 def _bwd_grid(n_tiles: int, device: torch.device) -> tuple[int, int]:
     """(programs, consecutive row tiles per program) of the backward kernels."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    per_program = triton.cdiv(n_tiles, BWD_PROGRAMS_PER_SM * sms)
+    per_program = triton.cdiv(n_tiles, BWD_PROGRAMS_PER_SM * sm_count(device))
     return triton.cdiv(n_tiles, per_program), per_program
 
 
@@ -266,7 +265,7 @@ def _use_triton(backend: str, x: torch.Tensor, fn: str) -> bool:
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"{fn}: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":  # the kernels compute in fp32: float64 (reference tests) stays on the reference
-        return triton is not None and x.is_cuda and x.dtype != torch.float64
+        return x.is_cuda and x.dtype != torch.float64 and auto_triton(x, fn)
     if backend == "triton" and not triton_usable(x):
         raise RuntimeError(f"{fn}: the triton backend needs CUDA tensors or TRITON_INTERPRET=1")
     return backend == "triton"

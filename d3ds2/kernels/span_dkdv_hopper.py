@@ -1,6 +1,6 @@
 """dK/dV pass of span attention for Hopper (sm_90), in Gluon: the Triton kernel's work items with asynchronous wgmma.
 
-Same work and arguments as ``_span_bwd_dkdv_kernel`` in :mod:`d3ds2.kernels.span_attention` (persistent programs,
+Same work and arguments as ``_span_bwd_dkdv_kernel`` in :mod:`d3ds2.kernels.span_backward` (persistent programs,
 items = (KV head, BK-key chunk, up to PER_ITEM selecting queries), fp32 atomics into dK/dV), with the folded
 columns (``COLS``: the log-sum-exp over the scale and delta, each split into bf16-exact terms) so that the
 two score matmuls deliver c*S - lse and dP - delta directly. What Gluon adds over Triton's schedule of the
@@ -10,7 +10,7 @@ same loop (one warpgroup, tiles of BK keys x R = BQ*G query rows):
 - the q / dO rows and their folded columns are copied into a ring of STAGES shared-memory buffers with
   cp.async, STAGES - 1 tiles ahead of the matmuls.
 At 3 x 10,655 tokens (32 q heads, 2 KV heads, head dim 32, bf16) it takes 6.80 ms on an H200 against the
-Triton kernel's 8.50 (docs/benchmarks.md, "SS-DiT v1.1 step, ninth session"). GPU-only: Gluon kernels do not
+Triton kernel's 8.50 (docs/benchmarks.md, "SS-DiT v1.1 step"). GPU-only: Gluon kernels do not
 run in the CPU interpreter; tests/test_kernel_sass.py compiles it for sm_90 on any machine.
 """
 from __future__ import annotations

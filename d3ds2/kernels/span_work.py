@@ -1,6 +1,6 @@
 """The dK/dV pass's work items: their plan, built by one kernel launch (:func:`work_plan`, PyTorch reference
 :func:`work_plan_reference`), and their decoding on the device (``_work_item``), shared by the Triton kernel
-(d3ds2.kernels.span_attention) and the Hopper Gluon kernel (d3ds2.kernels.span_dkdv_hopper).
+(d3ds2.kernels.span_backward) and the Hopper Gluon kernel (d3ds2.kernels.span_dkdv_hopper).
 
 The plan: (ch_span, ch_start) [U] int32, the span and first key of each BK-key chunk slot (U = n_keys // BK +
 S + 1 bounds the chunk count; unused slots have no work), and cum_items [Hkv * U] int32, the inclusive running
@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is optional on CPU machines
-    triton = None
+from .runtime import triton
 
 PLAN_BLOCK = 1024  # spans / slots per step of the plan kernel (one program walks them all)
 
@@ -60,6 +56,8 @@ def work_plan(span_offsets: torch.Tensor, pair_offsets: torch.Tensor, n_keys: in
 
 
 if triton is not None:
+    import triton.language as tl
+
 
     @triton.jit
     def _count_at_most(SORTED, n, x, STEPS: tl.constexpr):

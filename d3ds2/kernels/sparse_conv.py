@@ -20,31 +20,20 @@ imported) with float32 inputs; bfloat16 ``tl.dot`` is not exact there.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
+from .runtime import auto_triton, interpreting, sm_count, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with CUDA torch; CPU machines use the reference
-    triton = None
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def available(device: torch.device) -> bool:
-    """Whether Triton kernels run on ``device`` here (CUDA, or CPU under the interpreter)."""
-    return triton is not None and (device.type == "cuda" or (interpreting() and device.type == "cpu"))
-
-
 def usable(feats: torch.Tensor) -> bool:
-    """Whether the convolution kernels can take ``feats`` (a supported dtype on an available device)."""
-    return feats.dtype in DTYPES and available(feats.device)
+    """Whether the convolution kernels can take ``feats`` (a supported dtype on a device Triton runs on); warns
+    once where ``feats`` is on a GPU that Triton cannot serve (see :func:`~d3ds2.kernels.runtime.auto_triton`)."""
+    return feats.dtype in DTYPES and auto_triton(feats, "sparse convolution")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,12 +265,6 @@ def gather_conv(feats: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor) ->
     return out
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def gather_conv_wgrad(feats: torch.Tensor, grad_out: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
     """Triton weight gradient: dW [K, Cin, Cout] float32 = sum_o feats[nbr[k, o]]^T @ grad_out[o]."""
     k, n = nbr.shape
@@ -289,7 +272,7 @@ def gather_conv_wgrad(feats: torch.Tensor, grad_out: torch.Tensor, nbr: torch.Te
     dw = torch.zeros(k, cin, cout, dtype=torch.float32, device=feats.device)
     if n == 0 or feats.shape[0] == 0:
         return dw
-    target = 4 * _num_sms(feats.device)  # programs to keep every SM busy with a few resident blocks
+    target = 4 * sm_count(feats.device, cpu=4)  # programs to keep every SM busy with a few resident blocks
 
     def grid(meta):
         tiles = triton.cdiv(cin, meta["BLOCK_A"]) * triton.cdiv(cout, meta["BLOCK_B"])

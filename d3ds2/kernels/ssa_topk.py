@@ -28,13 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from d3ds2.kernels.span_attention import INTERPRET, LOG2E, triton_usable
+from .runtime import auto_triton, interpreting, triton
+from .span_common import LOG2E
 
-try:
-    import triton
+if triton is not None:
     import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +295,7 @@ def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, block_of_cm
     hkv = k_cmp.shape[1]
     scale = d ** -0.5 if scale is None else float(scale)
     if backend == "auto":
-        backend = "triton" if triton_usable(q) else "torch"
+        backend = "triton" if auto_triton(q, "SSA block scoring") else "torch"
     if backend == "torch":
         return topk_reference(block_scores_reference(q, k_cmp, lse, sample_of_query, sample_block_offsets,
                                                      block_of_cmp, scale), topk)
@@ -316,7 +314,7 @@ def score_topk(q, k_cmp, lse, sample_of_query, sample_block_offsets, block_of_cm
         q.contiguous(), k_cmp.contiguous(), lse2, i32(sample_of_query), i32(sample_block_offsets),
         *(i32(t) for t in ch), i32(block_of_cmp), out_idx, out_val, nq, scale * LOG2E, HQ=hq, HKV=hkv, G=g,
         D=d, TOPK=topk, TOPK_P=triton.next_power_of_2(topk), CHUNKED=chunks is not None, BM=bm, BC=width,
-        PDT=tl.float32 if INTERPRET else tl.float16, num_warps=num_warps or SCORE_WARPS, num_stages=2)
+        PDT=tl.float32 if interpreting() else tl.float16, num_warps=num_warps or SCORE_WARPS, num_stages=2)
     return out_idx, out_val
 
 
@@ -333,7 +331,7 @@ def shared_score_topk(q, k_cmp, lse, query_block_offsets, sample_of_query_block,
     nqb = query_block_offsets.numel() - 1
     scale = d ** -0.5 if scale is None else float(scale)
     if backend == "auto":
-        backend = "triton" if triton_usable(q) else "torch"
+        backend = "triton" if auto_triton(q, "SSA block scoring") else "torch"
     qoff = query_block_offsets.long()
     if backend == "torch":
         sample_of_query = torch.repeat_interleave(sample_of_query_block.long(), qoff[1:] - qoff[:-1])

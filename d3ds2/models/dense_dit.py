@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .embeddings import AbsolutePositionEmbedder
-from .sparse_dit import Context, CrossAttention, FeedForward, fp32, layer_norm32
 from .dit_init import init_dit_weights
+from .dit_layers import Context, CrossAttention, FeedForward, fp32, layer_norm32
 from .timestep import TimestepEmbedder
 
 

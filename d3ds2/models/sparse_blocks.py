@@ -20,6 +20,7 @@ from ..sparse import (
     SparseTensor,
     SubMConv3d,
 )
+from .dit_layers import FeedForward
 
 
 def norm_groups(channels: int, groups: int = 32) -> int:
@@ -99,18 +100,6 @@ class SparseSelfAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, heads={self.num_heads}, mode={self.mode}, window={self.window}, shift={self.shift}"
-
-
-class FeedForward(nn.Module):
-    """Linear(C, ratio·C) -> tanh-GELU -> Linear(ratio·C, C) on dense [N, C] feats."""
-
-    def __init__(self, channels: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        hidden = int(channels * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
 
 
 class SparseTransformerBlock(nn.Module):

@@ -4,7 +4,8 @@ Tokens are the occupied latent voxels (a :class:`SparseTensor`, feats [N, in_cha
 adaLN-Zero modulated by the timestep, attends to the other tokens of its sample (SSA, full or windowed
 attention, one interface), cross-attends to the image condition and applies a 4x MLP. Parameter names
 and shapes follow the official release (docs/generation.md), so the v1.1 config has 509.29M parameters
-and v1.0 (sparse conditions, m_cmp 4, compression v2) 520.08M.
+and v1.0 (sparse conditions, m_cmp 4, compression v2) 520.08M. The layers it shares with the dense DiT are in
+:mod:`d3ds2.models.dit_layers`, its self-attention in :mod:`d3ds2.attention.self_attention`.
 """
 from __future__ import annotations
 
@@ -18,189 +19,12 @@ from torch.utils.checkpoint import checkpoint
 
 from d3ds2.kernels.modulation import gated_residual, modulated_layer_norm
 
-from ..attention import varlen_attention, window_attention
+from ..attention import build_self_attention
 from ..sparse import SparseTensor
-from .embeddings import AbsolutePositionEmbedder
 from .dit_init import init_dit_weights
+from .dit_layers import Context, CrossAttention, FeedForward, SparseCondition, compute_dtype, fp32
+from .embeddings import AbsolutePositionEmbedder
 from .timestep import TimestepEmbedder
-
-ATTENTION_MODES = ("full", "window", "ssa")
-
-
-@dataclass
-class Context:
-    """Packed cross-attention context: rows ``offsets[b]:offsets[b+1]`` of ``feats`` [L, C] belong to sample b;
-    ``max_len``: the longest sample (computed once, so the blocks do not sync with the device)."""
-
-    feats: torch.Tensor
-    offsets: torch.Tensor
-    max_len: int
-
-    @classmethod
-    def from_dense(cls, cond: torch.Tensor) -> "Context":
-        """cond [B, L, C] -> packed context (every sample has L tokens)."""
-        b, length, _ = cond.shape
-        offsets = torch.arange(b + 1, device=cond.device, dtype=torch.int32) * length
-        return cls(cond.reshape(b * length, -1), offsets, length)
-
-    @classmethod
-    def from_packed(cls, feats: torch.Tensor, offsets: torch.Tensor) -> "Context":
-        return cls(feats, offsets, int(offsets.diff().max()) if offsets.numel() > 1 else 0)
-
-    @property
-    def batch_size(self) -> int:
-        return self.offsets.numel() - 1
-
-
-@dataclass
-class SparseCondition:
-    """Variable-length condition tokens per sample (v1.0 sparse conditioning).
-
-    feats [L, C]; pos [L, 3] integer positions for the APE (patch (col, row, 0), global tokens (0, 0, 1));
-    offsets [B + 1] int: rows of sample b are ``offsets[b]:offsets[b+1]``.
-    """
-
-    feats: torch.Tensor
-    pos: torch.Tensor
-    offsets: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.offsets.numel() - 1
-
-    @property
-    def device(self) -> torch.device:
-        return self.feats.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.feats.dtype
-
-    @property
-    def batch_ids(self) -> torch.Tensor:
-        """[L] int64 sample of each token."""
-        counts = self.offsets.diff().long()
-        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-
-    def replace(self, feats: torch.Tensor) -> "SparseCondition":
-        return SparseCondition(feats, self.pos, self.offsets)
-
-    def cat(self, other: "SparseCondition") -> "SparseCondition":
-        """Samples of ``other`` after those of self."""
-        offsets = torch.cat([self.offsets, other.offsets[1:] + self.offsets[-1]])
-        return SparseCondition(torch.cat([self.feats, other.feats]), torch.cat([self.pos, other.pos]), offsets)
-
-    def to(self, *args, **kwargs) -> "SparseCondition":
-        feats = self.feats.to(*args, **kwargs)
-        return SparseCondition(feats, self.pos.to(feats.device), self.offsets.to(feats.device))
-
-
-class GQASelfAttention(nn.Module):
-    """Full (per sample) or windowed multi-head self-attention with grouped KV heads over sparse tokens.
-
-    Same projection names and shapes as SSA (proj_q/k/v/o, no bias), so 'full'/'window' checkpoints
-    differ from 'ssa' ones only by the SSA-specific parameters. window None = full attention. The three
-    input projections run as one GEMM (their weights concatenated).
-    """
-
-    def __init__(self, channels: int, num_heads: int, num_kv_heads: int, window: int | None = None, shift: int = 0,
-                 kernel: str = "auto"):
-        super().__init__()
-        if channels % num_heads or num_heads % num_kv_heads:
-            raise ValueError(
-                f"GQASelfAttention: channels ({channels}) must divide by num_heads ({num_heads}), "
-                f"and num_heads by num_kv_heads ({num_kv_heads})"
-            )
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, channels // num_heads
-        self.window, self.shift, self.kernel = window, shift, kernel
-        kv = num_kv_heads * self.head_dim
-        self.proj_q = nn.Linear(channels, channels, bias=False)
-        self.proj_k = nn.Linear(channels, kv, bias=False)
-        self.proj_v = nn.Linear(channels, kv, bias=False)
-        self.proj_o = nn.Linear(channels, channels, bias=False)
-
-    def forward(self, h: torch.Tensor, tokens: "TokenLayout") -> torch.Tensor:
-        """h [N, C] in the canonical row order of ``tokens.x`` -> [N, C]."""
-        n, d, kv = h.shape[0], self.head_dim, self.num_kv_heads * self.head_dim
-        weight = torch.cat([self.proj_q.weight, self.proj_k.weight, self.proj_v.weight])
-        q, k, v = F.linear(h, weight).split([self.num_heads * d, kv, kv], dim=1)
-        q, k, v = q.view(n, self.num_heads, d), k.view(n, self.num_kv_heads, d), v.view(n, self.num_kv_heads, d)
-        if self.window is None:  # full attention per sample
-            o = varlen_attention(q, k, v, tokens.offsets, tokens.offsets, tokens.max_len, tokens.max_len,
-                                 kernel=self.kernel)
-        else:
-            o = window_attention(q, k, v, tokens.x, self.window, self.shift)
-        return self.proj_o(o.reshape(n, -1))
-
-
-def build_self_attention(
-    mode: str, channels: int, num_heads: int, num_kv_heads: int, window: int, shift: int, ssa: dict | None,
-    kernel: str = "auto",
-) -> nn.Module:
-    """The self-attention of one block: 'full' | 'window' | 'ssa' (``ssa``: SSA hyper-parameters; ``kernel``:
-    the varlen kernel of full attention, see :func:`varlen_attention`)."""
-    if mode == "full":
-        return GQASelfAttention(channels, num_heads, num_kv_heads, kernel=kernel)
-    if mode == "window":
-        return GQASelfAttention(channels, num_heads, num_kv_heads, window, shift)
-    if mode == "ssa":
-        try:
-            from ..attention import SpatialSparseAttention, SSAConfig
-        except ImportError as e:  # the SSA module is not merged in this checkout
-            raise ImportError("attention='ssa' needs d3ds2.attention.SpatialSparseAttention; use 'full' or 'window'") from e
-        cfg = SSAConfig(**{"m_win": window, "window_shift": shift, **(ssa or {})})
-        return SpatialSparseAttention(channels, num_heads, num_kv_heads, config=cfg)
-    raise ValueError(f"unknown attention mode {mode!r}; choose one of {ATTENTION_MODES}")
-
-
-class CrossAttention(nn.Module):
-    """Packed queries [N, C] attend to a packed :class:`Context` (to_q, to_kv, to_out with bias)."""
-
-    def __init__(self, channels: int, context_channels: int, num_heads: int, kernel: str = "auto"):
-        super().__init__()
-        self.num_heads, self.head_dim, self.kernel = num_heads, channels // num_heads, kernel
-        self.to_q = nn.Linear(channels, channels)
-        self.to_kv = nn.Linear(context_channels, 2 * channels)
-        self.to_out = nn.Linear(channels, channels)
-
-    def forward(self, h: torch.Tensor, q_offsets: torch.Tensor, max_q: int, ctx: Context) -> torch.Tensor:
-        """h [N, C] with sample rows ``q_offsets[b]:q_offsets[b+1]`` -> [N, C]."""
-        n, hd = h.shape[0], (self.num_heads, self.head_dim)
-        q = self.to_q(h).view(n, *hd)
-        k, v = self.to_kv(ctx.feats).view(-1, 2, *hd).unbind(1)
-        o = varlen_attention(q, k, v, q_offsets, ctx.offsets, max_q, ctx.max_len, kernel=self.kernel)
-        return self.to_out(o.reshape(n, -1))
-
-
-class FeedForward(nn.Module):
-    """Linear -> tanh-GELU -> Linear, hidden = ratio x channels (parameter names ``mlp.{0,2}``)."""
-
-    def __init__(self, channels: int, ratio: float = 4.0):
-        super().__init__()
-        hidden = int(channels * ratio)
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mlp(h)
-
-
-def fp32(h: torch.Tensor) -> torch.Tensor:
-    """h in float32, or float64 if it already is (reference tests run models in double)."""
-    return h if h.dtype == torch.float64 else h.float()
-
-
-def layer_norm32(h: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """Apply ``norm`` in (at least) float32, also under autocast."""
-    h = fp32(h)
-    w = None if norm.weight is None else norm.weight.to(h.dtype)
-    b = None if norm.bias is None else norm.bias.to(h.dtype)
-    return F.layer_norm(h, norm.normalized_shape, w, b, norm.eps)
-
-
-def compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """The dtype the matmuls consuming h run in: the autocast dtype of h's device when autocast is on."""
-    kind = h.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
 
 
 @dataclass

@@ -11,20 +11,12 @@ import torch
 COORD_BITS = 16
 MAX_COORD = (1 << COORD_BITS) - 1  # x, y, z in [0, 65535]
 MAX_BATCH = (1 << 15) - 1  # batch in [0, 32767] (the sign bit stays clear)
-_MASK = MAX_COORD
 
 
 def pack_keys(coords: torch.Tensor) -> torch.Tensor:
     """[N, 4] int (batch, x, y, z) -> [N] int64 keys ordered like the rows."""
     c = coords.long()
     return (c[:, 0] << 48) | (c[:, 1] << 32) | (c[:, 2] << 16) | c[:, 3]
-
-
-def unpack_keys(keys: torch.Tensor) -> torch.Tensor:
-    """[N] int64 keys -> [N, 4] int32 coords."""
-    return torch.stack(
-        [keys >> 48, (keys >> 32) & _MASK, (keys >> 16) & _MASK, keys & _MASK], dim=1
-    ).int()
 
 
 def validate_coords(coords: torch.Tensor, num_feats: int | None = None, name: str = "coords") -> None:

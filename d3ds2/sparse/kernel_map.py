@@ -101,9 +101,10 @@ def submanifold_table(coords: torch.Tensor, keys: torch.Tensor, kernel_size: int
     if kernel_size % 2 != 1:
         raise ValueError(f"submanifold convolution needs an odd kernel size, got {kernel_size}")
     if dilation == 1 and coords.is_cuda:
-        from d3ds2.kernels.sparse_conv import available, subm_table
+        from d3ds2.kernels.runtime import auto_triton
+        from d3ds2.kernels.sparse_conv import subm_table
 
-        if available(coords.device):
+        if auto_triton(coords, "submanifold neighbour table"):
             return subm_table(keys, kernel_size)
     n, dev, r = coords.shape[0], coords.device, kernel_size // 2
     offsets = kernel_offsets(kernel_size, dilation).to(dev)  # [K, 3]

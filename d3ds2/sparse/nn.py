@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .backend import flat_weight, submanifold_conv
 from .gemm import sparse_conv
-from .spatial import DownsampleMap, downsample_map, mean_pool, prune, subdivide, unpool
+from .spatial import DownsampleMap, downsample_map, mean_pool, subdivide, unpool
 from .tensor import SparseTensor
 
 UPSAMPLE_KEY = "upsample_map"  # cache key, on a downsampled tensor, of the map back to its fine sites
@@ -141,17 +141,6 @@ class SparseSubdivide(nn.Module):
         return subdivide(x)
 
 
-class SparsePrune(nn.Module):
-    """Keep voxels whose first feature channel of ``logits`` is > ``threshold``."""
-
-    def __init__(self, threshold: float = 0.0) -> None:
-        super().__init__()
-        self.threshold = threshold
-
-    def forward(self, x: SparseTensor, logits: SparseTensor) -> SparseTensor:
-        return prune(x, logits.feats[:, 0] > self.threshold)
-
-
 class SparseLinear(nn.Linear):
     def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
         return x.replace(super().forward(x.feats))
@@ -201,7 +190,3 @@ class SparseActivation(nn.Module):
 
 def SparseSiLU() -> SparseActivation:
     return SparseActivation(nn.SiLU())
-
-
-def SparseGELU(approximate: str = "tanh") -> SparseActivation:
-    return SparseActivation(nn.GELU(approximate=approximate))

@@ -244,10 +244,3 @@ class SparseTensor:
 
     def __neg__(self) -> "SparseTensor":
         return self.replace(-self.feats)
-
-
-def sparse_cat(tensors: Sequence[SparseTensor], dim: int = -1) -> SparseTensor:
-    """Concatenate the feats of tensors that share one voxel set along a feature dimension."""
-    first = tensors[0]
-    feats = [first.feats] + [first._other(t) for t in tensors[1:]]
-    return first.replace(torch.cat(feats, dim=dim))

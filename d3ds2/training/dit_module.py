@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..flow import TimestepSampler, drop_conditions, flow_matching_loss, interpolate, velocity_target
 from ..models.conditioner import ImageConditioner, sparse_condition
-from ..models.sparse_dit import SparseCondition
+from ..models.dit_layers import SparseCondition
 from .base_module import BaseModule
 from ..checkpoint import load_net_weights
 

@@ -1,6 +1,6 @@
 """Use a trained sparse SDF VAE: mesh -> latent file, latent -> mesh, mesh -> reconstruction + metrics.
 
-The CLI (``python -m d3ds2.vae``) is a thin wrapper over these functions. A checkpoint is read with the
+The CLI (``python -m d3ds2.vae command=...``, Hydra) is a thin wrapper over these functions. A checkpoint is read with the
 model config saved by training next to it (``<run>/config_resolved.yaml``); EMA weights are preferred.
 Latent files (.npz): ``coords`` [M, 3] int32 latent cells, ``feats`` [M, 16] float32, ``resolution`` (fine
 grid R), ``sdf_scale`` (voxels mapped to 1), ``name``.
@@ -25,7 +25,7 @@ def find_run_config(ckpt: str | os.PathLike) -> Path:
         if (d / "config_resolved.yaml").is_file():
             return d / "config_resolved.yaml"
     raise FileNotFoundError(
-        f"no config_resolved.yaml next to {ckpt} or in its parent; pass --config RUN/config_resolved.yaml"
+        f"no config_resolved.yaml next to {ckpt} or in its parent; pass config=RUN/config_resolved.yaml"
     )
 
 
