@@ -126,6 +126,7 @@ class ImageTo3DPipeline:
         self.mesh_workers, self.matting = mesh_workers, matting
         self.reports: list[StageReport] = []
         dtype = getattr(torch, weights_dtype) if isinstance(weights_dtype, str) else weights_dtype
+        self.weights_dtype = dtype
         for m in self._models():
             cast_parameters(m, dtype)
         if not offload:
@@ -158,13 +159,13 @@ class ImageTo3DPipeline:
                         sections: tuple[str, ...] | None = None, **kw) -> "ImageTo3DPipeline":
         """A released Direct3D-S2 folder (config.yaml + model_*.ckpt, v1.0 or v1.1) with the official settings:
         mc_level 0.2, index threshold 0.1, 1024 cells from the 512 mesh, both refiners, weights in float16
-        when the config says use_fp16. backbone: DINOv2-L/14-with-registers (transformers dir or hub id; the
+        on CUDA when the config says use_fp16 (float32 on the CPU). backbone: DINOv2-L/14-with-registers (transformers dir or hub id; the
         release does not hold it). Other keyword arguments as in the constructor."""
         from .official import load_release
 
         rel = load_release(path, sections)
         m = rel.models
-        fp16 = rel.config.use_fp16
+        fp16 = rel.config.use_fp16 and torch.device(kw.get("device", "cpu")).type == "cuda"
         conditioner = ImageConditioner(backbone=backbone) if backbone else ImageConditioner()
 
         def stage(res: str) -> SparseStage | None:
@@ -263,7 +264,7 @@ class ImageTo3DPipeline:
         if self.remove_interior and self.refiner_512 is not None:  # official: MC at 2 x mc_level on the refined SDF
             return self._stage("refiner 512", [self.refiner_512], self._refine, self.refiner_512, sdf, feats, resolution,
                                2 * self.mc_level)
-        return self._stage("mesh 512", [], self._meshes, sdf, resolution, None)
+        return self._stage("mesh", [], self._meshes, sdf, resolution, None)
 
     def _meshes(self, sdf: SparseTensor, resolution: int, simplify: float | None):
         meshes = self._simplified(extract_meshes(sdf, resolution, self.mc_level, self.mesh_workers), simplify)
@@ -273,10 +274,13 @@ class ImageTo3DPipeline:
     @torch.no_grad()
     def __call__(self, images: list, resolution: int = 512, seed: int = 0, dense: StageSampling | None = None,
                  sparse_512: StageSampling | None = None, sparse_1024: StageSampling | None = None,
-                 simplify: float | None = None) -> list:
+                 simplify: float | None = None, cells_512: torch.Tensor | None = None,
+                 cells_1024: torch.Tensor | None = None) -> list:
         """images: paths / PIL images / arrays -> list of trimesh meshes in [-1, 1]^3 (one per image).
 
-        simplify: fraction of faces to keep (None: no simplification)."""
+        simplify: fraction of faces to keep (None: no simplification); cells_512 / cells_1024: int (batch, x,
+        y, z) latent cells that replace the index stage / the 1024 cell derivation (known occupancy,
+        controlled token counts in benchmarks)."""
         if resolution not in (512, 1024):
             raise ValueError(f"resolution must be 512 or 1024, got {resolution}")
         if resolution == 1024 and self.stage_1024 is None:
@@ -291,17 +295,22 @@ class ImageTo3DPipeline:
         batch = torch.stack([preprocess_image(im, self.conditioner.image_size, matting=self.matting) for im in images])
         b = batch.shape[0]
         tokens, masks = self._stage("condition", [self.conditioner], self._condition, batch)
-        coords = self._stage("index DiT", [self.index_dit, self.index_vae], self._index, tokens, dense, gen)
+        if cells_512 is None:
+            coords = self._stage("index DiT", [self.index_dit, self.index_vae], self._index, tokens, dense, gen)
+        else:
+            coords = cells_512.int()
         s = self.stage_512
         latents = self._stage("sparse DiT 512", [s.dit], self._sparse, s, coords, tokens, masks, b, sparse_512, gen, "sparse DiT 512")
         sdf, feats = self._stage("VAE decode 512", [s.vae], self._decode, s, latents)
         del latents
-        if resolution == 512 or self.cells_from == "mesh":
+        if resolution == 512 or (self.cells_from == "mesh" and cells_1024 is None):
             meshes = self._mesh_512(sdf, feats, s.resolution)
         if resolution == 512:
             return self._simplified(meshes, simplify)
         s = self.stage_1024
-        if self.cells_from == "mesh":
+        if cells_1024 is not None:
+            cells = cells_1024.int()
+        elif self.cells_from == "mesh":
             from .official.cells import batch_mesh_cells
 
             cells = batch_mesh_cells(meshes, s.resolution)

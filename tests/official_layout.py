@@ -203,7 +203,8 @@ def refiner(p: dict) -> dict:
     w = ch[0]
     _unet(d, 2 * w, ch, p["layers_per_block"], p["layers_mid_block"])
     _conv(d, "conv_in", w, 1, 3)
-    for i, (a, b) in enumerate(((32, 32), (32, 32), (32, 32), (32, w))):
+    f = p.get("feature_channels", 32)  # the 512 VAE decoder's last width (C / 16)
+    for i, (a, b) in enumerate(((f, f), (f, f), (f, f), (f, w))):
         _lin(d, f"latent_mlp.net.{2 * i}", b, a)
     for k in (1, 2, 3):
         _conv(d, f"adaptive_conv{k}.0", w, w, 3)
@@ -235,24 +236,23 @@ def layout(config: dict, section: str) -> dict[str, tuple]:
 
 
 def tiny_config(version: str = "v1.1", cond_channels: int = 64) -> dict:
-    """A release config.yaml at small widths (same structure; 512 stage at fine 64, latent 8)."""
+    """A release config.yaml at small widths (same structure; index grid 4³, 512 stage at fine 32, 1024 at 64)."""
     cfg = copy.deepcopy(release_config(version))
     cfg["dense_vae"]["params"].update(model_channels_encoder=[8, 16, 32], model_channels_decoder=[32, 16, 8],
                                       num_res_blocks_encoder=1, num_res_blocks_decoder=1,
                                       num_res_blocks_middle_encoder=1, num_res_blocks_middle_decoder=1)
-    cfg["dense_dit"]["params"].update(resolution=2, model_channels=32, cond_channels=cond_channels, num_blocks=2, num_heads=2,
-                                      latent_shape=[8, 2, 2, 2])
+    cfg["dense_dit"]["params"].update(resolution=1, model_channels=32, cond_channels=cond_channels, num_blocks=2, num_heads=2,
+                                      latent_shape=[8, 1, 1, 1])
     for res in ("512", "1024"):
         cfg[f"sparse_vae_{res}"]["params"].update(model_channels_encoder=64, model_channels_decoder=64, num_heads_encoder=2,
                                                   num_heads_decoder=2, num_blocks_encoder=2, num_blocks_decoder=2)
         # head dim 16 -> 32 KV channels (the v2 compression's GroupNorm has 32 groups)
-        cfg[f"sparse_dit_{res}"]["params"].update(model_channels=64, cond_channels=cond_channels, num_blocks=2, num_heads=4)
-    cfg["sparse_vae_512"]["params"]["resolution"] = 8
-    cfg["sparse_dit_512"]["params"]["resolution"] = 8
-    cfg["sparse_vae_1024"]["params"]["resolution"] = 16
-    cfg["sparse_dit_1024"]["params"]["resolution"] = 16
-    cfg["refiner"]["params"].update(block_out_channels=[4, 8], patch_size=24)  # 3 patches of 24 at stride 20 tile 64
-    cfg["refiner_1024"]["params"].update(block_out_channels=[4, 8], patch_size=32)  # 3 x 32 at stride 16 tile 64
+        cfg[f"sparse_dit_{res}"]["params"].update(model_channels=64, cond_channels=cond_channels, num_blocks=2, num_heads=4,
+                                                  ssa_backend="torch")  # not the Triton interpreter on the CPU
+    for sec, res in (("sparse_vae_512", 4), ("sparse_dit_512", 4), ("sparse_vae_1024", 8), ("sparse_dit_1024", 8)):
+        cfg[sec]["params"]["resolution"] = res
+    cfg["refiner"]["params"].update(block_out_channels=[4, 8], patch_size=12, feature_channels=4)  # 3 x 12 at stride 10 tile 32
+    cfg["refiner_1024"]["params"].update(block_out_channels=[4, 8], patch_size=16)  # 3 x 16 at stride 8 tile the half grid 32
     return cfg
 
 

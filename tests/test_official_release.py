@@ -197,7 +197,7 @@ def test_refiners_match_official_forward_and_patch_stitching(releases):
     psg = ref.f64(written["model_refiner_1024.ckpt"]["refiner"])
     gen = torch.Generator().manual_seed(5)
     sdf = torch.rand(1, 1, 12, 12, 12, generator=gen, dtype=torch.float64) * 2 - 1
-    feats = torch.randn(1, 32, 12, 12, 12, generator=gen, dtype=torch.float64)
+    feats = torch.randn(1, 4, 12, 12, 12, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(xl(sdf, feats), ref.refiner_xl(pxl, sdf, feats, 2), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(sign.logits(sdf), ref.conv3d(ref.unet(ref.conv3d(sdf, psg, "conv_in"), psg, 2), psg, "conv_out"),
                                rtol=1e-9, atol=1e-9)
@@ -210,9 +210,9 @@ def test_refiners_match_official_forward_and_patch_stitching(releases):
     xl.patch_size, sign.patch_size = 12, 8
     coords = shell(32, 9.0, 1.5)
     s = SparseTensor(torch.rand(len(coords), 1, generator=gen, dtype=torch.float64) * 2 - 1, coords, 1)
-    f = s.replace(torch.randn(len(coords), 32, generator=gen, dtype=torch.float64))
+    f = s.replace(torch.randn(len(coords), 4, generator=gen, dtype=torch.float64))
     dense_sdf = torch.ones(32, 32, 32, dtype=torch.float64)
-    dense_feat = torch.zeros(32, 32, 32, 32, dtype=torch.float64)
+    dense_feat = torch.zeros(4, 32, 32, 32, dtype=torch.float64)
     c = coords[:, 1:].long()
     dense_sdf[c[:, 0], c[:, 1], c[:, 2]] = s.feats[:, 0]
     dense_feat[:, c[:, 0], c[:, 1], c[:, 2]] = f.feats.t()

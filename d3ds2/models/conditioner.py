@@ -76,6 +76,24 @@ def _load_rgba(image) -> tuple[np.ndarray, bool]:
     return arr, has_alpha
 
 
+def _warn_heuristic() -> None:
+    """Python shows a warning once per call site by default: once per process here."""
+    warnings.warn("image without alpha and no matting model: the foreground is guessed from the border colour "
+                  "(fails on cluttered backgrounds); give RGBA images or a matting model (inference.py "
+                  "matting=DIR, e.g. a local BiRefNet)", stacklevel=3)
+
+
+def estimate_foreground(rgb: np.ndarray, threshold: float = 0.1) -> np.ndarray:
+    """Fallback mask for images without alpha: pixels whose colour differs from the background colour (the
+    median of the border pixels) by more than ``threshold`` in any channel, holes filled. [H, W] float32."""
+    from scipy.ndimage import binary_fill_holes
+
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    bg = np.median(border, axis=0)
+    fg = np.abs(rgb - bg).max(axis=2) > threshold
+    return binary_fill_holes(fg).astype(np.float32)
+
+
 def preprocess_image(image, size: int = 518, pad: int = 16, matting=None) -> torch.Tensor:
     """Image -> [4, size, size]: RGB composited over white (in [0, 1]) + foreground mask.
 

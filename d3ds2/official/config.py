@@ -185,8 +185,9 @@ def build_model(cfg: ReleaseConfig, section: str) -> nn.Module:
         vae.resolution = res  # latent grid side (64 at 512, 128 at 1024)
         return vae
     if kind == "sparse_dit":
+        # ssa_backend (not in released configs): 'auto' | 'triton' | 'torch' (see SSAConfig)
         ssa = dict(m_cmp=need("compression_block_size"), m_slc=need("selection_block_size"), topk=need("topk"),
-                   compression=p.get("compression_version", "v1"))
+                   compression=p.get("compression_version", "v1"), backend=p.get("ssa_backend", "auto"))
         dit = SparseDiT(need("in_channels"), need("model_channels"), need("cond_channels"), need("num_blocks"),
                         need("num_heads"), need("num_kv_heads"), float(p.get("mlp_ratio", 4)), "ssa",
                         int(p.get("window_size", 8)), bool(p.get("use_shift", True)), ssa, float(p.get("factor", 1.0)),
@@ -194,10 +195,13 @@ def build_model(cfg: ReleaseConfig, section: str) -> nn.Module:
         dit.resolution = need("resolution")
         return dit
     if kind in ("refiner", "refiner_1024"):
-        # block_out_channels is hard-coded officially; the key (not in released configs) builds small test models
+        # block_out_channels / feature_channels are hard-coded officially; these keys (not in released configs)
+        # build small test models
         channels = tuple(p.get("block_out_channels", UNET_CHANNELS))
         common = dict(in_channels=p.get("in_channels", 1), out_channels=p.get("out_channels", 1),
                       layers_per_block=p.get("layers_per_block", 2), layers_mid_block=p.get("layers_mid_block", 2),
                       patch_size=need("patch_size"), channels=channels)
-        return VoxelRefiner(**common) if kind == "refiner" else SignRefiner(**common)
+        if kind == "refiner":
+            return VoxelRefiner(feature_channels=p.get("feature_channels", 32), **common)
+        return SignRefiner(**common)
     raise ValueError(f"no d3ds2 model for config section {section!r}; sections: {MODEL_SECTIONS}")
