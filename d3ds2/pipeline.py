@@ -303,7 +303,7 @@ class ImageTo3DPipeline:
         latents = self._stage("sparse DiT 512", [s.dit], self._sparse, s, coords, tokens, masks, b, sparse_512, gen, "sparse DiT 512")
         sdf, feats = self._stage("VAE decode 512", [s.vae], self._decode, s, latents)
         del latents
-        if resolution == 512 or (self.cells_from == "mesh" and cells_1024 is None):
+        if resolution == 512 or self.cells_from == "mesh":
             meshes = self._mesh_512(sdf, feats, s.resolution)
         if resolution == 512:
             return self._simplified(meshes, simplify)

@@ -98,3 +98,17 @@ def test_huge_images_are_reduced_on_load(tmp_path):
     with pytest.warns(UserWarning, match="border colour"):
         x = preprocess_image(tmp_path / "big.jpg")
     assert x.shape == (4, 518, 518) and x[3].sum() > 0
+
+
+def test_memory_benchmark_runs_on_cpu_at_tiny_size(tmp_path):
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "benchmarks/official_pipeline_memory.py", "--size", "tiny", "--device", "cpu", "--steps", "1",
+           "--repeats", "1", "--warmup", "0", "--resolutions", "1024", "--out", str(tmp_path / "r.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry = json.loads((tmp_path / "r.json").read_text())["resolutions"]["1024"]
+    assert entry["same_mesh"] and entry["low_vram"]["peak_gib"] is None
+    names = [s[0] for s in entry["low_vram"]["stages"]]
+    assert "refiner 512" in names and "refiner 1024" in names and "index DiT" not in names  # cells given

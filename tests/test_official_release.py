@@ -236,3 +236,26 @@ def test_refiners_match_official_forward_and_patch_stitching(releases):
     want = sg.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
     want[c[:, 0], c[:, 1], c[:, 2]] = s.feats[:, 0]
     torch.testing.assert_close(sign.refine(s, 32)[0].double(), want, rtol=0, atol=1e-6)
+
+
+def test_official_spec_initialises_training_nets(releases):
+    """``model.init_from=official:DIR`` (and ``model.vae_ckpt=official:DIR``) go through load_net_weights."""
+    from d3ds2.checkpoint import load_net_weights
+    from d3ds2.official.init import parse_spec
+
+    folder, _ = releases["v1.1"]
+    cfg = read_release_config(folder)
+    want = load_release(folder, ("sparse_dit_1024", "sparse_vae_512", "dense_dit"))
+    for section in ("sparse_dit_1024", "sparse_vae_512", "dense_dit"):
+        net = build_model(cfg, section)  # fresh random init, same hyper-parameters (pe_factor picks the 1024 DiT)
+        load_net_weights(f"official:{folder}", net)
+        for (k, a), b in zip(net.state_dict().items(), want.models[section].state_dict().values()):
+            assert torch.equal(a, b), (section, k)
+    assert parse_spec(f"official:{folder}#sparse_vae_1024") == (folder, "sparse_vae_1024")
+    wrong = build_model(read_release_config(releases["v1.0"][0]), "sparse_dit_512")
+    from d3ds2.official.loading import load_section
+
+    with pytest.raises(OfficialCheckpointError, match="v1.1 weights.*config.yaml describes v1.0"):
+        load_section(read_release_config(releases["v1.0"][0]), "sparse_dit_512", folder)  # v1.1 files, v1.0 config
+    with pytest.raises(ValueError, match="does not fit this SparseDiT"):
+        load_net_weights(f"official:{folder}#sparse_dit_512", wrong)
