@@ -11,7 +11,7 @@ from d3ds2.official import (OfficialCheckpointError, ReleaseConfigError, build_m
 from d3ds2.official.config import ReleaseConfig, kind_of
 from d3ds2.official.keymap import key_map
 
-from official_layout import FILES, layout, tiny_config, write_release
+from official_layout import layout, tiny_config, write_release
 
 # §8: (parameters in millions, tensors) per config section
 COUNTS = {

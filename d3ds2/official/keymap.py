@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-LAYOUTS = ("same", "subm", "pointwise", "linear_t")
-
 
 @dataclass(frozen=True)
 class Entry:

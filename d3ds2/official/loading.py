@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..checkpoint import load_checkpoint
 from .config import ReleaseConfig, build_model, kind_of, read_release_config
-from .keymap import Entry, key_map, shape_of
+from .keymap import key_map, shape_of
 
 # file -> {top-level key: config section}
 RELEASE_FILES = {
@@ -146,7 +146,3 @@ def load_release(path: str | Path, sections: tuple[str, ...] | None = None) -> O
             cache = {fname: read_checkpoint(folder / fname)}  # one file's tensors at a time
         models[s], dtypes[s] = load_section(cfg, s, folder, cache[fname])
     return OfficialRelease(folder, cfg, models, dtypes)
-
-
-def entries_of(model: nn.Module, section: str) -> list[Entry]:
-    return key_map(kind_of(section), model.state_dict())
