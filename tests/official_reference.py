@@ -212,3 +212,65 @@ def blend_official(patches, starts, size, res):
     out = join(*layers, 0)
     assert out.shape == (res, res, res)
     return out
+
+
+# ------------------------------------------------------------------------------------------------- sparse DiT
+def timestep_embedding(t: float, p) -> torch.Tensor:
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float64) / 128)
+    a = t * freqs
+    return lin(F.silu(lin(torch.cat([a.cos(), a.sin()])[None], p, "t_embedder.mlp.0")), p, "t_embedder.mlp.2")
+
+
+def ssa(p, name, x, coords, heads, kv_heads, cb, sb, topk, version, shift, window=8):
+    """Brute-force SSA of one sample (official semantics, §2.4) from official tensors."""
+    n, c = x.shape
+    d = c // heads
+    g = heads // kv_heads
+    q = lin(x, p, f"{name}.proj_q", bias=False).view(n, kv_heads, g, d)
+    k, v = lin(x, p, f"{name}.proj_k", bias=False), lin(x, p, f"{name}.proj_v", bias=False)
+    pos = coords % cb
+    k_pe = k + p[f"{name}.intra_block_pe"][pos[:, 0], pos[:, 1], pos[:, 2]]
+    k_cmp, blocks = compression(p, f"{name}.compression_key", k_pe, coords, cb, version)
+    v_cmp, _ = compression(p, f"{name}.compression_value", v, coords, cb, version)
+    k_cmp, v_cmp = k_cmp.view(-1, kv_heads, d), v_cmp.view(-1, kv_heads, d)
+    prob = (torch.einsum("nhgd,chd->nhgc", q, k_cmp) / math.sqrt(d)).softmax(-1)
+    o_cmp = torch.einsum("nhgc,chd->nhgd", prob, v_cmp)
+    sblocks, slc_of_cmp = torch.unique(torch.div(blocks, sb // cb, rounding_mode="floor"), dim=0, return_inverse=True)
+    score = torch.einsum("nhgc,cs->nhs", prob, F.one_hot(slc_of_cmp, len(sblocks)).double())
+    top = score.topk(min(topk, len(sblocks)), -1).indices
+    chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
+    slc_of_token = torch.unique(torch.div(coords, sb, rounding_mode="floor"), dim=0, return_inverse=True)[1]
+    kk, vv = k.view(n, kv_heads, d), v.view(n, kv_heads, d)
+    s = torch.einsum("nhgd,mhd->nhgm", q, kk) / math.sqrt(d)
+    o_slc = torch.einsum("nhgm,mhd->nhgd", s.masked_fill(~chosen[:, :, slc_of_token][:, :, None], float("-inf")).softmax(-1), vv)
+    w = torch.div(coords + shift, window, rounding_mode="floor")
+    same = (w[:, None] == w[None]).all(-1)
+    o_win = torch.einsum("nhgm,mhd->nhgd", s.masked_fill(~same[:, None, None], float("-inf")).softmax(-1), vv)
+    gate = torch.sigmoid(x @ p[f"{name}.gate.0.weight"].t())[:, :, None, None, None]
+    o = gate[:, 0] * o_cmp + gate[:, 1] * o_slc + gate[:, 2] * o_win
+    return lin(o.reshape(n, c), p, f"{name}.proj_o", bias=False)
+
+
+def sparse_dit(p, params, feats, coords, t, cond, cond_pos=None):
+    """One sample: feats [N, 16] at latent coords [N, 3], t on the 0..1000 scale, cond [L, Cc] (dense tokens, or
+    sparse foreground tokens with integer positions cond_pos [L, 3] when sparse_conditions) -> velocity [N, 16]."""
+    c, heads = params["model_channels"], params["num_heads"]
+    h = lin(feats, p, "input_layer") + ape(coords * params["factor"], c)
+    t_emb = timestep_embedding(t, p)
+    if params["sparse_conditions"]:
+        cond = lin(cond, p, "cond_proj") + ape(cond_pos, c)
+    for b in range(params["num_blocks"]):
+        n = f"blocks.{b}"
+        sh_a, sc_a, g_a, sh_m, sc_m, g_m = lin(F.silu(t_emb), p, f"{n}.adaLN_modulation.1").chunk(6, 1)
+        x = F.layer_norm(h, (c,), eps=1e-6) * (1 + sc_a) + sh_a
+        shift = 4 if params["use_shift"] and b % 2 == 1 else 0
+        h = h + g_a * ssa(p, f"{n}.self_attn", x, coords, heads, params["num_kv_heads"], params["compression_block_size"],
+                          params["selection_block_size"], params["topk"], params["compression_version"], shift)
+        x = F.layer_norm(h, (c,), p[f"{n}.norm2.weight"], p[f"{n}.norm2.bias"], eps=1e-6)
+        q = lin(x, p, f"{n}.cross_attn.to_q").view(len(x), heads, -1)
+        kv = lin(cond, p, f"{n}.cross_attn.to_kv").view(len(cond), 2, heads, -1)
+        s = torch.einsum("nhd,lhd->hnl", q, kv[:, 0]) / math.sqrt(c // heads)
+        h = h + lin(torch.einsum("hnl,lhd->nhd", s.softmax(-1), kv[:, 1]).reshape(len(x), c), p, f"{n}.cross_attn.to_out")
+        x = F.layer_norm(h, (c,), eps=1e-6) * (1 + sc_m) + sh_m
+        h = h + g_m * lin(F.gelu(lin(x, p, f"{n}.mlp.mlp.0"), approximate="tanh"), p, f"{n}.mlp.mlp.2")
+    return lin(F.layer_norm(h, (c,), eps=1e-5), p, "out_layer")

@@ -104,6 +104,7 @@ def test_memory_benchmark_runs_on_cpu_at_tiny_size(tmp_path):
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)  # this checkout's d3ds2 (a script's sys.path starts at benchmarks/)
     cmd = [sys.executable, "benchmarks/official_pipeline_memory.py", "--size", "tiny", "--device", "cpu", "--steps", "1",
            "--repeats", "1", "--warmup", "0", "--resolutions", "1024", "--out", str(tmp_path / "r.json")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
