@@ -274,3 +274,57 @@ def sparse_dit(p, params, feats, coords, t, cond, cond_pos=None):
         x = F.layer_norm(h, (c,), eps=1e-6) * (1 + sc_m) + sh_m
         h = h + g_m * lin(F.gelu(lin(x, p, f"{n}.mlp.mlp.0"), approximate="tanh"), p, f"{n}.mlp.mlp.2")
     return lin(F.layer_norm(h, (c,), eps=1e-5), p, "out_layer")
+
+
+# ------------------------------------------------------------------------------------------------- dense models
+def channel_ln(x, p, name, eps=1e-6):
+    return F.layer_norm(x.movedim(1, -1), x.shape[1:2], p[f"{name}.weight"], p[f"{name}.bias"], eps).movedim(-1, 1)
+
+
+def dense_res(x, p, name):
+    h = conv3d(F.silu(channel_ln(x, p, f"{name}.norm1")), p, f"{name}.conv1")
+    return x + conv3d(F.silu(channel_ln(h, p, f"{name}.norm2")), p, f"{name}.conv2")
+
+
+def dense_vae_decode(p, z, params):
+    """Latent [B, 8, r³] -> occupancy logits [B, 1, (4r)³] (TRELLIS decoder, pixel shuffle x2 upsampling)."""
+    h = conv3d(z, p, "decoder.input_layer")
+    for j in range(params["num_res_blocks_middle_decoder"]):
+        h = dense_res(h, p, f"decoder.middle_block.{j}")
+    i = 0
+    for s, c in enumerate(params["model_channels_decoder"]):
+        for _ in range(params["num_res_blocks_decoder"]):
+            h = dense_res(h, p, f"decoder.blocks.{i}")
+            i += 1
+        if s + 1 < len(params["model_channels_decoder"]):
+            h = conv3d(h, p, f"decoder.blocks.{i}.conv")
+            b, cc, d, hh, w = h.shape
+            h = h.view(b, cc // 8, 2, 2, 2, d, hh, w).permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, cc // 8, 2 * d, 2 * hh, 2 * w)
+            i += 1
+    return conv3d(F.silu(channel_ln(h, p, "decoder.out_layer.0")), p, "decoder.out_layer.2")
+
+
+def dense_dit(p, params, x, t, cond):
+    """x [1, 8, r³] -> velocity, cond [L, Cc] (full self-attention with q/k RMS norm, §3.2)."""
+    c, heads, r = params["model_channels"], params["num_heads"], params["resolution"]
+    d = c // heads
+    h = lin(x.flatten(2).transpose(1, 2)[0], p, "input_layer") + p["pos_emb"]
+    t_emb = timestep_embedding(t, p)
+    for b in range(params["num_blocks"]):
+        n = f"blocks.{b}"
+        sh_a, sc_a, g_a, sh_m, sc_m, g_m = lin(F.silu(t_emb), p, f"{n}.adaLN_modulation.1").chunk(6, 1)
+        y = F.layer_norm(h, (c,), eps=1e-6) * (1 + sc_a) + sh_a
+        q, k, v = lin(y, p, f"{n}.self_attn.to_qkv").view(len(y), 3, heads, d).unbind(1)
+        q = F.normalize(q, dim=-1) * p[f"{n}.self_attn.q_rms_norm.gamma"] * math.sqrt(d)
+        k = F.normalize(k, dim=-1) * p[f"{n}.self_attn.k_rms_norm.gamma"] * math.sqrt(d)
+        s = torch.einsum("nhd,mhd->hnm", q, k) / math.sqrt(d)
+        h = h + g_a * lin(torch.einsum("hnm,mhd->nhd", s.softmax(-1), v).reshape(len(y), c), p, f"{n}.self_attn.to_out")
+        y = F.layer_norm(h, (c,), p[f"{n}.norm2.weight"], p[f"{n}.norm2.bias"], eps=1e-6)
+        q = lin(y, p, f"{n}.cross_attn.to_q").view(len(y), heads, d)
+        kv = lin(cond, p, f"{n}.cross_attn.to_kv").view(len(cond), 2, heads, d)
+        s = torch.einsum("nhd,lhd->hnl", q, kv[:, 0]) / math.sqrt(d)
+        h = h + lin(torch.einsum("hnl,lhd->nhd", s.softmax(-1), kv[:, 1]).reshape(len(y), c), p, f"{n}.cross_attn.to_out")
+        y = F.layer_norm(h, (c,), eps=1e-6) * (1 + sc_m) + sh_m
+        h = h + g_m * lin(F.gelu(lin(y, p, f"{n}.mlp.mlp.0"), approximate="tanh"), p, f"{n}.mlp.mlp.2")
+    out = lin(F.layer_norm(h, (c,), eps=1e-5), p, "out_layer")
+    return out.t().reshape(1, -1, r, r, r)

@@ -285,3 +285,24 @@ def test_sparse_dit_matches_official_forward(releases, version):
     # the timestep features and the PE are computed in float32 (as officially): ~1e-4 relative to the output
     # scale; a wrong layout, shift or order is O(1)
     assert (got.double() - want).abs().max() <= 2e-4 * want.abs().max(), (got.double() - want).abs().max()
+
+
+def test_dense_models_match_official_forward(releases):
+    folder, written = releases["v1.1"]
+    rel = load_release(folder, ("dense_vae", "dense_dit"))
+    vae, dit = _double(rel.models["dense_vae"]), _double(rel.models["dense_dit"])
+    p = ref.f64(written["model_dense.ckpt"]["vae"])
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(1, 8, 2, 2, 2, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(vae.decode(z), ref.dense_vae_decode(p, z, rel.config.params("dense_vae")), rtol=1e-9, atol=1e-9)
+    params = {**rel.config.params("dense_dit"), "resolution": 2}
+    big = ReleaseConfig(Path("config.yaml"), {**rel.config.sections, "dense_dit": {"params": params}})
+    dit = _double(build_model(big, "dense_dit"))  # 2³ tokens so that attention mixes positions
+    gen_state = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) * 0.2 for k, v in dit.state_dict().items()}
+    dit.load_state_dict(gen_state)
+    pd = {e.official: e.to_official(gen_state[e.ours]) for e in key_map("dense_dit", gen_state)}
+    x = torch.randn(1, 8, 2, 2, 2, generator=gen, dtype=torch.float64)
+    cond = torch.randn(1, 5, params["cond_channels"], generator=gen, dtype=torch.float64)
+    got = dit(x, torch.tensor([311.0], dtype=torch.float64), cond)
+    want = ref.dense_dit(pd, params, x, 311.0, cond[0])
+    assert (got - want).abs().max() <= 2e-4 * want.abs().max()  # float32 timestep features, as officially
