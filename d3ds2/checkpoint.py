@@ -94,8 +94,13 @@ def load_net_weights(path: str | os.PathLike, net: nn.Module, prefer_ema: bool =
     """Load weights into ``net`` from a Lightning checkpoint or a plain state dict; report mismatches.
 
     Raises a ValueError that lists missing, unexpected and wrongly shaped keys when the checkpoint was
-    made for another architecture or configuration.
+    made for another architecture or configuration. ``official:DIR[#section]`` loads released Direct3D-S2
+    weights (see :mod:`d3ds2.official.init`).
     """
+    if isinstance(path, str) and path.startswith("official:"):
+        from .official.init import load_official_weights
+
+        return load_official_weights(path, net)
     path = Path(path)
     ckpt = load_checkpoint(path, type(net).__name__, "a d3ds2 training checkpoint (.ckpt, .safetensors) or a state dict")
     state = net_state_from_checkpoint(ckpt, prefer_ema)

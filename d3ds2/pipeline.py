@@ -1,8 +1,10 @@
 """Image -> mesh inference: DINOv2 condition -> index DiT -> occupied latent cells -> sparse DiT -> sparse SDF
-VAE decode -> sparse marching cubes (-> 1024 refinement stage) -> optional simplification.
+VAE decode -> marching cubes (-> 1024 refinement stage) -> optional simplification.
 
-Every model is loaded from a training run (its ``config_resolved.yaml`` + ``checkpoints/last.ckpt``, EMA
-weights preferred). Batches of images run together through every stage; stages report time and peak memory.
+Models come from training runs (:meth:`ImageTo3DPipeline.from_runs`: ``config_resolved.yaml`` +
+``checkpoints/last.ckpt``, EMA weights preferred) or from a released Direct3D-S2 folder
+(:meth:`ImageTo3DPipeline.from_pretrained`, official defaults and refiners). Batches of images run together
+through every stage; stages report time and peak memory.
 """
 from __future__ import annotations
 
@@ -98,21 +100,34 @@ class ImageTo3DPipeline:
     """Args: conditioner, index_vae (DenseShapeVAE), index_dit (DenseDiT), stage_512 (and optional
     stage_1024) :class:`SparseStage`; device; offload: keep models on the CPU except during their stage;
     index_threshold: occupancy probability of an occupied latent cell (official 0.1); mc_level: iso-level
-    of the decoded (normalised) SDF; surface_band: |sdf| (normalised) of the 512 voxels that seed the 1024
-    latent cells; weights_dtype: storage dtype of the parameters (compute runs in bf16 autocast on CUDA);
-    mesh_workers: processes extracting the meshes of a batch (see :func:`extract_meshes`)."""
+    of the decoded (normalised) SDF (official 0.2); surface_band: |sdf| (normalised) of the 512 voxels that
+    seed the 1024 latent cells when ``cells_from='band'``; cells_from: 'band' or 'mesh' (official: the 512
+    mesh re-normalised, cells within 4 voxels of its surface, see :mod:`d3ds2.official.cells`);
+    refiner_512 / refiner_1024: the official refiners (:mod:`d3ds2.models.refiner`), used when
+    ``remove_interior``; grid_device: where the refiners' dense grids are assembled (the CPU for low VRAM);
+    weights_dtype: storage dtype of the parameters (compute runs in bf16 autocast on CUDA);
+    mesh_workers: processes extracting the meshes of a batch (see :func:`extract_meshes`); matting: a
+    callable RGB [H, W, 3] float -> mask [H, W] for images without alpha (see :func:`load_matting`)."""
 
     def __init__(self, conditioner: ImageConditioner, index_vae: nn.Module, index_dit: nn.Module, stage_512: SparseStage,
                  stage_1024: SparseStage | None = None, device: str | torch.device = "cpu", offload: bool = False,
                  index_threshold: float = 0.1, mc_level: float = 0.0, surface_band: float = 0.5,
-                 weights_dtype: torch.dtype | str = torch.float32, mesh_workers: int = 1) -> None:
+                 weights_dtype: torch.dtype | str = torch.float32, mesh_workers: int = 1, cells_from: str = "band",
+                 refiner_512: nn.Module | None = None, refiner_1024: nn.Module | None = None, remove_interior: bool = True,
+                 grid_device: str = "cpu", matting=None) -> None:
+        if cells_from not in ("band", "mesh"):
+            raise ValueError(f"cells_from must be 'band' or 'mesh', got {cells_from!r}")
         self.conditioner, self.index_vae, self.index_dit = conditioner.eval(), index_vae.eval(), index_dit.eval()
         self.stage_512, self.stage_1024 = stage_512, stage_1024
+        self.refiner_512 = refiner_512.eval() if refiner_512 is not None else None
+        self.refiner_1024 = refiner_1024.eval() if refiner_1024 is not None else None
         self.device, self.offload = torch.device(device), offload
         self.index_threshold, self.mc_level, self.surface_band = index_threshold, mc_level, surface_band
-        self.mesh_workers = mesh_workers
+        self.cells_from, self.remove_interior, self.grid_device = cells_from, remove_interior, grid_device
+        self.mesh_workers, self.matting = mesh_workers, matting
         self.reports: list[StageReport] = []
         dtype = getattr(torch, weights_dtype) if isinstance(weights_dtype, str) else weights_dtype
+        self.weights_dtype = dtype
         for m in self._models():
             cast_parameters(m, dtype)
         if not offload:
@@ -140,11 +155,39 @@ class ImageTo3DPipeline:
             raise ValueError("no image encoder: the SS-DiT run pre-computed its features; pass backbone=<DINOv2 dir or hub id>")
         return cls(conditioner, vae, dit, stage_512, stage_1024, **kw)
 
+    @classmethod
+    def from_pretrained(cls, path: str, backbone: str | None = None, weights_dtype: str | torch.dtype | None = None,
+                        sections: tuple[str, ...] | None = None, **kw) -> "ImageTo3DPipeline":
+        """A released Direct3D-S2 folder (config.yaml + model_*.ckpt, v1.0 or v1.1) with the official settings:
+        mc_level 0.2, index threshold 0.1, 1024 cells from the 512 mesh, both refiners, weights in float16
+        on CUDA when the config says use_fp16 (float32 on the CPU). backbone: DINOv2-L/14-with-registers (transformers dir or hub id; the
+        release does not hold it). Other keyword arguments as in the constructor."""
+        from .official import load_release
+
+        rel = load_release(path, sections)
+        m = rel.models
+        fp16 = rel.config.use_fp16 and torch.device(kw.get("device", "cpu")).type == "cuda"
+        conditioner = ImageConditioner(backbone=backbone) if backbone else ImageConditioner()
+
+        def stage(res: str) -> SparseStage | None:
+            if f"sparse_dit_{res}" not in m:
+                return None
+            dit, vae = m[f"sparse_dit_{res}"], m[f"sparse_vae_{res}"]
+            c = dit.in_channels
+            return SparseStage(dit, vae, torch.zeros(c), torch.ones(c), vae.factor * vae.resolution)
+
+        kw = {"index_threshold": 0.1, "mc_level": 0.2, "cells_from": "mesh",
+              "weights_dtype": weights_dtype or (torch.float16 if fp16 else torch.float32), **kw}
+        pipe = cls(conditioner, m["dense_vae"], m["dense_dit"], stage("512"), stage("1024"),
+                   refiner_512=m.get("refiner"), refiner_1024=m.get("refiner_1024"), **kw)
+        pipe.release = rel
+        return pipe
+
     def _models(self) -> list[nn.Module]:
         ms = [self.conditioner, self.index_vae, self.index_dit, self.stage_512.dit, self.stage_512.vae]
         if self.stage_1024 is not None:
             ms += [self.stage_1024.dit, self.stage_1024.vae]
-        return ms
+        return ms + [r for r in (self.refiner_512, self.refiner_1024) if r is not None]
 
     # --------------------------------------------------------------------------------------------
     def _stage(self, name: str, models: list[nn.Module], fn, *args):
@@ -204,24 +247,41 @@ class ImageTo3DPipeline:
         return x.replace(latents), {"tokens": int(len(coords)), "max_tokens_per_sample": int(x.counts.max())}
 
     def _decode(self, stage: SparseStage, latents: SparseTensor):
-        sdf = stage.vae.decode(latents).sdf
-        return sdf.replace(sdf.feats.float()), {"fine_voxels": sdf.num_voxels}
+        out = stage.vae.decode(latents)
+        return (out.sdf.replace(out.sdf.feats.float()), out.feats), {"fine_voxels": out.sdf.num_voxels}
+
+    def _refine(self, refiner: nn.Module, sdf: SparseTensor, feats: SparseTensor | None, resolution: int, level: float):
+        """Official interior removal: dense refined SDF (patch by patch) -> dense marching cubes at ``level``."""
+        from .geometry.marching_cubes import dense_marching_cubes
+
+        if feats is not None:
+            grid = refiner.refine(sdf, feats, resolution, grid_device=self.grid_device)
+        else:
+            grid = refiner.refine(sdf, resolution, grid_device=self.grid_device)
+        meshes = [dense_marching_cubes(g, level) for g in grid]
+        return meshes, {"faces": [len(m.faces) for m in meshes]}
+
+    def _mesh_512(self, sdf: SparseTensor, feats: SparseTensor, resolution: int) -> list:
+        if self.remove_interior and self.refiner_512 is not None:  # official: MC at 2 x mc_level on the refined SDF
+            return self._stage("refiner 512", [self.refiner_512], self._refine, self.refiner_512, sdf, feats, resolution,
+                               2 * self.mc_level)
+        return self._stage("mesh", [], self._meshes, sdf, resolution, None)
 
     def _meshes(self, sdf: SparseTensor, resolution: int, simplify: float | None):
-        meshes = extract_meshes(sdf, resolution, self.mc_level, self.mesh_workers)
-        if simplify is not None:
-            meshes = [m.simplify_quadric_decimation(face_count=max(4, int(len(m.faces) * simplify))) if len(m.faces) > 100 else m
-                      for m in meshes]
+        meshes = self._simplified(extract_meshes(sdf, resolution, self.mc_level, self.mesh_workers), simplify)
         return meshes, {"faces": [len(m.faces) for m in meshes]}
 
     # --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, images: list, resolution: int = 512, seed: int = 0, dense: StageSampling | None = None,
                  sparse_512: StageSampling | None = None, sparse_1024: StageSampling | None = None,
-                 simplify: float | None = None) -> list:
+                 simplify: float | None = None, cells_512: torch.Tensor | None = None,
+                 cells_1024: torch.Tensor | None = None) -> list:
         """images: paths / PIL images / arrays -> list of trimesh meshes in [-1, 1]^3 (one per image).
 
-        simplify: fraction of faces to keep (None: no simplification)."""
+        simplify: fraction of faces to keep (None: no simplification); cells_512 / cells_1024: int (batch, x,
+        y, z) latent cells that replace the index stage / the 1024 cell derivation (known occupancy,
+        controlled token counts in benchmarks)."""
         if resolution not in (512, 1024):
             raise ValueError(f"resolution must be 512 or 1024, got {resolution}")
         if resolution == 1024 and self.stage_1024 is None:
@@ -233,19 +293,44 @@ class ImageTo3DPipeline:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         gen = torch.Generator().manual_seed(seed)
-        batch = torch.stack([preprocess_image(im, self.conditioner.image_size) for im in images])
+        batch = torch.stack([preprocess_image(im, self.conditioner.image_size, matting=self.matting) for im in images])
         b = batch.shape[0]
         tokens, masks = self._stage("condition", [self.conditioner], self._condition, batch)
-        coords = self._stage("index DiT", [self.index_dit, self.index_vae], self._index, tokens, dense, gen)
+        if cells_512 is None:
+            coords = self._stage("index DiT", [self.index_dit, self.index_vae], self._index, tokens, dense, gen)
+        else:
+            coords = cells_512.int()
         s = self.stage_512
         latents = self._stage("sparse DiT 512", [s.dit], self._sparse, s, coords, tokens, masks, b, sparse_512, gen, "sparse DiT 512")
-        sdf = self._stage("VAE decode 512", [s.vae], self._decode, s, latents)
-        if resolution == 1024:
-            s = self.stage_1024
+        sdf, feats = self._stage("VAE decode 512", [s.vae], self._decode, s, latents)
+        del latents
+        if resolution == 512 or self.cells_from == "mesh":
+            meshes = self._mesh_512(sdf, feats, s.resolution)
+        if resolution == 512:
+            return self._simplified(meshes, simplify)
+        s = self.stage_1024
+        if cells_1024 is not None:
+            cells = cells_1024.int()
+        elif self.cells_from == "mesh":
+            from .official.cells import batch_mesh_cells
+
+            cells = batch_mesh_cells(meshes, s.resolution)
+        else:
             cells = refine_cells(sdf, self.surface_band, s.resolution)
-            latents = self._stage("sparse DiT 1024", [s.dit], self._sparse, s, cells, tokens, masks, b, sparse_1024, gen, "sparse DiT 1024")
-            sdf = self._stage("VAE decode 1024", [s.vae], self._decode, s, latents)
+        del sdf, feats
+        latents = self._stage("sparse DiT 1024", [s.dit], self._sparse, s, cells, tokens, masks, b, sparse_1024, gen, "sparse DiT 1024")
+        sdf, _ = self._stage("VAE decode 1024", [s.vae], self._decode, s, latents)
+        if self.remove_interior and self.refiner_1024 is not None:
+            meshes = self._stage("refiner 1024", [self.refiner_1024], self._refine, self.refiner_1024, sdf, None,
+                                 s.resolution, self.mc_level)
+            return self._simplified(meshes, simplify)
         return self._stage("mesh", [], self._meshes, sdf, s.resolution, simplify)
+
+    def _simplified(self, meshes: list, simplify: float | None) -> list:
+        if simplify is None:
+            return meshes
+        return [m.simplify_quadric_decimation(face_count=max(4, int(len(m.faces) * simplify))) if len(m.faces) > 100 else m
+                for m in meshes]
 
 
 def extract_meshes(sdf: SparseTensor, resolution: int, level: float = 0.0, workers: int = 1) -> list:

@@ -113,3 +113,15 @@ def _mean_outward(mesh: trimesh.Trimesh, coords, sdf, R) -> float:
     d_out, i_out = tree.query(c + 2 * h * n)
     d_in, i_in = tree.query(c - 2 * h * n)
     return float(np.mean(np.asarray(sdf)[i_out] - np.asarray(sdf)[i_in]))
+
+
+def dense_marching_cubes(grid, level: float = 0.0) -> trimesh.Trimesh:
+    """Dense SDF grid [R, R, R] (numpy or torch, negative inside) -> mesh at iso ``level``; vertex i maps to
+    i / R * 2 - 1 (the official Direct3D-S2 frame). A grid without a crossing gives an empty mesh."""
+    from skimage.measure import marching_cubes
+
+    g = _numpy(grid).astype(np.float32)
+    if not (g.min() < level < g.max()):
+        return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), np.int64))
+    verts, faces, _, _ = marching_cubes(g, level=level, method="lewiner")
+    return trimesh.Trimesh(verts / g.shape[0] * 2 - 1, faces, process=False)

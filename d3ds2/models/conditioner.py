@@ -6,6 +6,7 @@ a LayerNorm without affine: [B, 1 + registers + (S/14)^2, C] = [B, 1374, 1024] f
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,26 +27,60 @@ DINOV2_L_REG_CONFIG = dict(hidden_size=1024, num_hidden_layers=24, num_attention
 
 # ------------------------------------------------------------------------------------------------
 # preprocessing
+MAX_IMAGE_SIDE = 2048  # larger images are reduced on load (the encoder sees 518 px)
+
+
+def open_image(path: str | Path, max_side: int = MAX_IMAGE_SIDE):
+    """A PIL image of ``path`` no larger than about ``max_side`` per side: JPEGs are decoded at a reduced scale
+    (``draft``), others reduced by an integer factor right after decoding. Clear errors for a missing file or
+    one that is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        im = Image.open(path)
+        if im.format == "JPEG" and max(im.size) > max_side:
+            im.draft("RGB", (max_side, max_side))  # DCT-domain downscale: never decoded at full size
+        im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: not a readable image ({e}); give a PNG / JPEG / WebP / BMP file") from e
+    factor = max(im.size) // max_side
+    if factor > 1:
+        im = im.reduce(factor)
+    return im
+
+
 def _load_rgba(image) -> tuple[np.ndarray, bool]:
     """(float32 [H, W, 4] in [0, 1], has_alpha) from a path, PIL image or uint8/float array (H, W, 3|4)."""
+    name = str(image) if isinstance(image, (str, Path)) else "the image"
     if isinstance(image, (str, Path)):
-        from PIL import Image
-
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
-        image = Image.open(path)
+        image = open_image(image)
     if hasattr(image, "mode"):  # PIL
         has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
         image = np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise ValueError(f"image must be [H, W, 3|4], got shape {arr.shape}")
+        raise ValueError(f"{name}: image must be [H, W, 3|4], got shape {arr.shape}")
+    if min(arr.shape[:2]) < 2:
+        raise ValueError(f"{name}: a {arr.shape[1]}x{arr.shape[0]} image has nothing to condition on; give a photo of "
+                         "the object (at least a few dozen pixels per side)")
     arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
     has_alpha = arr.shape[2] == 4 and bool((arr[..., 3] < 1.0).any())
+    if has_alpha and not (arr[..., 3] > 0).any():
+        raise ValueError(f"{name}: the image is fully transparent, so there is nothing to condition on; give an image "
+                         "whose alpha marks the object (or one without alpha)")
     if arr.shape[2] == 3:
         arr = np.concatenate([arr, np.ones_like(arr[..., :1])], axis=2)
     return arr, has_alpha
+
+
+def _warn_heuristic() -> None:
+    """Python shows a warning once per call site by default: once per process here."""
+    warnings.warn("image without alpha and no matting model: the foreground is guessed from the border colour "
+                  "(fails on cluttered backgrounds); give RGBA images or a matting model (inference.py "
+                  "matting=DIR, e.g. a local BiRefNet)", stacklevel=3)
 
 
 def estimate_foreground(rgb: np.ndarray, threshold: float = 0.1) -> np.ndarray:
@@ -59,16 +94,24 @@ def estimate_foreground(rgb: np.ndarray, threshold: float = 0.1) -> np.ndarray:
     return binary_fill_holes(fg).astype(np.float32)
 
 
-def preprocess_image(image, size: int = 518, pad: int = 16) -> torch.Tensor:
+def preprocess_image(image, size: int = 518, pad: int = 16, matting=None) -> torch.Tensor:
     """Image -> [4, size, size]: RGB composited over white (in [0, 1]) + foreground mask.
 
-    Foreground = the alpha channel when present, else :func:`estimate_foreground`. Crop to the foreground
+    Foreground = the alpha channel when present, else ``matting(rgb [H, W, 3]) -> mask [H, W]`` when given (a
+    matting model, see :func:`d3ds2.matting.load_matting`), else :func:`estimate_foreground` (warned: a
+    border-colour heuristic that fails on cluttered backgrounds). Crop to the foreground
     bbox (whole image if it covers < 0.1%), pad to a square, resize to ``size``, pad ``pad`` px per side and
     resize back (the official inference preprocessing).
     """
     arr, has_alpha = _load_rgba(image)
     rgb = arr[..., :3]
-    alpha = arr[..., 3] if has_alpha else estimate_foreground(rgb)
+    if has_alpha:
+        alpha = arr[..., 3]
+    elif matting is not None:
+        alpha = np.clip(np.asarray(matting(rgb), np.float32), 0.0, 1.0)
+    else:
+        _warn_heuristic()
+        alpha = estimate_foreground(rgb)
     ys, xs = np.nonzero(alpha > 0)
     if ys.size >= 0.001 * alpha.size:
         rgb, alpha = rgb[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1], alpha[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
