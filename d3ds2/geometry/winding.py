@@ -31,13 +31,15 @@ class WindingNumber:
         self._bvh = igl.FastWindingNumberBVH()
         self._bvh.init(np.ascontiguousarray(vertices, np.float64), np.ascontiguousarray(faces, np.int64))
 
-    def __call__(self, points: np.ndarray) -> np.ndarray:
-        """points [N, 3] -> w [N] float64 (1 inside / 0 outside a closed outward mesh)."""
+    def __call__(self, points: np.ndarray, refine: float = _REFINE) -> np.ndarray:
+        """points [N, 3] -> w [N] float64 (1 inside / 0 outside a closed outward mesh). Fast-pass values within
+        `refine` of 0.5 (where the sign is decided; np.inf: all) are evaluated again: those are within ~0.005
+        of the exact value, the others within ~0.15."""
         points = np.ascontiguousarray(np.asarray(points, np.float64).reshape(-1, 3))
         if not len(points):
             return np.zeros(0)
         w = self._bvh.winding_number(points, 1.0)
-        near = np.abs(w - 0.5) < _REFINE
+        near = np.abs(w - 0.5) < refine
         if near.any():
             w[near] = self._bvh.winding_number(np.ascontiguousarray(points[near]), 2.0)
         return w
