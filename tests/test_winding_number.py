@@ -108,15 +108,15 @@ def test_cut_sphere_sdf_has_the_sign_of_its_solid():
 def test_block_signs_match_brute_force_on_open_meshes():
     """Every stored voxel of holed meshes has the sign of the float64 winding number (block signs included)."""
     rng = np.random.default_rng(2)
-    sphere = trimesh.creation.icosphere(3, 0.8)
+    sphere = trimesh.creation.icosphere(2, 0.8)
     holes = rng.normal(size=(3, 3))
     holes /= np.linalg.norm(holes, axis=1, keepdims=True)
     holed = _cut(sphere, lambda x: (x / 0.8 @ holes.T).max(axis=1) < np.cos(np.radians([10, 25, 40]))[None].max())
-    box = _cut(trimesh.creation.box((1.2, 0.8, 0.9)).subdivide().subdivide(), lambda x: x[:, 0] < 0.3)
+    box = _cut(trimesh.creation.box((1.2, 0.8, 0.9)).subdivide(), lambda x: x[:, 0] < 0.3)
     for mesh in (holed, box):
-        solid = make_watertight(mesh, "winding", 48)
-        coords, values = compute_sparse_sdf(mesh.vertices, mesh.faces, 48, query=solid.query()).voxels()
-        ref = brute_winding(mesh.vertices, mesh.faces, voxel_centres(coords, 48))
+        solid = make_watertight(mesh, "winding", 40)
+        coords, values = compute_sparse_sdf(mesh.vertices, mesh.faces, 40, query=solid.query()).voxels()
+        ref = brute_winding(mesh.vertices, mesh.faces, voxel_centres(coords, 40))
         clear = np.abs(ref - 0.5) > 0.01
         assert clear.mean() > 0.99
         assert ((values < 0) == (ref > 0.5))[clear].all()
