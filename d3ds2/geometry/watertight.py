@@ -154,7 +154,7 @@ class Solid:
 
 
 def choose_path(mesh: trimesh.Trimesh, mode: str = "auto", probe: float = 2 * 2.0 / 256,
-                decisive: float = 0.9) -> Solid:
+                decisive: float = 0.8) -> Solid:
     """The path of `mesh` under `mode` (module doc), not yet rebuilt: on the rebuild path `surface` is the input.
     `probe`: distance (world units) of the winding-number probes from the surface; `decisive`: the fraction of
     decisive probes above which an open mesh is a solid (winding path)."""
@@ -180,7 +180,7 @@ def choose_path(mesh: trimesh.Trimesh, mode: str = "auto", probe: float = 2 * 2.
 
 
 def make_watertight(mesh: trimesh.Trimesh, mode: str = "auto", resolution: int = 256, offset: float = 0.75,
-                    backend: str = "auto", decisive: float = 0.9) -> Solid:
+                    backend: str = "auto", decisive: float = 0.8) -> Solid:
     """The `Solid` of `mesh` under `mode` (module doc); the rebuild path is rebuilt at `resolution` with
     `offset` voxels, and the winding numbers are probed 2 voxels of that grid from the surface."""
     solid = choose_path(mesh, mode, 2 * 2.0 / resolution, decisive)
@@ -189,7 +189,7 @@ def make_watertight(mesh: trimesh.Trimesh, mode: str = "auto", resolution: int =
     return solid
 
 
-def reference_surface(mesh: trimesh.Trimesh, resolution: int = 256, decisive: float = 0.9,
+def reference_surface(mesh: trimesh.Trimesh, resolution: int = 256, decisive: float = 0.8,
                       backend: str = "auto") -> trimesh.Trimesh:
     """The surface a reconstruction of ``mesh`` is scored against (watertight.mode=auto): its exact solid when it
     is made of closed bodies (faces buried inside other bodies are not surface); on the winding path the
