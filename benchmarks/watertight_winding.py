@@ -147,6 +147,29 @@ def _same_field(a, b) -> dict:
     return {"same_cells": False}
 
 
+def _write(rows: dict, args) -> dict:
+    """Summary of the rows so far; writes both to args.out."""
+    wind = [r for r in rows.values() if r["path"]["mode"] == "winding"]
+    summary = {
+        "meshes": len(rows), "paths": {m: sum(r["path"]["mode"] == m for r in rows.values())
+                                       for m in ("closed", "winding", "rebuild")},
+        "winding_min_sign_agree": {k: min((r["accuracy"][k]["sign_agree"] for r in wind if k in r["accuracy"]), default=None)
+                                   for k in ("uniform", "rim")},
+        "winding_max_sdf_err_p99": {k: max((r["accuracy"][k]["sdf_err_p99"] for r in wind if k in r["accuracy"]), default=None)
+                                    for k in ("uniform", "rim")},
+        "closed_all_bit_identical": all(r["closed_unchanged"].get("bit_identical", False)
+                                        for r in rows.values() if "closed_unchanged" in r),
+        "time_ratio_total": round(sum(r["winding_s"] for r in rows.values()) / sum(r["baseline_s"] for r in rows.values()), 3),
+        "time_ratio_median": float(np.median([r["ratio"] for r in rows.values()])),
+        "time_ratio_max": max(r["ratio"] for r in rows.values()),
+    }
+    result = {"resolution": args.resolution, "watertight_resolution": args.watertight, "machine": platform.processor() or platform.machine(),
+              "summary": summary, "meshes": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return summary
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--resolution", type=int, default=512)
@@ -179,24 +202,7 @@ def main():
             row["closed_unchanged"] = _same_field(old, new)
         rows[name] = row
         print(name, json.dumps(row), flush=True)
-    wind = [r for r in rows.values() if r["path"]["mode"] == "winding"]
-    summary = {
-        "meshes": len(rows), "paths": {m: sum(r["path"]["mode"] == m for r in rows.values())
-                                       for m in ("closed", "winding", "rebuild")},
-        "winding_min_sign_agree": {k: min((r["accuracy"][k]["sign_agree"] for r in wind if k in r["accuracy"]), default=None)
-                                   for k in ("uniform", "rim")},
-        "winding_max_sdf_err_p99": {k: max((r["accuracy"][k]["sdf_err_p99"] for r in wind if k in r["accuracy"]), default=None)
-                                    for k in ("uniform", "rim")},
-        "closed_all_bit_identical": all(r["closed_unchanged"].get("bit_identical", False)
-                                        for r in rows.values() if "closed_unchanged" in r),
-        "time_ratio_total": round(sum(r["winding_s"] for r in rows.values()) / sum(r["baseline_s"] for r in rows.values()), 3),
-        "time_ratio_median": float(np.median([r["ratio"] for r in rows.values()])),
-        "time_ratio_max": max(r["ratio"] for r in rows.values()),
-    }
-    result = {"resolution": R, "watertight_resolution": W, "machine": platform.processor() or platform.machine(),
-              "summary": summary, "meshes": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+        summary = _write(rows, args)  # after every mesh: a long run leaves its figures so far
     print(json.dumps(summary, indent=1))
 
 
