@@ -14,7 +14,9 @@ cell is lost); inside the surviving cells the same bound works on 4^3 and 2^3 su
 blocks whose centre is farther than their radius get one sign (ray parity on the watertight surface,
 `nsamples` rays) for all their voxels, blocks beyond trunc are clamped without further queries, and only
 voxels closer than trunc get their own distance query (and their own parity test only within about a
-voxel of the surface). No dense R^3 array is ever allocated.
+voxel of the surface). No dense R^3 array is ever allocated. An open mesh bounding a solid is signed by its
+winding number instead (`query=winding.WindingSign`): a block then takes its centre's sign only where the
+winding number cannot reach 0.5 inside it (`_block_sign`).
 """
 from __future__ import annotations
 
