@@ -80,6 +80,10 @@ def test_paths_closed_winding_and_sheet():
     made = choose_path(sheet)
     assert made.path == "rebuild" and 0.3 < made.decisive < 0.7, made.stats()
     assert "open sheet" in made.stats()["reason"]
+    inside_out = trimesh.Trimesh(sphere.vertices, sphere.faces[:, ::-1])  # closed but inverted: not a closed solid
+    made = choose_path(inside_out)
+    assert made.path == "winding" and "flipped" in made.reason
+    assert made.winding([[0, 0, 0]])[0] > 0.5 and made.surface.volume > 0
 
 
 def test_cut_sphere_sdf_has_the_sign_of_its_solid():

@@ -165,16 +165,19 @@ def choose_path(mesh: trimesh.Trimesh, mode: str = "auto", probe: float = 2 * 2.
     if mode == "always":
         return Solid("rebuild", "watertight.mode=always", mesh)
     if (solid := exact_solid(mesh)) is not None:
-        bodies = mesh.body_count
-        why = "closed solid" if solid is mesh else f"{bodies} closed bodies: their exact union"
+        why = "closed solid" if solid is mesh else f"{mesh.body_count} closed bodies: their exact union"
         return Solid("closed", why, solid)
     winding = WindingNumber(mesh.vertices, mesh.faces)
-    fraction = decisive_fraction(mesh, winding, probe)
+    fraction, inward = decisive_fraction(mesh, winding, probe)
+    flipped = ""
+    if inward and (mode == "winding" or fraction >= decisive):  # an inside-out solid: w = -1 inside
+        mesh = trimesh.Trimesh(mesh.vertices, np.asarray(mesh.faces)[:, ::-1], process=False)
+        winding, flipped = WindingNumber(mesh.vertices, mesh.faces), "; faces pointed inward: flipped"
     if mode == "winding":
-        return Solid("winding", "watertight.mode=winding", mesh, winding, fraction)
+        return Solid("winding", "watertight.mode=winding" + flipped, mesh, winding, fraction)
     if fraction >= decisive:
-        return Solid("winding", f"open; winding number decisive at {fraction:.1%} of probes (>= {decisive:.0%})",
-                     mesh, winding, fraction)
+        return Solid("winding", f"open; winding number decisive at {fraction:.1%} of probes (>= {decisive:.0%})"
+                     + flipped, mesh, winding, fraction)
     return Solid("rebuild", f"open sheet; winding number decisive at only {fraction:.1%} of probes "
                  f"(< {decisive:.0%})", mesh, None, fraction)
 

@@ -46,10 +46,11 @@ class WindingNumber:
 
 
 def decisive_fraction(mesh: trimesh.Trimesh, winding: WindingNumber, offset: float, samples: int = 20000,
-                      seed: int = 0) -> float:
-    """Fraction of probe points with |w - 0.5| > DECISIVE_MARGIN. Probes: `samples` area-weighted surface points
-    moved `offset` (world units) along their face normal to each side. A closed or cut-open solid gives ~1;
-    an open sheet (a plane, a leaf) gives ~0.5 (w stays near +-0.5 on its two sides)."""
+                      seed: int = 0) -> tuple[float, bool]:
+    """(fraction of probe points with |w - 0.5| > DECISIVE_MARGIN, inward: the faces point inward). Probes:
+    `samples` area-weighted surface points moved `offset` (world units) along their face normal to each side.
+    A closed or cut-open solid gives ~1; an open sheet (a plane, a leaf) gives ~0.5 (w stays near +-0.5 on its
+    two sides). Inward: more probes at w < -0.5 than at w > 0.5 (an inside-out solid has w = -1 inside)."""
     rng = np.random.default_rng(seed)
     area = np.asarray(mesh.area_faces, np.float64)
     face = rng.choice(len(area), samples, p=area / area.sum())
@@ -60,7 +61,7 @@ def decisive_fraction(mesh: trimesh.Trimesh, winding: WindingNumber, offset: flo
     points = tri[:, 0] + u[:, None] * (tri[:, 1] - tri[:, 0]) + v[:, None] * (tri[:, 2] - tri[:, 0])
     normal = np.asarray(mesh.face_normals, np.float64)[face]
     w = winding(np.concatenate([points + offset * normal, points - offset * normal]))
-    return float(np.mean(np.abs(w - 0.5) > DECISIVE_MARGIN))
+    return float(np.mean(np.abs(w - 0.5) > DECISIVE_MARGIN)), bool((w < -0.5).sum() > (w > 0.5).sum())
 
 
 def block_sure(w: np.ndarray, radius: float, distance: np.ndarray) -> np.ndarray:
