@@ -18,7 +18,7 @@ Which solid is stored (`make_watertight`, the `path` of a `Solid`):
   minus its inverted ones.
 - `winding`: an open mesh that bounds a solid (a scan cut at the base, a bust open at the neck, a model missing
   a face): the distance to the input surface with the sign of {w > 0.5}, w its generalized winding number
-  (`winding.py`); holes are capped where w crosses 0.5 across them. Chosen when w is decisive (|w - 0.5| >
+  (`winding.py`); holes are capped where w crosses 0.5 across them (within the stored band of their rim). Chosen when w is decisive (|w - 0.5| >
   0.3) at a fraction >= `decisive` of probe points on both sides of the surface.
 - `rebuild`: an open sheet (a plane, a leaf: w stays near 0.5 on one side) gets the thin closed shell above.
 - `input`: mode `never` trusts the input (ray parity on it).
@@ -196,8 +196,9 @@ def reference_surface(mesh: trimesh.Trimesh, resolution: int = 256, decisive: fl
                       backend: str = "auto") -> trimesh.Trimesh:
     """The surface a reconstruction of ``mesh`` is scored against (watertight.mode=auto): its exact solid when it
     is made of closed bodies (faces buried inside other bodies are not surface); on the winding path the
-    boundary of {w > 0.5} (holes capped), the zero level set of the stored SDF at `resolution`; the mesh itself
-    otherwise (open sheets)."""
+    boundary of {w > 0.5}, the zero level set of the stored SDF at `resolution` (holes capped within the band
+    around their rim; the middle of a hole wider than about 8 voxels stays open); the mesh itself otherwise
+    (open sheets)."""
     from d3ds2.geometry.marching_cubes import sparse_marching_cubes
 
     solid = choose_path(mesh, "auto", 2 * 2.0 / resolution, decisive)
