@@ -153,18 +153,19 @@ def _write(rows: dict, args) -> dict:
     summary = {
         "meshes": len(rows), "paths": {m: sum(r["path"]["mode"] == m for r in rows.values())
                                        for m in ("closed", "winding", "rebuild")},
-        "winding_min_sign_agree": {k: min((r["accuracy"][k]["sign_agree"] for r in wind if k in r["accuracy"]), default=None)
-                                   for k in ("uniform", "rim")},
-        "winding_max_sdf_err_p99": {k: max((r["accuracy"][k]["sdf_err_p99"] for r in wind if k in r["accuracy"]), default=None)
-                                    for k in ("uniform", "rim")},
+        "winding_min_sign_agree": {k: min((r["accuracy"][k]["sign_agree"] for r in wind if k in r["accuracy"]),
+                                          default=None) for k in ("uniform", "rim")},
+        "winding_max_sdf_err_p99": {k: max((r["accuracy"][k]["sdf_err_p99"] for r in wind if k in r["accuracy"]),
+                                           default=None) for k in ("uniform", "rim")},
         "closed_all_bit_identical": all(r["closed_unchanged"].get("bit_identical", False)
                                         for r in rows.values() if "closed_unchanged" in r),
-        "time_ratio_total": round(sum(r["winding_s"] for r in rows.values()) / sum(r["baseline_s"] for r in rows.values()), 3),
+        "time_ratio_total": round(sum(r["winding_s"] for r in rows.values())
+                                  / sum(r["baseline_s"] for r in rows.values()), 3),
         "time_ratio_median": float(np.median([r["ratio"] for r in rows.values()])),
         "time_ratio_max": max(r["ratio"] for r in rows.values()),
     }
-    result = {"resolution": args.resolution, "watertight_resolution": args.watertight, "machine": platform.processor() or platform.machine(),
-              "summary": summary, "meshes": rows}
+    result = {"resolution": args.resolution, "watertight_resolution": args.watertight,
+              "machine": platform.processor() or platform.machine(), "summary": summary, "meshes": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return summary
@@ -195,7 +196,8 @@ def main():
         row = {"faces": len(mesh.faces), "boundary_edges": int(len(_rim_points(mesh, np.inf))),
                "path": made.stats(), "baseline_path": old_path, "baseline_s": round(timed["baseline_s"], 2),
                "winding_s": round(timed["winding_s"], 2),
-               "ratio": round(timed["winding_s"] / timed["baseline_s"], 3), "band_voxels": int((np.abs(new.sdf) < new.band).sum())}
+               "ratio": round(timed["winding_s"] / timed["baseline_s"], 3),
+               "band_voxels": int((np.abs(new.sdf) < new.band).sum())}
         if made.path == "winding":
             row["accuracy"] = accuracy(mesh, new, R, args.samples, rng)
         if made.path == "closed":

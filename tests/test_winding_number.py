@@ -40,7 +40,8 @@ def test_matches_float64_solid_angle_sum():
     meshes = {
         "closed sphere": sphere,
         "cut sphere": _cut(sphere, lambda c: c[:, 2] < 0.3),
-        "holed box": _cut(trimesh.creation.box((1, 1, 1)).subdivide().subdivide(), lambda c: np.linalg.norm(c[:, :2], axis=1) > 0.2),
+        "holed box": _cut(trimesh.creation.box((1, 1, 1)).subdivide().subdivide(),
+                          lambda c: np.linalg.norm(c[:, :2], axis=1) > 0.2),
         "soup": trimesh.Trimesh(rng.normal(0, 0.5, (90, 3)), np.arange(90).reshape(-1, 3), process=False),
     }
     for name, mesh in meshes.items():
@@ -54,7 +55,8 @@ def test_matches_float64_solid_angle_sum():
 def test_closed_cube_open_cube_and_single_triangle():
     cube = trimesh.creation.box((1, 1, 1))
     w = WindingNumber(cube.vertices, cube.faces)
-    inside, outside = _random_points(np.random.default_rng(1), 500, 0.45), np.array([[0.8, 0, 0], [0, -2, 0.3], [3, 3, 3]])
+    inside = _random_points(np.random.default_rng(1), 500, 0.45)
+    outside = np.array([[0.8, 0, 0], [0, -2, 0.3], [3, 3, 3]])
     assert np.allclose(w(inside, np.inf), 1.0, atol=5e-3) and np.allclose(w(outside, np.inf), 0.0, atol=5e-3)
     assert (w(inside) > 0.85).all() and (w(outside) < 0.15).all()  # the fast pass away from 0.5
     top = cube.face_normals[:, 2] > 0.5

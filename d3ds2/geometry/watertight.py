@@ -18,8 +18,9 @@ Which solid is stored (`make_watertight`, the `path` of a `Solid`):
   minus its inverted ones.
 - `winding`: an open mesh that bounds a solid (a scan cut at the base, a bust open at the neck, a model missing
   a face): the distance to the input surface with the sign of {w > 0.5}, w its generalized winding number
-  (`winding.py`); holes are capped where w crosses 0.5 across them (within the stored band of their rim). Chosen when w is decisive (|w - 0.5| >
-  0.3) at a fraction >= `decisive` of probe points on both sides of the surface.
+  (`winding.py`); holes are capped where w crosses 0.5 across them (within the stored band of their rim).
+  Chosen when w is decisive (|w - 0.5| > 0.3) at a fraction >= `decisive` of probe points on both sides of
+  the surface.
 - `rebuild`: an open sheet (a plane, a leaf: w stays near 0.5 on one side) gets the thin closed shell above.
 - `input`: mode `never` trusts the input (ray parity on it).
 `mode="auto"` picks closed, else winding, else rebuild; `"winding"` picks closed, else winding; `"always"`
