@@ -18,6 +18,7 @@ from d3ds2.geometry.normalize import clean_mesh, normalise_mesh
 from d3ds2.geometry.sparse_sdf import compute_sparse_sdf
 from d3ds2.geometry.torch_distance import TorchSurfaceDistance
 from d3ds2.geometry.watertight import make_watertight
+from d3ds2.geometry.winding import WindingSign
 
 
 def _sync() -> None:
@@ -37,13 +38,16 @@ def main() -> None:
     for name, mesh in meshes.items():
         mesh, _ = normalise_mesh(clean_mesh(mesh), 0.95)
         t = time.perf_counter()
-        solid, rebuilt = make_watertight(mesh, "auto", args.resolution, 0.75, "torch")
+        made = make_watertight(mesh, "auto", args.resolution, 0.75, "torch")
+        solid = made.surface
         _sync()
-        row = {"faces": len(mesh.faces), "solid_faces": len(solid.faces), "rebuilt": rebuilt,
+        row = {"faces": len(mesh.faces), "solid_faces": len(solid.faces), "watertight": made.path,
                "watertight_s": round(time.perf_counter() - t, 2)}
         ref = None
         for chunk in args.chunks:
             query = TorchSurfaceDistance(solid.vertices, solid.faces, 3, chunk=chunk)
+            if made.winding is not None:  # an open solid: sign of its winding number
+                query = WindingSign(query, made.winding)
             t = time.perf_counter()
             sdf = compute_sparse_sdf(solid.vertices, solid.faces, args.resolution, query=query)
             _sync()

@@ -193,3 +193,34 @@ def test_prep_writes_split_named_shards(corpus, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no shards of split 'val' in .*empty.*val-\*\.tar"):
         os.makedirs(tmp_path / "empty")
         shard_urls(str(tmp_path / "empty"), "val")
+
+
+def test_mixed_folder_records_each_watertight_path(tmp_path):
+    """Closed solid, cut-open sphere (a solid by winding number) and an open sheet: each takes its path, and
+    the manifest says which and why."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    procedural_shape(0).export(inp / "closed.obj")
+    sphere = trimesh.creation.icosphere(3, 0.7)
+    keep = sphere.triangles_center[:, 2] < 0.3
+    trimesh.Trimesh(sphere.vertices, sphere.faces[keep]).export(inp / "cut_sphere.ply")
+    slab = trimesh.creation.box((1.6, 1.2, 1e-3))
+    trimesh.Trimesh(slab.vertices, slab.faces[slab.triangles_center[:, 2] > 0]).export(inp / "sheet.ply")
+    out = tmp_path / "out"
+    summary = run(_cfg(inp, out, views=0, resolutions=[32]), progress=False)
+    assert summary["ok"] == 3, summary["reasons"]
+    records = {os.path.basename(r["source"]): r for r in map(json.loads, open(out / "manifest" / "rank000.jsonl"))}
+    paths = {name: r["watertight"]["mode"] for name, r in records.items()}
+    assert paths == {"closed.obj": "closed", "cut_sphere.ply": "winding", "sheet.ply": "rebuild"}, records
+    assert records["cut_sphere.ply"]["watertight"]["decisive_fraction"] > 0.9
+    assert "open sheet" in records["sheet.ply"]["watertight"]["reason"]
+    # the cut sphere is stored as a solid: its centre voxels are inside (a thin shell would call them outside)
+    shards = glob.glob(str(out / "shards" / "*.tar"))
+    samples = {s["meta"]["source"]: s for shard in shards for s in map(decode_sample, read_tar(shard))}
+    cut = samples[str(inp / "cut_sphere.ply")]
+    assert cut["meta"]["stats"]["watertight"]["mode"] == "winding"
+    t = sample_to_tensors(cut, 32)
+    centres, sdf = -1 + (t["coords"].numpy().astype(np.float64) + 0.5) * 2 / 32, t["sdf"].numpy()
+    deep = np.abs(np.linalg.norm(centres, axis=1) - 0.55) < 0.05  # a shell of voxels well inside the ball
+    deep &= centres[:, 2] < 0.0
+    assert deep.sum() > 20 and (sdf[deep] < 0).all()

@@ -15,7 +15,7 @@ from ..geometry.mesh_io import MeshLoadError, load_mesh
 from ..geometry.normalize import BadMeshError, clean_mesh, normalise_mesh
 from ..geometry.render import render_views
 from ..geometry.sharp_edges import sample_segments, sharp_edges, sharp_voxel_mask
-from ..geometry.sparse_sdf import compute_sparse_sdf, surface_distance
+from ..geometry.sparse_sdf import compute_sparse_sdf
 from ..geometry.watertight import WatertightError, make_watertight
 
 
@@ -51,20 +51,23 @@ def build_sample(path: str, cfg) -> tuple[dict, dict]:
 
     t = time.perf_counter()
     try:
-        solid, rebuilt = make_watertight(mesh, cfg.watertight.mode, cfg.watertight.resolution,
-                                         cfg.watertight.offset, cfg.sdf.backend)
+        solid = make_watertight(mesh, cfg.watertight.mode, cfg.watertight.resolution, cfg.watertight.offset,
+                                cfg.sdf.backend, cfg.watertight.decisive)
     except WatertightError as e:
         raise SkipMesh(f"watertight failed: {e}") from None
     timings["watertight"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    edges = sharp_edges(mesh, cfg.sharp.angle_deg)
+    # the edges of the stored surface: the exact solid of closed bodies (no edge buried in another body), else
+    # the input (the winding path stores its surface; a rebuilt shell only offsets it)
+    edges = sharp_edges(solid.surface if solid.path == "closed" else mesh, cfg.sharp.angle_deg)
     timings["sharp_edges"] = time.perf_counter() - t
-    query = surface_distance(solid.vertices, solid.faces, cfg.sdf.nsamples, cfg.sdf.backend)
+    query = solid.query(cfg.sdf.nsamples, cfg.sdf.backend)
+    surface = solid.surface
     sdfs, voxel_counts = {}, {}
     for R in cfg.resolutions:
         t = time.perf_counter()
-        s = compute_sparse_sdf(solid.vertices, solid.faces, int(R), cfg.sdf.band, cfg.sdf.trunc, query=query)
+        s = compute_sparse_sdf(surface.vertices, surface.faces, int(R), cfg.sdf.band, cfg.sdf.trunc, query=query)
         if len(s.cells) == 0:
             raise SkipMesh(f"no occupied cell at resolution {R}")
         sharp = sharp_voxel_mask(s, sample_segments(edges, 1.0 / R), cfg.sharp.radius)
@@ -85,8 +88,8 @@ def build_sample(path: str, cfg) -> tuple[dict, dict]:
                     for k in ("elevation", "azimuth", "focal_mm", "sensor_mm")}}
         timings["render"] = time.perf_counter() - t
 
-    stats = {"faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)), "watertight_rebuilt": rebuilt,
-             "solid_faces": int(len(solid.faces)), "sharp_edges": int(len(edges)), "voxels": voxel_counts,
+    stats = {"faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)), "watertight": solid.stats(),
+             "solid_faces": int(len(surface.faces)), "sharp_edges": int(len(edges)), "voxels": voxel_counts,
              "timings": {k: round(v, 3) for k, v in timings.items()}}
     meta = {"source": path, "sha256": file_sha256(path), "normalisation": {"center": norm.center,
             "scale": norm.scale, "extent": cfg.extent}, "stats": stats}

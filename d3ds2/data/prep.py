@@ -73,7 +73,7 @@ def process_one(path: str, cfg, samples_dir: str) -> dict:
         return {"key": key, "source": path, "status": "fatal",
                 "reason": f"cannot write {samples_dir}: {e}; free space or choose another output folder"}
     return {"key": key, "source": path, "status": "ok", "seconds": round(time.perf_counter() - t, 3),
-            "voxels": stats["voxels"], "timings": stats["timings"]}
+            "voxels": stats["voxels"], "timings": stats["timings"], "watertight": stats["watertight"]}
 
 
 def crash_record(path: str, exitcode: int | None) -> dict:

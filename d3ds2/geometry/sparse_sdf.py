@@ -14,7 +14,9 @@ cell is lost); inside the surviving cells the same bound works on 4^3 and 2^3 su
 blocks whose centre is farther than their radius get one sign (ray parity on the watertight surface,
 `nsamples` rays) for all their voxels, blocks beyond trunc are clamped without further queries, and only
 voxels closer than trunc get their own distance query (and their own parity test only within about a
-voxel of the surface). No dense R^3 array is ever allocated.
+voxel of the surface). No dense R^3 array is ever allocated. An open mesh bounding a solid is signed by its
+winding number instead (`query=winding.WindingSign`): a block then takes its centre's sign only where the
+winding number cannot reach 0.5 inside it (`_block_sign`).
 """
 from __future__ import annotations
 
@@ -165,15 +167,26 @@ def _sign(query: SurfaceDistance, points: np.ndarray) -> np.ndarray:
     return np.where(query.inside(points), np.float32(-1.0), np.float32(1.0)) if len(points) else np.zeros(0, np.float32)
 
 
+def _block_sign(query, centres: np.ndarray, radius: float, dist: np.ndarray, h: float) -> tuple[np.ndarray, np.ndarray]:
+    """Block centres [N, 3] whose distance `dist` [N] (voxels) exceeds their `radius` (voxels) -> (sign [N] of the
+    centre, sure [N]: it holds for every voxel of the block). Ray parity is constant in a surface-free ball, so it
+    is always sure; a query with `block_inside` (winding numbers, which may cross 0.5 in free space) says."""
+    if hasattr(query, "block_inside") and len(centres):
+        inside, sure = query.block_inside(centres, radius * h, dist * h)
+        return np.where(inside, np.float32(-1.0), np.float32(1.0)), sure
+    return _sign(query, centres), np.ones(len(centres), bool)
+
+
 def _cells_sdf(query: SurfaceDistance, cells: np.ndarray, resolution: int, band: float,
                trunc: float) -> tuple[np.ndarray, np.ndarray]:
     """Candidate cells [M, 3] -> (occupied bool [M], sdf float32 [K, 512] of the K occupied ones, voxel units).
 
     Queries are as coarse as the 1-Lipschitz bound allows (d = unsigned distance in voxels). A 4^3 block whose
-    centre has d4 > _RAD4 lies in a surface-free ball: one parity test signs all its voxels, and when
-    d4 - _RAD4 >= trunc they are all clamped. Inside the other 4^3 blocks the same holds for 2^3 blocks
-    (_RAD2). The remaining voxels get their own distance d; their sign is their 2^3 centre's when
-    d + d2 > _RAD2 (the segment between them cannot cross the surface), else their own parity test.
+    centre has d4 > _RAD4 lies in a surface-free ball: one sign test signs all its voxels (when `_block_sign`
+    is sure of it), and when d4 - _RAD4 >= trunc they are all clamped. Inside the other 4^3 blocks the same
+    holds for 2^3 blocks (_RAD2). The remaining voxels get their own distance d; their sign is their 2^3
+    centre's when d + d2 > _RAD2 (the segment between them cannot cross the surface) and that sign is sure,
+    else their own sign test.
     """
     h = 2.0 / resolution
     d4 = query.unsigned(_block_centres(cells, 4, resolution).reshape(-1, 3)).reshape(-1, 8) / h
@@ -182,24 +195,32 @@ def _cells_sdf(query: SurfaceDistance, cells: np.ndarray, resolution: int, band:
     M = len(cells)
     uni4 = d4 > _RAD4 + _EPS  # one sign for the whole 4^3 block
     s4 = np.zeros((M, 8), np.float32)
-    s4[uni4] = _sign(query, _block_centres(cells, 4, resolution)[uni4])
+    s4[uni4], sure4 = _block_sign(query, _block_centres(cells, 4, resolution)[uni4], _RAD4 + _EPS, d4[uni4], h)
+    uni4[uni4] = sure4
     open4 = d4 - _RAD4 < trunc  # holds voxels closer than trunc
     open2 = open4[:, _SUB2_IN4]  # [M, 64]
     c2 = _block_centres(cells, 2, resolution)
     d2 = np.full((M, 64), np.inf, np.float32)
     d2[open2] = query.unsigned(c2[open2]) / h
     s2 = np.zeros((M, 64), np.float32)
-    need_s2 = open2 & ~uni4[:, _SUB2_IN4]
-    s2[need_s2] = _sign(query, c2[need_s2])
+    sure2 = np.ones((M, 64), bool)
+    need_s2 = ~uni4[:, _SUB2_IN4]
+    # a 2^3 centre is 1 voxel per axis from its 4^3 centre: d4 - sqrt(3) bounds the distance of those not queried
+    d2_low = np.where(open2, d2, d4[:, _SUB2_IN4] - np.sqrt(3.0))
+    s2[need_s2], sure2[need_s2] = _block_sign(query, c2[need_s2], _RAD2 + _EPS, d2_low[need_s2], h)
     D4, D2 = d4[:, _IN4], d2[:, _IN2]  # per voxel [M, 512]
     sign = np.where(uni4[:, _IN4], s4[:, _IN4], s2[:, _IN2])
+    unsure = ~uni4[:, _IN4] & ~sure2[:, _IN2]  # voxels whose block signs are not enough
     exact = (D4 - _RAD4 < trunc) & (D2 - _RAD2 < trunc)
     rows, local = np.nonzero(exact)
     pts = voxel_centres(cells[rows] * CELL + _LOCAL[local], resolution)
     d = query.unsigned(pts) / h
-    own = ~uni4[rows, _IN4[local]] & (d + D2[rows, local] <= _RAD2 + _EPS)
+    own = (~uni4[rows, _IN4[local]] & (d + D2[rows, local] <= _RAD2 + _EPS)) | unsure[rows, local]
     s = sign[rows, local]
     s[own] = _sign(query, pts[own])
+    far = np.nonzero(unsure & ~exact)  # clamped voxels of unsure blocks (winding numbers only)
+    if len(far[0]):
+        sign[far] = _sign(query, voxel_centres(cells[far[0]] * CELL + _LOCAL[far[1]], resolution))
     sdf = sign * np.float32(trunc)
     sdf[rows, local] = np.clip(s * d, -trunc, trunc)
     return occupied, sdf

@@ -1,6 +1,6 @@
 """Watertight, consistently oriented surfaces from meshes in the wild (open, non-manifold, soups, inner shells).
 
-Recipe (`make_watertight`), at grid resolution W in the [-1, 1]^3 frame, voxel h = 2 / W:
+Thin-shell rebuild (`rebuild_watertight`), at grid resolution W in the [-1, 1]^3 frame, voxel h = 2 / W:
 1. unsigned distance to the input triangles at the voxel centres within a few voxels of the surface
    (`sparse_sdf.candidate_cells` + Embree closest points: never a dense distance query);
 2. barrier = voxels with udf < `offset` voxels (>= 0.5 blocks every 6-connected path across the surface);
@@ -10,20 +10,36 @@ Recipe (`make_watertight`), at grid resolution W in the [-1, 1]^3 frame, voxel h
 Holes narrower than about 2 * offset voxels are closed; wider holes let the fill in, giving a thin closed
 shell around the open sheet (still watertight). Inner shells vanish because they are never reached.
 
-`mode="auto"` keeps the exact surface of an input made of closed bodies (sharp edges kept) and rebuilds the
-others; `"always"` rebuilds every mesh; `"never"` trusts the input. A mesh of several closed bodies (parts
-that interpenetrate, like the convex pieces of a decomposition, or an outer shell with an inverted inner one)
-is watertight edge-wise, but its faces inside other bodies are not surface and ray parity calls the overlaps
-outside; `exact_solid` replaces it by the boolean union of its outward bodies minus its inverted ones.
+Which solid is stored (`make_watertight`, the `path` of a `Solid`):
+- `closed`: an input made of closed bodies keeps its exact surface (sharp edges kept). A mesh of several closed
+  bodies (parts that interpenetrate, like the convex pieces of a decomposition, or an outer shell with an
+  inverted inner one) is watertight edge-wise, but its faces inside other bodies are not surface and ray
+  parity calls the overlaps outside; `exact_solid` replaces it by the boolean union of its outward bodies
+  minus its inverted ones.
+- `winding`: an open mesh that bounds a solid (a scan cut at the base, a bust open at the neck, a model missing
+  a face): the distance to the input surface with the sign of {w > 0.5}, w its generalized winding number
+  (`winding.py`); holes are capped where w crosses 0.5 across them (within the stored band of their rim).
+  Chosen when w is decisive (|w - 0.5| > 0.3) at a fraction >= `decisive` of probe points on both sides of
+  the surface.
+- `rebuild`: an open sheet (a plane, a leaf: w stays near 0.5 on one side) gets the thin closed shell above.
+- `input`: mode `never` trusts the input (ray parity on it).
+`mode="auto"` picks closed, else winding, else rebuild; `"winding"` picks closed, else winding; `"always"`
+rebuilds every mesh; `"never"` trusts the input.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import trimesh
 from scipy import ndimage
 
 from d3ds2.fallbacks import warn_fallback
-from d3ds2.geometry.sparse_sdf import candidate_cells, cell_voxel_coords, surface_distance, voxel_centres
+from d3ds2.geometry.sparse_sdf import (candidate_cells, cell_voxel_coords, compute_sparse_sdf, surface_distance,
+                                       voxel_centres)
+from d3ds2.geometry.winding import WindingNumber, WindingSign, decisive_fraction
+
+MODES = ("auto", "winding", "always", "never")
 
 
 class WatertightError(RuntimeError):
@@ -81,13 +97,6 @@ def exact_solid(mesh: trimesh.Trimesh, stray_area: float = 0.01) -> trimesh.Trim
     return result if len(result.faces) and is_closed_solid(result) else None
 
 
-def reference_surface(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
-    """The surface a reconstruction of ``mesh`` is scored against: its exact solid when it is made of closed
-    bodies (faces buried inside other bodies are not surface), the mesh itself otherwise (open meshes)."""
-    solid = exact_solid(mesh)
-    return mesh if solid is None else solid
-
-
 def rebuild_watertight(mesh: trimesh.Trimesh, resolution: int = 256, offset: float = 0.75,
                        backend: str = "auto") -> trimesh.Trimesh:
     """The outer `offset`-voxel iso-surface of the mesh's unsigned distance at `resolution` (see module doc);
@@ -126,14 +135,80 @@ def rebuild_watertight(mesh: trimesh.Trimesh, resolution: int = 256, offset: flo
     return out
 
 
-def make_watertight(mesh: trimesh.Trimesh, mode: str = "auto", resolution: int = 256,
-                    offset: float = 0.75, backend: str = "auto") -> tuple[trimesh.Trimesh, bool]:
-    """Returns (watertight mesh, rebuilt on the grid?) according to `mode` in {auto, always, never}; in auto
-    mode a mesh of closed bodies comes back as its exact solid (`exact_solid`), not rebuilt."""
-    if mode not in ("auto", "always", "never"):
-        raise ValueError(f"watertight mode {mode!r}: expected auto, always or never")
+@dataclass
+class Solid:
+    """The solid stored for one mesh. `path` in {closed, winding, rebuild, input} (module doc) and `reason` (why);
+    `surface` is the mesh whose distance is stored (exact solid, input, or rebuilt shell); on the winding path
+    `winding` gives its sign; `decisive` is the fraction of probes where w is far from 0.5 (None if not probed)."""
+
+    path: str
+    reason: str
+    surface: trimesh.Trimesh
+    winding: WindingNumber | None = None
+    decisive: float | None = None
+
+    def query(self, nsamples: int = 3, backend: str = "auto"):
+        """The distance/sign query of the stored SDF (`sparse_sdf.compute_sparse_sdf(query=...)`)."""
+        distance = surface_distance(self.surface.vertices, self.surface.faces, nsamples, backend)
+        return distance if self.winding is None else WindingSign(distance, self.winding)
+
+    def stats(self) -> dict:
+        """The manifest's record of the path: {mode, reason, decisive_fraction}."""
+        fraction = None if self.decisive is None else round(self.decisive, 4)
+        return {"mode": self.path, "reason": self.reason, "decisive_fraction": fraction}
+
+
+def choose_path(mesh: trimesh.Trimesh, mode: str = "auto", probe: float = 2 * 2.0 / 256,
+                decisive: float = 0.8) -> Solid:
+    """The path of `mesh` under `mode` (module doc), not yet rebuilt: on the rebuild path `surface` is the input.
+    `probe`: distance (world units) of the winding-number probes from the surface; `decisive`: the fraction of
+    decisive probes above which an open mesh is a solid (winding path)."""
+    if mode not in MODES:
+        raise ValueError(f"watertight.mode={mode!r}: expected one of {', '.join(MODES)}")
     if mode == "never":
-        return mesh, False
-    if mode == "auto" and (solid := exact_solid(mesh)) is not None:
-        return solid, False
-    return rebuild_watertight(mesh, resolution, offset, backend), True
+        return Solid("input", "watertight.mode=never: the input is trusted as a closed surface", mesh)
+    if mode == "always":
+        return Solid("rebuild", "watertight.mode=always", mesh)
+    if (solid := exact_solid(mesh)) is not None:
+        why = "closed solid" if solid is mesh else f"{mesh.body_count} closed bodies: their exact union"
+        return Solid("closed", why, solid)
+    winding = WindingNumber(mesh.vertices, mesh.faces)
+    fraction, inward = decisive_fraction(mesh, winding, probe)
+    flipped = ""
+    if inward and (mode == "winding" or fraction >= decisive):  # an inside-out solid: w = -1 inside
+        mesh = trimesh.Trimesh(mesh.vertices, np.asarray(mesh.faces)[:, ::-1], process=False)
+        winding, flipped = WindingNumber(mesh.vertices, mesh.faces), "; faces pointed inward: flipped"
+    if mode == "winding":
+        return Solid("winding", "watertight.mode=winding" + flipped, mesh, winding, fraction)
+    if fraction >= decisive:
+        return Solid("winding", f"open; winding number decisive at {fraction:.1%} of probes (>= {decisive:.0%})"
+                     + flipped, mesh, winding, fraction)
+    return Solid("rebuild", f"open sheet; winding number decisive at only {fraction:.1%} of probes "
+                 f"(< {decisive:.0%})", mesh, None, fraction)
+
+
+def make_watertight(mesh: trimesh.Trimesh, mode: str = "auto", resolution: int = 256, offset: float = 0.75,
+                    backend: str = "auto", decisive: float = 0.8) -> Solid:
+    """The `Solid` of `mesh` under `mode` (module doc); the rebuild path is rebuilt at `resolution` with
+    `offset` voxels, and the winding numbers are probed 2 voxels of that grid from the surface."""
+    solid = choose_path(mesh, mode, 2 * 2.0 / resolution, decisive)
+    if solid.path == "rebuild":
+        solid.surface = rebuild_watertight(mesh, resolution, offset, backend)
+    return solid
+
+
+def reference_surface(mesh: trimesh.Trimesh, resolution: int = 256, decisive: float = 0.8,
+                      backend: str = "auto") -> trimesh.Trimesh:
+    """The surface a reconstruction of ``mesh`` is scored against (watertight.mode=auto): its exact solid when it
+    is made of closed bodies (faces buried inside other bodies are not surface); on the winding path the
+    boundary of {w > 0.5}, the zero level set of the stored SDF at `resolution` (holes capped within the band
+    around their rim; the middle of a hole wider than about 8 voxels stays open); the mesh itself otherwise
+    (open sheets)."""
+    from d3ds2.geometry.marching_cubes import sparse_marching_cubes
+
+    solid = choose_path(mesh, "auto", 2 * 2.0 / resolution, decisive)
+    if solid.path != "winding":
+        return solid.surface
+    sdf = compute_sparse_sdf(solid.surface.vertices, solid.surface.faces, resolution,
+                             query=solid.query(backend=backend))
+    return sparse_marching_cubes(*sdf.voxels(), resolution)

@@ -64,7 +64,8 @@ def mesh_to_sample(path: str, resolution: int, band: float = 4.0, trunc: float =
     from ..data.sdf_transforms import sample_at_resolution
 
     mesh, _ = normalise_mesh(clean_mesh(load_mesh(path)), cfg.extent)
-    return sample_at_resolution(sample, resolution), reference_surface(mesh)
+    return sample_at_resolution(sample, resolution), reference_surface(mesh, cfg.watertight.resolution,
+                                                                    cfg.watertight.decisive, cfg.sdf.backend)
 
 
 @torch.no_grad()
