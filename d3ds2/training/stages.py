@@ -192,7 +192,7 @@ def apply_chain(cfg) -> dict[str, str]:
         if spec is None and not task or skip:
             continue
         with open_dict(cfg):
-            if str(spec).lower() == "none":
+            if isinstance(spec, str) and spec.lower() == "none":
                 cfg.model[key] = None
                 continue
             cfg.model[key] = filled[f"model.{key}"] = resolve_checkpoint(spec, log_dir, task, stage)
