@@ -1,8 +1,8 @@
 """Pictures of what a stage makes, published at validation: a PNG in the run folder and every image logger.
 
 Each stage builds one RGB uint8 picture per validation (reconstructions, occupancy projections, decoded
-samples beside the ground truth) and calls :func:`publish_picture` on every rank; rank 0 writes
-``<log dir>/val_renders/step_XXXXXXX.png`` and sends it to TensorBoard (``add_image``) and wandb
+samples beside the ground truth) and calls :func:`publish_picture`; rank 0 writes
+``<run dir>/val_renders/step_XXXXXXX.png`` and sends it to TensorBoard (``add_image``) and wandb
 (``log_image``), so it appears every ``trainer.val_check_interval`` steps.
 """
 from __future__ import annotations
@@ -58,12 +58,12 @@ def stack_rows(rows: list[np.ndarray]) -> np.ndarray:
 
 
 def publish_picture(module, image: np.ndarray | None, tag: str) -> Path | None:
-    """Write ``image`` (RGB uint8 [H, W, 3]; None on ranks other than 0, or when there is nothing to show)
-    for the module's current step; call on every rank (the log directory is a collective under DDP)."""
+    """Write ``image`` (RGB uint8 [H, W, 3]; None when there is nothing to show) for the module's current
+    step to ``<run dir>/val_renders/`` and the loggers; only rank 0 writes."""
     trainer = module.trainer
-    root = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast under DDP: every rank asks
     if image is None or not trainer.is_global_zero:
         return None
+    root = Path(trainer.default_root_dir)
     step = module.global_step
     path = root / "val_renders" / f"step_{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ class VAEModule(BaseModule):
     """Args (besides BaseModule's): loss weights (``w_in, w_ext, w_sharp, w_kl, w_occ``, ``loss_kind``),
     ``val_meshes``: validation batches whose meshes are extracted and scored (Chamfer, F-score, normal
     consistency vs the iso-0 surface of the ground-truth SDF), ``render_meshes``: how many of those are
-    rendered (ground truth | reconstruction) to ``<log dir>/val_renders/step_XXXXXXX.png``, TensorBoard
+    rendered (ground truth | reconstruction) to ``<run dir>/val_renders/step_XXXXXXX.png``, TensorBoard
     and wandb (:func:`~d3ds2.training.pictures.publish_picture`);
     ``init_from``: a checkpoint whose net weights initialise the model (not a resume)."""
 
