@@ -131,6 +131,7 @@ class Walk:
         timeout = self.left() if timeout is None else timeout
         if timeout <= 5:
             raise OutOfTime(name)
+        timeout = None if timeout == float("inf") else timeout
         entry = self.record["stages"].setdefault(name, {})
         entry.setdefault("commands", [])
         line = " ".join([Path(sys.executable).name, *cmd])
@@ -197,7 +198,7 @@ class Walk:
         out = self.run(f"prep_{part}", ["-m", "data_prep", f"input={self.work / 'meshes' / part}",
                                         f"output={self.work / 'data' / part}", f"resolutions=[{res}]",
                                         f"views={self.s['views']}", f"render.size={self.s['render_size']}",
-                                        f"watertight.resolution={self.s['watertight']}", "samples_per_shard=16",
+                                        f"watertight.resolution={self.s['watertight']}", "samples_per_shard=2",
                                         f"workers={self.s['workers']}", "progress=false"])
         summary = json.loads(out[out.index("{"):])
         return {k: summary[k] for k in ("ok", "inputs", "shards") if k in summary}
@@ -205,13 +206,18 @@ class Walk:
     def shards(self, part: str) -> str:
         return str(self.work / "data" / part / "shards" / "*.tar")
 
+    def loader_workers(self) -> int:
+        """Loader processes: each needs a shard of its own in both splits (2 meshes per shard)."""
+        shards = min(len(list((self.work / "data" / p / "shards").glob("*.tar"))) for p in ("train", "heldout"))
+        return max(0, min(1 if self.device == "cpu" else 4, shards))
+
     def common(self, task_exp: str, steps: int) -> list[str]:
         """train.py arguments shared by the training stages."""
         cmd = ["train.py", f"experiment={task_exp}", f"paths.root_dir={self.work}", f"run_name={RUN}",
                "ckpt_path=last", "logger=many", "callbacks.progress_bar.refresh_rate=0", f"trainer.max_steps={steps}",
                f"trainer.val_check_interval={self.s['val_every']}", "trainer.limit_val_batches=2",
                f"callbacks.model_checkpoint.every_n_train_steps={self.s['val_every']}",
-               f"pause_after={max(10, int(self.left() - self.margin_s))}"]
+               *([f"pause_after={max(10, int(self.left() - self.margin_s))}"] if self.left() < float("inf") else [])]
         if self.device == "cpu":
             cmd += ["trainer.accelerator=cpu", "trainer.precision=32"]
         else:
@@ -233,7 +239,7 @@ class Walk:
         cmd = self.common(s["vae_exp"], s["vae_steps"]) + [
             f"data.train_shards={self.shards('train')}", f"data.val_shards={self.shards('heldout')}",
             f"data.resolutions=[{','.join(map(str, s['vae_res']))}]", f"data.val_resolution={s['vae_res'][0]}",
-            "data.num_workers=2" if self.device == "cpu" else "data.num_workers=6", "model.val_meshes=2",
+            f"data.num_workers={self.loader_workers()}", "model.val_meshes=2",
             "model.render_meshes=2", *([f"data.batch_voxels={s['vae_batch_voxels']}"] if s["vae_batch_voxels"] else [])]
         return self.train("vae", s["vae_exp"], cmd)
 
@@ -274,7 +280,7 @@ class Walk:
     def latent_data(self, R: int) -> list[str]:
         base = self.work / "data" / "latents" / str(R)
         return [f"data.train_shards={base / 'train' / '*.tar'}", f"data.val_shards={base / 'heldout' / '*.tar'}",
-                "data.num_workers=0" if self.device == "cpu" else "data.num_workers=2"]
+                f"data.num_workers={self.loader_workers()}"]
 
     def conditioner(self) -> str:
         cfg = ",".join(f"{k}:{v}" for k, v in self.s["dino"].items())
