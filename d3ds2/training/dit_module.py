@@ -103,7 +103,7 @@ class SparseFlowModule(PicturesAtValidation, BaseModule):
         self.frozen = {"vae": self._load_vae(vae_ckpt, resolution, picture_samples)}
         self.resolution = resolution
         self.picture_samples = picture_samples if self.frozen["vae"] is not None else 0
-        self.picture_sampling = StageSampling(**(picture_sampling or {"steps": 25, "shift": 6.0, "guidance": 7.0}))
+        self.picture_sampling = StageSampling(**(picture_sampling or {"steps": 25}))
 
     @staticmethod
     def _load_vae(vae_ckpt: str | None, resolution: int | None, picture_samples: int) -> nn.Module | None:

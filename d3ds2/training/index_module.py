@@ -112,7 +112,7 @@ class IndexFlowModule(PicturesAtValidation, BaseModule):
         if init_from:
             load_net_weights(init_from, self.net, prefer_ema=True)
         self.picture_samples = picture_samples
-        self.picture_sampling = StageSampling(**(picture_sampling or {"steps": 25, "shift": 6.0, "guidance": 7.0}))
+        self.picture_sampling = StageSampling(**(picture_sampling or {"steps": 25}))
 
     def _batch_size(self, batch: dict) -> int:
         return batch["latent"].batch_size
