@@ -17,7 +17,8 @@ skips the finished stages; a training stage that ran out of the call's time stop
 stage is finished when its run wrote ``finished.json``. The stages find the runs they build on by task name
 (chain.init / chain.vae / vae_from), so no run path is typed.
 
-Sizes: ``tiny`` runs on a CPU in minutes (tiny models, 32^3 / 64^3); ``small`` is for one H100/H200 in
+Sizes: ``tiny`` runs on a CPU in minutes (tiny models; data at 32^3 and 64^3, the VAE trained at 32^3 and
+encoding both, the SS-DiT at 32 then 64, the index stage at 64); ``small`` is for one H100/H200 in
 10-minute calls: the full v1.1-size VAE (37.9M parameters) at 256/384/512, but the small index VAE / index
 DiT / SS-DiT (index_vae_small, index_dit_small, dit_small: full-size ones cannot learn anything in minutes)
 and a random-weight DINOv2-L (no download on the GPU machine; seeded, so training and inference see the
@@ -45,7 +46,7 @@ LARGE_DINO = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads
 
 SIZES = {
     "tiny": dict(n_procedural=5, real="pymeshfix", views=2, render_size=128, watertight=64, prep_res=[32, 64],
-                 vae_exp="vae_tiny", vae_res=[32, 64], vae_steps=60, vae_batch_voxels=400000, dit_res=[32, 64], index_res=64,
+                 vae_exp="vae_tiny", vae_res=[32], vae_steps=40, vae_batch_voxels=100000, dit_res=[32, 64], index_res=64,
                  index_vae_exp="index_vae_tiny", index_dit_exp="index_dit_tiny", dit_exp="dit_tiny", dino=TINY_DINO,
                  index_vae_steps=40, index_dit_steps=30, dit_steps=[30, 20], val_every=30, picture_steps=4,
                  sample_steps=5, heldout_percent=30, workers=2),
