@@ -46,7 +46,7 @@ LARGE_DINO = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads
 
 SIZES = {
     "tiny": dict(n_procedural=5, real="pymeshfix", views=2, render_size=128, watertight=64, prep_res=[32, 64],
-                 vae_exp="vae_tiny", vae_res=[32], vae_steps=40, vae_batch_voxels=100000, dit_res=[32, 64], index_res=64,
+                 vae_exp="vae_tiny", vae_res=[32], vae_steps=40, vae_batch_voxels=0, dit_res=[32, 64], index_res=64,
                  index_vae_exp="index_vae_tiny", index_dit_exp="index_dit_tiny", dit_exp="dit_tiny", dino=TINY_DINO,
                  index_vae_steps=40, index_dit_steps=30, dit_steps=[30, 20], val_every=30, picture_steps=4,
                  sample_steps=5, heldout_percent=30, workers=2),
