@@ -89,3 +89,18 @@ def test_index_and_dit_stages_draw_samples(root):
 
     assert OmegaConf.load(dit / "config_resolved.yaml").model.vae_ckpt == str(
         root / "logs" / "vae_tiny" / "v" / "checkpoints" / "last.ckpt")
+
+
+def test_pictures_reach_wandb_offline(tmp_path, monkeypatch):
+    """logger=wandb (offline, the default): the VAE's reconstructions land in the offline run's media."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    run_composed(compose_train("vae_tiny", run, f"paths.root_dir={tmp_path}", *VALIDATE_AT_2, "logger=[csv,wandb]",
+                               "data.resolutions=[16]", "data.val_resolution=16", "model.render_meshes=1"))
+    import wandb
+
+    wandb.finish()
+    images = list(run.glob("wandb/offline-run-*/files/media/images/val/reconstructions_*.png"))
+    assert len(images) == 1 and np.asarray(Image.open(images[0])).shape == picture(run, 2).shape
