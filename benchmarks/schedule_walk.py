@@ -17,7 +17,8 @@ skips the finished stages; a training stage that ran out of the call's time stop
 stage is finished when its run wrote ``finished.json``. The stages find the runs they build on by task name
 (chain.init / chain.vae / vae_from), so no run path is typed.
 
-Sizes: ``tiny`` runs on a CPU in minutes (tiny models; data at 32^3 and 64^3, the VAE trained at 32^3 and
+Sizes: ``tiny`` runs on a CPU (about 14 minutes on 2 busy cores; tiny models seeing seconds of training, so
+its meshes come out empty: it proves the chain, not quality; data at 32^3 and 64^3, the VAE trained at 32^3 and
 encoding both, the SS-DiT at 32 then 64, the index stage at 64); ``small`` is for one H100/H200 in
 10-minute calls: the full v1.1-size VAE (37.9M parameters) at 256/384/512, but the small index VAE / index
 DiT / SS-DiT (index_vae_small, index_dit_small, dit_small: full-size ones cannot learn anything in minutes)
@@ -339,13 +340,18 @@ class Walk:
                         n += 1
         return views, refs
 
+    @staticmethod
+    def label(part: str) -> str:
+        """Stage-name form of a split: the training meshes are the held-in ones."""
+        return "heldin" if part == "train" else part
+
     def infer(self, part: str) -> dict:
         views, _ = self.views(part)
         gen = self.work / "generated" / part
         shutil.rmtree(gen, ignore_errors=True)
         gen.mkdir(parents=True)
         steps = self.s["sample_steps"]
-        out = self.run(f"infer_{part}", [
+        out = self.run(f"infer_{self.label(part)}", [
             "inference.py", f"image={views}", f"out={gen / 'g.ply'}", f"device={self.device}",
             f"ckpt.index_dit={self.work / 'logs' / self.s['index_dit_exp'] / RUN}",
             f"ckpt.sparse_dit_512={self.work / 'logs' / ('walk_dit_' + str(self.s['dit_res'][-1])) / RUN}",
@@ -358,7 +364,7 @@ class Walk:
 
     def evaluate(self, part: str) -> dict:
         out = self.work / "eval" / part
-        self.run(f"evaluate_{part}", ["evaluate.py", f"pred_dir={self.work / 'generated' / part}",
+        self.run(f"evaluate_{self.label(part)}", ["evaluate.py", f"pred_dir={self.work / 'generated' / part}",
                                       f"ref_dir={self.work / 'refs' / part}", f"out={out}", "n_points=20000",
                                       f"hydra.run.dir={out}"])
         summary = json.loads((out / "summary.json").read_text())
