@@ -406,10 +406,10 @@ class RetrievalRun:
             return [f"model.resolution={grid}"]
         if stage == "index_dit":
             return [f"model.resolution={grid}", f"model.net.resolution={grid // 4}", f"model.net.cond_channels={cond}",
-                    f"vae_run={RUN_NAME}", "model.conditioner=null"]
+                    f"vae_from={self.work / 'logs' / self.exps['index_vae'] / RUN_NAME}", "model.conditioner=null"]
         latent = OmegaConf.load(self.vae / "config_resolved.yaml").model.net.latent_channels
         return [f"model.net.in_channels={latent}", f"model.net.cond_channels={cond}", "model.conditioner=null",
-                f"model.latent_stats={self.latents / 'stats.json'}"]
+                f"model.latent_stats={self.latents / 'stats.json'}", f"vae_from={self.vae}"]
 
     def launch(self, stage: str, wall: float) -> dict:
         """Start train.py on this stage's experiment, time-boxed to end ``wall`` s from now (its start-up

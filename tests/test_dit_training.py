@@ -90,9 +90,10 @@ def test_tiny_experiments_train_and_chain(latent_root, tmp_path):
     assert np.isfinite(m["train/loss"])
     m = _train(latent_root, logs / "index_dit_tiny" / "demo", "index_dit_tiny", "trainer.max_steps=3")
     assert np.isfinite(m["train/loss"])
-    m = _train(latent_root, logs / "dit_tiny" / "demo", "dit_tiny", "trainer.max_steps=3")
+    m = _train(latent_root, logs / "dit_tiny" / "demo", "dit_tiny", "trainer.max_steps=3", "vae_from=none")
     assert np.isfinite(m["train/loss"])
     ckpt = torch.load(logs / "dit_tiny" / "demo" / "checkpoints" / "last.ckpt", weights_only=True)
     assert "ema" in ckpt and not any(k.startswith("conditioner") for k in ckpt["state_dict"])
     # the next progressive stage starts from this checkpoint's EMA weights
-    _train(latent_root, tmp_path / "next", "dit_tiny", "trainer.max_steps=1", f"model.init_from={logs / 'dit_tiny' / 'demo' / 'checkpoints' / 'last.ckpt'}")
+    _train(latent_root, tmp_path / "next", "dit_tiny", "trainer.max_steps=1", "vae_from=none",
+           f"init_from={logs / 'dit_tiny' / 'demo' / 'checkpoints' / 'last.ckpt'}")

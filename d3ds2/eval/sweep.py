@@ -174,8 +174,8 @@ def summarise_sweep(sweep_dir: str | Path) -> dict[str, Path]:
     write_markdown(paths["md"], fields, table)
     try:
         plot(paths["png"], table, metric_columns(points))
-    except ImportError as err:  # the table is written; the plot needs the eval extra
-        log.warning("no sweep plot: %s; pip install 'd3ds2[eval]' (matplotlib) and run python -m d3ds2.eval.sweep %s",
+    except ImportError as err:  # the table is written; the plot needs the plots extra
+        log.warning("no sweep plot: %s; pip install 'd3ds2[plots]' (matplotlib) and run python -m d3ds2.eval.sweep %s",
                     err, sweep_dir)
         del paths["png"]
     return paths

@@ -5,14 +5,18 @@ import json
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from ..flow import TimestepSampler, drop_conditions, flow_matching_loss, interpolate, velocity_target
+from ..checkpoint import load_net_weights
+from ..flow import TimestepSampler, drop_conditions, flow_matching_loss, guided_velocity, interpolate, null_condition, velocity_target
 from ..models.conditioner import ImageConditioner, sparse_condition
 from ..models.dit_layers import SparseCondition
+from ..pipeline import StageSampling, extract_meshes, load_model, resolve_run
+from ..sparse import SparseTensor
 from .base_module import BaseModule
-from ..checkpoint import load_net_weights
+from .pictures import PicturesAtValidation, image_tile, open3d_available, render_pair, stack_rows
 
 
 def load_latent_stats(path: str | Path | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,10 +53,28 @@ class FrozenConditioner:
         return batch["cond_fg"] if "cond_fg" in batch else self.encoder.patch_mask(batch["images"][:, 3:])
 
 
-class SparseFlowModule(BaseModule):
+def first_samples(batch: dict, k: int) -> dict:
+    """The first ``k`` samples of a latent batch (latent, condition tokens / views)."""
+    x = batch["latent"]
+    keep = x.batch_ids < k
+    out = {"latent": SparseTensor(x.feats[keep], x.coords[keep], k)}
+    for name in ("cond", "cond_fg", "images"):
+        if name in batch:
+            out[name] = batch[name][:k]
+    return out
+
+
+class SparseFlowModule(PicturesAtValidation, BaseModule):
     """Args (beyond BaseModule's): conditioner (frozen DINOv2, needed when batches hold images),
     timestep_sampler, p_uncond (CFG condition dropout), latent_stats (JSON of per-channel mean/std),
-    init_from (checkpoint of the previous progressive stage: its net/EMA weights initialise ``net``)."""
+    init_from (checkpoint of the previous progressive stage: its net/EMA weights initialise ``net``).
+
+    Pictures: vae_ckpt (a checkpoint inside a VAE run, whose ``config_resolved.yaml`` builds the VAE; None:
+    no pictures) decodes, for the first ``picture_samples`` validation samples, [input view |] the ground-truth
+    latent | a latent sampled on the same cells with ``picture_sampling`` (steps, shift, guidance), as meshes
+    at the fine ``resolution`` of the stage."""
+
+    picture_tag = "val/samples"
 
     def __init__(
         self,
@@ -64,6 +86,10 @@ class SparseFlowModule(BaseModule):
         p_uncond: float = 0.1,
         latent_stats: str | None = None,
         init_from: str | None = None,
+        vae_ckpt: str | None = None,
+        resolution: int | None = None,
+        picture_samples: int = 2,
+        picture_sampling: dict | None = None,
     ) -> None:
         super().__init__(net, optimizer, scheduler)
         self.cond = FrozenConditioner(conditioner)
@@ -74,6 +100,41 @@ class SparseFlowModule(BaseModule):
         self.register_buffer("latent_std", std)
         if init_from:
             load_net_weights(init_from, self.net, prefer_ema=True)
+        self.frozen = {"vae": self._load_vae(vae_ckpt, resolution, picture_samples)}
+        self.resolution = resolution
+        self.picture_samples = picture_samples if self.frozen["vae"] is not None else 0
+        self.picture_sampling = StageSampling(**(picture_sampling or {"steps": 25}))
+
+    @staticmethod
+    def _load_vae(vae_ckpt: str | None, resolution: int | None, picture_samples: int) -> nn.Module | None:
+        """The frozen VAE of the pictures, built from its run's config (None when pictures are off)."""
+        if not picture_samples or not vae_ckpt or not open3d_available("model.picture_samples"):
+            return None
+        if resolution is None:
+            raise ValueError("model.resolution (the stage's fine resolution) is needed to draw the decoded samples; "
+                             "set it, or model.picture_samples=0")
+        cfg, ckpt = resolve_run(vae_ckpt)
+        return load_model(cfg.model.net, ckpt)
+
+    def make_picture(self, batch: dict) -> np.ndarray:
+        vae = self.frozen["vae"].to(self.device)
+        sub = first_samples(batch, min(self.picture_samples, batch["latent"].batch_size))
+        x, k = sub["latent"], sub["latent"].batch_size
+        cond = self.condition(sub)
+        noise = torch.randn(x.feats.shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+
+        def velocity(feats, t, w):
+            return guided_velocity(lambda xx, tt, cc: self.net(xx, tt, cc).feats.float(), x.replace(feats), t, cond,
+                                   null_condition(cond), w)
+
+        z = self.picture_sampling.sampler().sample(velocity, noise, k) * self.latent_std + self.latent_mean
+        truth = extract_meshes(vae.decode(x.replace(x.feats.float())).sdf, self.resolution)
+        drawn = extract_meshes(vae.decode(x.replace(z)).sdf, self.resolution)
+        rows = []
+        for i in range(k):
+            tiles = [image_tile(sub["images"][i], 192)] if "images" in sub else []
+            rows.append(np.concatenate([*tiles, render_pair([truth[i], drawn[i]])], 1))
+        return stack_rows(rows)
 
     def _batch_size(self, batch: dict) -> int:
         return batch["latent"].batch_size

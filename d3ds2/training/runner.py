@@ -7,11 +7,15 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import AtomicCheckpointIO, newest_readable_checkpoint
 from .config_check import check_config_types
+from .pause import PauseAfter
+from .plots import plot_metrics
+from .stages import apply_chain, clear_finished_marker, write_finished_marker
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,16 @@ def save_final_checkpoint(trainer: L.Trainer) -> None:
     trainer.save_checkpoint(str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"))
 
 
+def plot_run_metrics(loggers: list) -> None:
+    """``metrics.png`` beside each CSV logger's ``metrics.csv`` (the curves of the run so far)."""
+    for lg in loggers:
+        if isinstance(lg, CSVLogger):
+            lg.save()
+            csv_path = Path(lg.log_dir) / "metrics.csv"
+            if csv_path.is_file():
+                plot_metrics(csv_path)
+
+
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Instantiate data, model, callbacks, loggers and trainer from ``cfg``; fit and/or test.
 
@@ -70,6 +84,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    apply_chain(cfg)  # the earlier stages' checkpoints, before the config is saved
     if rank_zero_only.rank == 0:  # DDP ranks started by Lightning share the run directory
         run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # hydra's own node is saved by hydra
         OmegaConf.save(run_cfg, output_dir / "config_resolved.yaml", resolve=True)
@@ -79,13 +94,22 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     log.info("model: %s", cfg.model._target_)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks = _instantiate_group(cfg.get("callbacks"))
+    pause = PauseAfter(cfg.pause_after) if cfg.get("pause_after") else None
+    callbacks += [pause] if pause else []
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     if cfg.get("train", True):
+        if trainer.is_global_zero:
+            clear_finished_marker(output_dir)  # a run that trains again is unfinished until it ends again
         trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
         save_final_checkpoint(trainer)
+        if trainer.is_global_zero and not trainer.interrupted and not (pause and pause.paused):
+            write_finished_marker(output_dir, task=cfg.get("task_name"), run_name=cfg.get("run_name"),
+                                  global_step=trainer.global_step, max_steps=trainer.max_steps)
+        if trainer.is_global_zero:
+            plot_run_metrics(loggers)
     if cfg.get("test", False):
         trainer.test(model, datamodule=datamodule)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

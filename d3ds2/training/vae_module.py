@@ -1,10 +1,7 @@
 """LightningModule of the sparse SDF VAE: losses, multires batches, mesh validation with geometry metrics."""
 from __future__ import annotations
 
-import importlib.util
-import logging
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,29 +11,15 @@ from ..data.sdf_transforms import VAEBatch
 from ..geometry.marching_cubes import sparse_marching_cubes
 from ..models.vae_losses import VAELossWeights, vae_loss
 from .base_module import BaseModule
-
-log = logging.getLogger(__name__)
-
-
-def render_pair(meshes: list, size: int = 192) -> np.ndarray:
-    """RGB uint8 [size, size * len(meshes), 3]: each mesh from the same fixed camera, side by side."""
-    from ..geometry.render import Camera, Renderer, look_at
-
-    eye = np.array([1.6, 1.2, 2.2]) * 1.4
-    fpx = size * 1.3
-    cam = Camera(np.array([[fpx, 0, size / 2], [0, fpx, size / 2], [0, 0, 1]], np.float32),
-                 look_at(eye).astype(np.float32), 0.0, 0.0, 50.0, 36.0, size)
-    tiles = []
-    for m in meshes:
-        tiles.append(Renderer(m).render(cam)[..., :3] if len(m.faces) else np.full((size, size, 3), 255, np.uint8))
-    return np.concatenate(tiles, axis=1)
+from .pictures import open3d_available, publish_picture, render_pair
 
 
 class VAEModule(BaseModule):
     """Args (besides BaseModule's): loss weights (``w_in, w_ext, w_sharp, w_kl, w_occ``, ``loss_kind``),
     ``val_meshes``: validation batches whose meshes are extracted and scored (Chamfer, F-score, normal
     consistency vs the iso-0 surface of the ground-truth SDF), ``render_meshes``: how many of those are
-    rendered to ``<log dir>/val_renders/step_XXXXXXX.png`` (and to TensorBoard when it is a logger);
+    rendered (ground truth | reconstruction) to ``<run dir>/val_renders/step_XXXXXXX.png``, TensorBoard
+    and wandb (:func:`~d3ds2.training.pictures.publish_picture`);
     ``init_from``: a checkpoint whose net weights initialise the model (not a resume)."""
 
     def __init__(
@@ -63,9 +46,7 @@ class VAEModule(BaseModule):
 
             load_net_weights(init_from, self.net, prefer_ema=True)
         self.weights = VAELossWeights(w_in, w_ext, w_sharp, w_kl, w_occ, loss_kind)
-        if render_meshes and importlib.util.find_spec("open3d") is None:
-            log.warning("model.render_meshes=%d but open3d is not installed: validation renders are off "
-                        "(pip install open3d, or set model.render_meshes=0 to silence this)", render_meshes)
+        if render_meshes and not open3d_available("model.render_meshes"):
             render_meshes = 0
         self.val_meshes, self.render_meshes = val_meshes, render_meshes
         self.fscore_threshold, self.metric_points = fscore_threshold, metric_points
@@ -127,18 +108,4 @@ class VAEModule(BaseModule):
         renders, self._renders = self._renders, []
         if self._trainer is None or self.trainer.sanity_checking:
             return
-        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a broadcast under DDP: every rank asks
-        if not renders:
-            return
-        image = np.concatenate(renders, axis=0)
-        path = root / "val_renders" / f"step_{self.global_step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from PIL import Image
-
-        tmp = path.with_suffix(".tmp.png")
-        Image.fromarray(image).save(tmp)
-        tmp.replace(path)
-        for lg in self.loggers:
-            exp = getattr(lg, "experiment", None)
-            if hasattr(exp, "add_image"):
-                exp.add_image("val/reconstructions", image, self.global_step, dataformats="HWC")
+        publish_picture(self, np.concatenate(renders, axis=0) if renders else None, "val/reconstructions")
