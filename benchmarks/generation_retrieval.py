@@ -15,7 +15,7 @@ Two commands, run from the repository root with PYTHONPATH=$PWD:
           --budget-s 420
     1 dino        a randomly initialised DINOv2-with-registers (transformers config, fixed seed; no weights can
                   be downloaded), saved with save_pretrained so every later stage loads the same encoder
-    2 encode      python -m data_prep.encode_latents --features precompute (VAE posterior means + tokens)
+    2 encode      python -m data_prep.encode_latents features=precompute (VAE posterior means + tokens)
     3 stats       python -m data_prep.latent_stats
     4 index_vae   python train.py experiment=index_vae_small   (time-boxed with +trainer.max_time)
     5 index_dit   python train.py experiment=index_dit_small      (after index_vae)

@@ -1,6 +1,6 @@
-"""Walk the whole training schedule, resumably: corpus -> split -> data prep -> VAE (multi-resolution) -> VAE
-F-score on held-out meshes -> latents -> index VAE -> index DiT -> SS-DiT at the low then the high resolution
--> inference on held-in and held-out renders -> evaluate.py.
+"""Walk the whole training schedule, resumably: corpus -> data prep (train / held-out split) -> VAE
+(multi-resolution) -> VAE F-score on held-out meshes -> latents -> index VAE -> index DiT -> SS-DiT at the low then
+the high resolution -> inference on held-in and held-out renders -> evaluate.py.
 
     python benchmarks/schedule_walk.py work=/tmp/walk size=small budget_s=540 device=cuda out=$OUT/walk.json
 
@@ -9,7 +9,7 @@ SIZES), ``budget_s`` (seconds this call may use; default: no limit), ``device`` 
 copy of the record, rewritten after every stage), ``meshes`` (a folder of meshes to use instead of the
 corpus stage), ``until`` (stop after this stage), and any key of the size (``vae_steps=2000``).
 
-Every stage is a real entry point (``data_prep``, ``train.py``, ``data_prep/encode_latents.py``,
+Every stage is a real entry point (``data_prep``, ``train.py``, ``data_prep.encode_latents``,
 ``inference.py``, ``evaluate.py``, ``benchmarks/vae_recon_eval.py``) run as a subprocess; the command,
 seconds and metrics of each go to ``<work>/walk.json``. Calling the script again with the same ``work``
 skips the finished stages; a training stage that ran out of the call's time stops cleanly (``pause_after``:
@@ -24,11 +24,15 @@ encoding both, the SS-DiT at 32 then 64, the index stage at 64); ``small`` is fo
 DiT / SS-DiT (index_vae_small, index_dit_small, dit_small: full-size ones cannot learn anything in minutes)
 and a random-weight DINOv2-L (no download on the GPU machine; seeded, so training and inference see the
 same encoder); ``full`` uses the paper-size configs throughout (days on 8 GPUs; for a cluster).
-The split: a mesh is held out when sha1(file name) puts it in the ``heldout_percent`` bucket (at least 2).
+One data folder, ``<work>/data`` (layout: d3ds2/data/layout.py), holds both splits: the held-out meshes are
+data prep's val split. Data prep's own rule (``val_fraction`` = ``heldout_percent`` / 100, hashed from the file
+name) picks them; when it picks fewer than 2, the first meshes are added. The corpus stage writes the outcome
+to ``<work>/split.txt`` and data prep reads it (``split_file``), so the record, the shards and the evaluation
+agree. The training stages read folders: ``data.*_shards=<work>/data/shards`` (its train-/val-*.tar) and
+``<work>/data/latents/R`` for the latent stages.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's d3ds2, whatever is installed
+from d3ds2.data.layout import SPLITS, DataLayout, shard_urls  # noqa: E402
 RUN = "walk"
 TINY_DINO = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
              "image_size": 518, "patch_size": 14, "num_register_tokens": 4}
@@ -70,10 +75,6 @@ MARGIN_S = 75  # a training stage pauses this long before the budget ends (start
 
 class OutOfTime(Exception):
     """This call's budget is spent: the walk continues on the next call."""
-
-
-def heldout(name: str, percent: int) -> bool:
-    return int(hashlib.sha1(name.encode()).hexdigest(), 16) % 100 < percent
 
 
 def last_metrics(run: Path) -> dict:
@@ -179,39 +180,48 @@ class Walk:
 
     # ------------------------------------------------------------------------------------------
     # stages
+    @property
+    def mesh_dir(self) -> Path:
+        return self.work / "meshes"
+
+    @property
+    def data(self) -> DataLayout:
+        return DataLayout(str(self.work / "data"))
+
+    @property
+    def val_fraction(self) -> float:
+        return self.s["heldout_percent"] / 100
+
     def corpus(self) -> dict:
-        out = self.work / "meshes" / "all"
+        """The meshes, and their split pinned in split.txt (data prep's hashed rule, at least 2 held out)."""
+        from d3ds2.data.mesh_sample import sample_key
+        from d3ds2.data.splits import assign_split
+
+        out = self.mesh_dir
         if self.meshes is not None:
             shutil.copytree(self.meshes, out, dirs_exist_ok=True)
         else:
             self.run("corpus", ["-m", "data_prep.corpus", f"out={out}", f"n_procedural={self.s['n_procedural']}",
                                 f"real={self.s['real']}"])
         files = sorted(p for p in out.iterdir() if p.is_file())
-        held = [p for p in files if heldout(p.name, self.s["heldout_percent"])]
-        if len(held) < 2:
-            held = files[:2]
-        for part in ("train", "heldout"):
-            (self.work / "meshes" / part).mkdir(exist_ok=True)
-        for p in files:
-            shutil.copy2(p, self.work / "meshes" / ("heldout" if p in held else "train") / p.name)
+        held = [p for p in files if assign_split(str(p), sample_key(str(p)), str(out), self.val_fraction) == "val"]
+        held += [p for p in files if p not in held][:max(0, 2 - len(held))]
+        (self.work / "split.txt").write_text("".join(f"{'val' if p in held else 'train'} {p.name}\n" for p in files))
         return {"meshes": len(files), "heldout": len(held)}
 
-    def prep(self, part: str) -> dict:
+    def prep(self) -> dict:
         res = ",".join(map(str, self.s["prep_res"]))
-        out = self.run(f"prep_{part}", ["-m", "data_prep", f"input={self.work / 'meshes' / part}",
-                                        f"output={self.work / 'data' / part}", f"resolutions=[{res}]",
-                                        f"views={self.s['views']}", f"render.size={self.s['render_size']}",
-                                        f"watertight.resolution={self.s['watertight']}", "samples_per_shard=2",
-                                        f"workers={self.s['workers']}", "progress=false"])
+        out = self.run("prep", ["-m", "data_prep", f"input={self.mesh_dir}", f"output={self.data.root}",
+                                f"val_fraction={self.val_fraction}", f"split_file={self.work / 'split.txt'}",
+                                f"resolutions=[{res}]", f"views={self.s['views']}", f"render.size={self.s['render_size']}",
+                                f"watertight.resolution={self.s['watertight']}", "samples_per_shard=2",
+                                f"workers={self.s['workers']}", "progress=false"])
         summary = json.loads(out[out.index("{"):])
-        return {k: summary[k] for k in ("ok", "inputs", "shards") if k in summary}
-
-    def shards(self, part: str) -> str:
-        return str(self.work / "data" / part / "shards" / "*.tar")
+        return {k: summary[k] for k in ("ok", "inputs", "splits", "shards") if k in summary}
 
     def loader_workers(self) -> int:
         """Loader processes: each needs a shard of its own in both splits (2 meshes per shard)."""
-        shards = min(len(list((self.work / "data" / p / "shards").glob("*.tar"))) for p in ("train", "heldout"))
+        shards = min(len(shard_urls(self.data.shards_dir, split)) for split in SPLITS)
         return max(0, min(1 if self.device == "cpu" else 4, shards))
 
     def common(self, task_exp: str, steps: int) -> list[str]:
@@ -240,7 +250,7 @@ class Walk:
     def vae(self) -> dict:
         s = self.s
         cmd = self.common(s["vae_exp"], s["vae_steps"]) + [
-            f"data.train_shards={self.shards('train')}", f"data.val_shards={self.shards('heldout')}",
+            f"data.train_shards={self.data.shards_dir}", f"data.val_shards={self.data.shards_dir}",
             f"data.resolutions=[{','.join(map(str, s['vae_res']))}]", f"data.val_resolution={s['vae_res'][0]}",
             f"data.num_workers={self.loader_workers()}", "model.val_meshes=2",
             "model.render_meshes=2", *([f"data.batch_voxels={s['vae_batch_voxels']}"] if s["vae_batch_voxels"] else [])]
@@ -257,9 +267,10 @@ class Walk:
             recon = self.work / "vae_eval" / f"recon_{R}.npz"
             recon.parent.mkdir(exist_ok=True)
             self.run("vae_eval", ["benchmarks/vae_recon_eval.py", "--ckpt", str(self.vae_run / "checkpoints" / "last.ckpt"),
-                                  "--shards", self.shards("heldout"), "--resolution", str(R), "--out", str(recon)])
+                                  "--shards", self.data.shards_dir, "--split", "val", "--resolution", str(R),
+                                  "--out", str(recon)])
             lines = self.run("vae_eval", ["benchmarks/vae_recon_eval.py", "--recon", str(recon), "--meshes",
-                                          str(self.work / "meshes" / "heldout")]).strip().splitlines()
+                                          str(self.mesh_dir)]).strip().splitlines()
             rows = [json.loads(x) for x in lines if x.startswith("{")]
             per_mesh = [r["fscore@0.01"] for r in rows if "key" in r]
             out[str(R)] = {"fscore@0.01_mean": round(float(sum(per_mesh) / len(per_mesh)), 4),
@@ -268,21 +279,21 @@ class Walk:
         return out
 
     def latents(self) -> dict:
+        """Both splits encoded by the VAE into data/latents/R with the train split's stats.json (resumable: a
+        shard already encoded is skipped)."""
         out = {}
         for R in sorted({*self.s["dit_res"], self.s["index_res"]}):
-            for part in ("train", "heldout"):
-                folder = self.work / "data" / "latents" / str(R) / part
-                self.run("latents", ["data_prep/encode_latents.py", "--shards", self.shards(part), "--out", str(folder),
-                                     "--resolution", str(R), "--vae", str(self.vae_run), "--features", "images",
-                                     "--device", self.device])
-            train = self.work / "data" / "latents" / str(R) / "train"
-            self.run("latents", ["data_prep/latent_stats.py", str(train / "*.tar"), str(train / "stats.json")])
-            out[str(R)] = len(list(train.glob("*.tar")))
-        return {"train_shards_per_resolution": out}
+            self.run("latents", ["-m", "data_prep.encode_latents", f"data={self.data.root}", f"resolution={R}",
+                                 f"vae={self.vae_run}", "features=images", f"device={self.device}", "progress=false"])
+            out[str(R)] = {split: len(shard_urls(self.data.latents_dir(R), split)) for split in SPLITS}
+        return {"shards_per_resolution": out}
 
     def latent_data(self, R: int) -> list[str]:
-        base = self.work / "data" / "latents" / str(R)
-        return [f"data.train_shards={base / 'train' / '*.tar'}", f"data.val_shards={base / 'heldout' / '*.tar'}",
+        """The latent folder of resolution R (its train- and val-*.tar), checked against the walk's VAE."""
+        from d3ds2.pipeline import resolve_run
+
+        folder = self.data.latents_dir(R)
+        return [f"data.train_shards={folder}", f"data.val_shards={folder}", f"data.vae_ckpt={resolve_run(self.vae_run)[1]}",
                 f"data.num_workers={self.loader_workers()}"]
 
     def conditioner(self) -> str:
@@ -311,25 +322,26 @@ class Walk:
         cmd = self.common(s["dit_exp"], s["dit_steps"][i]) + self.latent_data(R) + [
             f"task_name={task}", f"model.resolution={R}", f"model.net.in_channels={latent}",
             f"model.net.cond_channels={s['dino']['hidden_size']}", self.conditioner(),
-            f"model.latent_stats={self.work / 'data' / 'latents' / str(R) / 'train' / 'stats.json'}",
+            f"model.latent_stats={self.data.latent_stats(R)}",
             f"chain.vae={s['vae_exp']}", f"model.picture_sampling.steps={s['picture_steps']}",
             f"chain.init={'walk_dit_' + str(s['dit_res'][i - 1]) if i else 'null'}", "data.cache=false"]
         return self.train(f"dit_{R}", task, cmd)
 
-    def views(self, part: str, limit: int = 16) -> tuple[Path, Path]:
-        """First view of up to ``limit`` shapes of a split -> views/<part>/<key>.png; their source meshes ->
-        refs/<part>/<key>.<ext> (the references evaluate.py re-normalises like data prep did)."""
+    def views(self, split: str, limit: int = 16) -> tuple[Path, Path]:
+        """First view of up to ``limit`` shapes of a split -> views/<label>/<key>.png; their source meshes ->
+        refs/<label>/<key>.<ext> (the references evaluate.py re-normalises like data prep did)."""
+        part = self.label(split)
         views, refs = self.work / "views" / part, self.work / "refs" / part
         for d in (views, refs):
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
         sources = {}
-        for manifest in (self.work / "data" / part / "manifest").glob("*.jsonl"):
+        for manifest in (Path(self.data.root) / "manifest").glob("*.jsonl"):
             for line in manifest.read_text().splitlines():
                 r = json.loads(line)
                 sources[r["key"]] = r["source"]
         n = 0
-        for shard in sorted((self.work / "data" / part / "shards").glob("*.tar")):
+        for shard in shard_urls(self.data.shards_dir, split):
             with tarfile.open(shard) as tar:
                 for m in tar.getmembers():
                     key, _, rest = m.name.partition(".")
@@ -341,17 +353,18 @@ class Walk:
         return views, refs
 
     @staticmethod
-    def label(part: str) -> str:
-        """Stage-name form of a split: the training meshes are the held-in ones."""
-        return "heldin" if part == "train" else part
+    def label(split: str) -> str:
+        """Stage-name form of a split: the train meshes are the held-in ones, the val meshes the held-out ones."""
+        return {"train": "heldin", "val": "heldout"}[split]
 
-    def infer(self, part: str) -> dict:
-        views, _ = self.views(part)
+    def infer(self, split: str) -> dict:
+        views, _ = self.views(split)
+        part = self.label(split)
         gen = self.work / "generated" / part
         shutil.rmtree(gen, ignore_errors=True)
         gen.mkdir(parents=True)
         steps = self.s["sample_steps"]
-        out = self.run(f"infer_{self.label(part)}", [
+        out = self.run(f"infer_{part}", [
             "inference.py", f"image={views}", f"out={gen / 'g.ply'}", f"device={self.device}",
             f"ckpt.index_dit={self.work / 'logs' / self.s['index_dit_exp'] / RUN}",
             f"ckpt.sparse_dit_512={self.work / 'logs' / ('walk_dit_' + str(self.s['dit_res'][-1])) / RUN}",
@@ -362,9 +375,10 @@ class Walk:
             path.rename(gen / f"{key}.ply")
         return {"images": len(keys), "timings": [x.strip() for x in out.splitlines() if " s  peak" in x]}
 
-    def evaluate(self, part: str) -> dict:
+    def evaluate(self, split: str) -> dict:
+        part = self.label(split)
         out = self.work / "eval" / part
-        self.run(f"evaluate_{self.label(part)}", ["evaluate.py", f"pred_dir={self.work / 'generated' / part}",
+        self.run(f"evaluate_{part}", ["evaluate.py", f"pred_dir={self.work / 'generated' / part}",
                                       f"ref_dir={self.work / 'refs' / part}", f"out={out}", "n_points=20000",
                                       f"hydra.run.dir={out}"])
         summary = json.loads((out / "summary.json").read_text())
@@ -373,13 +387,12 @@ class Walk:
     # ------------------------------------------------------------------------------------------
     def stages(self) -> list:
         """(name, function returning the stage's metrics) in order."""
-        return [("corpus", self.corpus), ("prep_train", lambda: self.prep("train")),
-                  ("prep_heldout", lambda: self.prep("heldout")), ("vae", self.vae), ("vae_eval", self.vae_eval),
+        return [("corpus", self.corpus), ("prep", self.prep), ("vae", self.vae), ("vae_eval", self.vae_eval),
                   ("latents", self.latents), ("index_vae", self.index_vae), ("index_dit", self.index_dit),
                   *[(f"dit_{R}", lambda i=i: self.dit(i)) for i, R in enumerate(self.s["dit_res"])],
-                  ("infer_heldin", lambda: self.infer("train")), ("infer_heldout", lambda: self.infer("heldout")),
+                  ("infer_heldin", lambda: self.infer("train")), ("infer_heldout", lambda: self.infer("val")),
                   ("evaluate_heldin", lambda: self.evaluate("train")),
-                  ("evaluate_heldout", lambda: self.evaluate("heldout"))]
+                  ("evaluate_heldout", lambda: self.evaluate("val"))]
 
     def walk(self) -> None:
         stages = self.stages()

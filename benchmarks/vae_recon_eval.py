@@ -1,13 +1,14 @@
 """Reconstruct held-out shard samples with a trained VAE checkpoint and score the meshes.
 
-Decodes each sample of ``--shards`` at ``--resolution`` (posterior mean, EMA weights), extracts the mesh by
+Decodes each sample of ``--shards`` (a data folder's ``shards/`` with ``--split``, default val; or a glob / URLs; see
+d3ds2/data/layout.py) at ``--resolution`` (posterior mean, EMA weights), extracts the mesh by
 sparse-band marching cubes and writes all meshes to one ``--out`` .npz (``KEY/verts``, ``KEY/faces``).
 With ``--meshes DIR`` (the held-out source meshes) it also prints Chamfer / F-score / normal consistency
 against the normalised source mesh (its exact solid when it is made of closed bodies:
 ``watertight.reference_surface``). ``--ground-truth`` (no checkpoint) meshes the stored SDF itself: the
 ceiling that any model decoding at that resolution can reach on these meshes.
-Usage: python benchmarks/vae_recon_eval.py --ckpt RUN/checkpoints/last.ckpt --shards 'DIR/*.tar' --out recon.npz
-       python benchmarks/vae_recon_eval.py --ground-truth --shards 'DIR/*.tar' --out gt.npz --recon gt.npz --meshes DIR
+Usage: python benchmarks/vae_recon_eval.py --ckpt RUN/checkpoints/last.ckpt --shards DATA/shards --out recon.npz
+       python benchmarks/vae_recon_eval.py --ground-truth --shards DATA/shards --out gt.npz --recon gt.npz --meshes DIR
        python benchmarks/vae_recon_eval.py --recon recon.npz --meshes DIR   (metrics only)
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 def reconstruct(args) -> None:
     import torch
 
+    from d3ds2.data.layout import shard_urls
     from d3ds2.data.sdf_transforms import sample_at_resolution
     from d3ds2.data.shards import ShardStream
     from d3ds2.geometry.marching_cubes import sparse_marching_cubes
@@ -31,7 +33,8 @@ def reconstruct(args) -> None:
     if not args.ground_truth:
         vae, cfg = load_vae(args.ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
     arrays = {}
-    for sample in ShardStream(sorted(glob.glob(args.shards)), shuffle_buffer=0, with_views=False, rank=0, world_size=1):
+    urls = shard_urls(args.shards, args.split, hint="write them with `python -m data_prep input=MESHES output=DATA`")
+    for sample in ShardStream(urls, shuffle_buffer=0, with_views=False, rank=0, world_size=1):
         s = sample_at_resolution(sample, args.resolution)
         if args.ground_truth:
             mesh = sparse_marching_cubes(s.coords, s.sdf, args.resolution)
@@ -70,7 +73,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt")
     ap.add_argument("--ground-truth", action="store_true", help="mesh the stored SDF instead of a reconstruction")
-    ap.add_argument("--shards")
+    ap.add_argument("--shards", help="data shards: a folder (its SPLIT-*.tar), a glob or URLs")
+    ap.add_argument("--split", default="val", choices=["train", "val"], help="the split read from a --shards folder")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--out")
     ap.add_argument("--recon")
