@@ -202,7 +202,7 @@ class Walk:
             shutil.copytree(self.meshes, out, dirs_exist_ok=True)
         else:
             self.run("corpus", ["-m", "data_prep.corpus", f"out={out}", f"n_procedural={self.s['n_procedural']}",
-                                f"real={self.s['real']}"])
+                                f"real=[{self.s['real']}]"])
         files = sorted(p for p in out.iterdir() if p.is_file())
         held = [p for p in files if assign_split(str(p), sample_key(str(p)), str(out), self.val_fraction) == "val"]
         held += [p for p in files if p not in held][:max(0, 2 - len(held))]
