@@ -376,13 +376,22 @@ class Walk:
         return {"images": len(keys), "timings": [x.strip() for x in out.splitlines() if " s  peak" in x]}
 
     def evaluate(self, split: str) -> dict:
+        """evaluate.py's summary metrics; a call that scored no mesh (every generated mesh empty, as the tiny
+        size's are) exits non-zero after writing its summary: the stage records that status and error."""
         part = self.label(split)
         out = self.work / "eval" / part
-        self.run(f"evaluate_{part}", ["evaluate.py", f"pred_dir={self.work / 'generated' / part}",
-                                      f"ref_dir={self.work / 'refs' / part}", f"out={out}", "n_points=20000",
-                                      f"hydra.run.dir={out}"])
-        summary = json.loads((out / "summary.json").read_text())
-        return {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+        summary_path = out / "summary.json"
+        summary_path.unlink(missing_ok=True)
+        try:
+            self.run(f"evaluate_{part}", ["evaluate.py", f"pred_dir={self.work / 'generated' / part}",
+                                          f"ref_dir={self.work / 'refs' / part}", f"out={out}", "n_points=20000",
+                                          f"hydra.run.dir={out}"])
+        except RuntimeError:
+            if not summary_path.is_file():
+                raise
+        summary = json.loads(summary_path.read_text())
+        return {"status": summary["status"], **({"error": summary["error"]} if "error" in summary else {}),
+                **summary["metrics"]}
 
     # ------------------------------------------------------------------------------------------
     def stages(self) -> list:
