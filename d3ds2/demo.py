@@ -4,7 +4,7 @@ Real meshes (pyvista / pymeshfix samples + procedural CSG) -> data prep (waterti
 sharp edges, 4 renders) -> a tiny sparse SDF VAE trained for a few steps -> reconstruction of a real mesh
 with its metrics -> latents -> tiny index VAE, index DiT and sparse DiT -> ``inference.py`` on a demo render
 -> a mesh file. Every stage is the real entry point with a small config; outputs go under ``out``.
-Usage: ``python -m d3ds2.demo out=demo_out`` (Hydra; configs/demo.yaml).
+Usage: ``python -m d3ds2.demo out=demo_out`` (Hydra; d3ds2/configs/demo.yaml).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _first_view(shards: str, dest: Path) -> Path:
     return dest
 
 
-@hydra.main(config_path="../configs", config_name="demo", version_base=None)
+@hydra.main(config_path="pkg://d3ds2.configs", config_name="demo", version_base=None)
 def main(cfg: DictConfig) -> None:
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> None:
            ["-m", "data_prep", f"input={meshes}", f"output={data}", f"resolutions=[{VAE_RES},{RES}]", "views=4",
             "render.size=256", f"watertight.resolution={RES}", "samples_per_shard=4", "workers=2"])
     _stage(f"3/8 train a tiny sparse SDF VAE on the shards at {VAE_RES}³ (keeps the CPU demo short)",
-           ["train.py", "experiment=vae_tiny", f"data.train_shards={shards}", f"data.resolutions=[{VAE_RES}]",
+           ["-m", "d3ds2.cli.train", "experiment=vae_tiny", f"data.train_shards={shards}", f"data.resolutions=[{VAE_RES}]",
             f"data.val_resolution={VAE_RES}", "data.num_workers=0", "trainer.max_steps=60", *run])
     vae_run = logs / "vae_tiny" / "demo"
     bunny = next(iter(sorted(meshes.glob("*bunny*")) or sorted(meshes.iterdir())))
@@ -62,13 +62,13 @@ def main(cfg: DictConfig) -> None:
            ["-m", "data_prep.encode_latents", f"data={data}", f"resolution={RES}", f"vae={vae_run}", "features=images",
             "stats=false"])
     _stage("5/8 latent statistics", ["-m", "data_prep.latent_stats", f"data={data}", f"resolution={RES}"])
-    _stage("6/8 train the tiny index (occupancy) VAE", ["train.py", "experiment=index_vae_tiny", *run])
+    _stage("6/8 train the tiny index (occupancy) VAE", ["-m", "d3ds2.cli.train", "experiment=index_vae_tiny", *run])
     _stage("7/8 train the tiny index DiT",
-           ["train.py", "experiment=index_dit_tiny", *run])
-    _stage("7/8 train the tiny sparse DiT", ["train.py", "experiment=dit_tiny", *run])
+           ["-m", "d3ds2.cli.train", "experiment=index_dit_tiny", *run])
+    _stage("7/8 train the tiny sparse DiT", ["-m", "d3ds2.cli.train", "experiment=dit_tiny", *run])
     image = _first_view(shards, out / "input_view.png")
     _stage("8/8 inference: image -> index DiT -> sparse DiT -> VAE decode -> mesh",
-           ["inference.py", f"image={image}", f"out={out / 'generated.glb'}", "device=cpu", "dense.steps=10",
+           ["-m", "d3ds2.cli.inference", f"image={image}", f"out={out / 'generated.glb'}", "device=cpu", "dense.steps=10",
             "sparse_512.steps=10", f"ckpt.index_dit={logs / 'index_dit_tiny' / 'demo'}",
             f"ckpt.sparse_dit_512={logs / 'dit_tiny' / 'demo'}", f"ckpt.vae_512={vae_run}"])
     print(f"\nDemo finished. Under {out}:\n  reconstruction.ply  (VAE reconstruction of {bunny.name})\n"

@@ -140,7 +140,7 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path="../configs/data_prep", config_name="encode_latents", version_base=None)
+@hydra.main(config_path="pkg://d3ds2.configs.data_prep", config_name="encode_latents", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
