@@ -62,10 +62,14 @@ def test_image_conditioner_builds_from_repository_root():
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """d3ds2 built and installed non-editable (``pip install .``) into a folder of its own; the dependencies
-    are the current environment's."""
-    target = tmp_path_factory.mktemp("site")
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(ROOT)],
+    """d3ds2 built from a copy of the checkout (the build writes build/ beside its sources) and installed
+    non-editable (``pip install .``) into a folder of its own; the dependencies are the current environment's."""
+    import shutil
+
+    source, target = tmp_path_factory.mktemp("source") / "d3ds2", tmp_path_factory.mktemp("site")
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "logs",
+                                                                "demo_out", ".whl", ".dev", "__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(source)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return target
