@@ -1,17 +1,5 @@
-"""Train any d3ds2 model from a Hydra experiment: ``python train.py experiment=vae_multires``.
-
-Everything is configured in configs/ (see configs/train.yaml); the logic lives in d3ds2.training.runner.
-"""
-import hydra
-from omegaconf import DictConfig
-
-from d3ds2.training.runner import run_training
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
-    run_training(cfg)
-
+"""`python train.py key=value ...` from a checkout: runs :mod:`d3ds2.cli.train` (also installed as `d3ds2-train`)."""
+from d3ds2.cli.train import main
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 from d3ds2.checkpoint import export_safetensors
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="export_weights")
+@hydra.main(version_base="1.3", config_path="pkg://d3ds2.configs", config_name="export_weights")
 def main(cfg: DictConfig) -> None:
     out = export_safetensors(cfg.ckpt, cfg.out, prefer_ema=cfg.ema)
     print(out)

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from d3ds2.data.prep import OutputError, run
 
 
-@hydra.main(config_path="../configs/data_prep", config_name="config", version_base=None)
+@hydra.main(config_path="pkg://d3ds2.configs.data_prep", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
         summary = run(cfg, progress=cfg.progress)

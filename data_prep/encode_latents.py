@@ -21,9 +21,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from d3ds2.data.latent_shards import (check_encoder, checkpoint_sha256, latent_stats, write_json_atomic,
+from d3ds2.data.latent_shards import (check_encoder, latent_stats, write_json_atomic,
                                       write_latent_shard)
 from d3ds2.data.layout import LATENT_ENCODER, LATENT_STATS, DataLayout, shard_urls
+from d3ds2.hashing import file_sha256
 from d3ds2.models.conditioner import ImageConditioner, preprocess_image
 from d3ds2.sparse import SparseTensor
 
@@ -107,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
     scale = cfg.sdf_scale if cfg.sdf_scale is not None else scale
     if scale is None:
         raise ValueError(f"vae={cfg.vae}: its config has no data.sdf_scale; pass sdf_scale=")
-    encoder = {"vae_run": str(cfg.vae), "vae_checkpoint": ckpt, "vae_sha256": checkpoint_sha256(ckpt),
+    encoder = {"vae_run": str(cfg.vae), "vae_checkpoint": ckpt, "vae_sha256": file_sha256(ckpt),
                "resolution": resolution, "sdf_scale": float(scale), "features": str(cfg.features),
                "backbone": str(cfg.backbone) if cfg.features == "precompute" else None}
     if os.path.exists(encoder_path):  # resuming: the latents there must be this VAE's
@@ -140,7 +141,7 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path="../configs/data_prep", config_name="encode_latents", version_base=None)
+@hydra.main(config_path="pkg://d3ds2.configs.data_prep", config_name="encode_latents", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

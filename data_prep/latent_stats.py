@@ -12,7 +12,7 @@ from d3ds2.data.latent_shards import latent_shard_urls, latent_stats, write_json
 from d3ds2.data.layout import DataLayout
 
 
-@hydra.main(config_path="../configs/data_prep", config_name="latent_stats", version_base=None)
+@hydra.main(config_path="pkg://d3ds2.configs.data_prep", config_name="latent_stats", version_base=None)
 def main(cfg: DictConfig) -> None:
     layout = DataLayout(str(cfg.data)) if cfg.data else None
     if layout is None and (cfg.shards is None or cfg.out is None):

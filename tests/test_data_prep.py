@@ -17,7 +17,7 @@ from d3ds2.data.prep import OutputError, run
 
 
 def _cfg(inp, out, **kw):
-    cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "data_prep", "config.yaml"))
+    cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "d3ds2", "configs", "data_prep", "config.yaml"))
     cfg.pop("hydra")
     cfg.merge_with({"input": str(inp), "output": str(out), "resolutions": [64], "views": 2, "workers": 1,
                     "samples_per_shard": 2, "render": {"size": 64}, "watertight": {"resolution": 64}, **kw})

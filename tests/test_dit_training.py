@@ -14,7 +14,7 @@ from omegaconf import open_dict
 from d3ds2.data.latent_shards import LatentStream, latent_shard_urls, read_latent_shard, write_latent_shard
 from d3ds2.training.runner import run_training
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+CONFIGS = str(Path(__file__).resolve().parents[1] / "d3ds2" / "configs")
 
 
 def synthetic_sample(key: str, grid: int, radius: float, colour, rng: np.random.Generator, views: int = 2) -> dict:

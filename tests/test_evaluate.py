@@ -68,7 +68,7 @@ def run_evaluate(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess
 def config(tmp_path: Path, *overrides: str):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "d3ds2" / "configs"), version_base="1.3"):
         return compose("eval", [f"out={tmp_path / 'out'}", "n_points=3000", *overrides])
 
 
@@ -81,7 +81,7 @@ def test_script_exits_non_zero_on_an_empty_reference_dir(tmp_path):
 
 
 def test_evaluation_never_passes_unmatched_and_counts_failures(tmp_path, capsys):
-    from evaluate import evaluate
+    from d3ds2.cli.evaluate import evaluate
 
     pred, ref = make_dirs(tmp_path)
     other = tmp_path / "other"
@@ -115,7 +115,7 @@ def test_evaluation_never_passes_unmatched_and_counts_failures(tmp_path, capsys)
 
 
 def test_alignment_without_matching_images_is_an_error(tmp_path):
-    from evaluate import evaluate
+    from d3ds2.cli.evaluate import evaluate
     from PIL import Image
 
     pred, _ = make_dirs(tmp_path)
@@ -133,7 +133,7 @@ def test_alignment_without_matching_images_is_an_error(tmp_path):
 def test_sweep_config_composes_as_a_multirun():
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "d3ds2" / "configs"), version_base="1.3"):
         cfg = compose("eval_sweep", ["out=unused"], return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.protocol == "d3ds2" and cfg.strict
     assert dict(cfg.hydra.sweeper.params) == {"generate.steps": "20,30", "generate.guidance": "5.0,7.0",

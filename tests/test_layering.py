@@ -1,6 +1,7 @@
 """The layering rules, read from the imports of every module (ast, nothing imported): the library under d3ds2/
-imports none of the entry points (data_prep, train, inference, evaluate); the inference pipeline and the VAE
-tools import nothing from d3ds2.training; models import neither Lightning nor Hydra."""
+imports none of the entry points (data_prep, train, inference, evaluate, and their installed mains in
+d3ds2.cli); the inference pipeline and the VAE tools import nothing from d3ds2.training; models import neither
+Lightning nor Hydra."""
 from __future__ import annotations
 
 import ast
@@ -33,7 +34,8 @@ def _violations(files, banned, root: Path = ROOT) -> list[str]:
 
 
 def test_library_imports_no_entry_point():
-    assert _violations(sorted((ROOT / "d3ds2").rglob("*.py")), ENTRY_POINTS) == []
+    library = [p for p in sorted((ROOT / "d3ds2").rglob("*.py")) if "cli" not in p.relative_to(ROOT / "d3ds2").parts]
+    assert _violations(library, (*ENTRY_POINTS, "d3ds2.cli")) == []
 
 
 def test_pipeline_and_vae_tools_import_nothing_from_training():

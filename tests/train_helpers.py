@@ -9,11 +9,11 @@ from omegaconf import open_dict
 
 from d3ds2.training.runner import run_training
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+CONFIGS = str(Path(__file__).resolve().parents[1] / "d3ds2" / "configs")
 
 
 def compose_train(experiment: str, output_dir: Path, *overrides: str):
-    """configs/train.yaml with ``experiment``, CSV logging, no progress bar, outputs in ``output_dir``."""
+    """d3ds2/configs/train.yaml with ``experiment``, CSV logging, no progress bar, outputs in ``output_dir``."""
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", "logger=csv", *overrides], return_hydra_config=True)
     with open_dict(cfg):

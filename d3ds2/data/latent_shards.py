@@ -11,7 +11,6 @@ A latent shard is a webdataset tar; each sample holds the entries of ``LATENT_KE
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from ..hashing import file_sha256
 from ..sparse import SparseTensor
 from .batching import BudgetPacker
 from .layout import shard_urls
@@ -187,15 +187,6 @@ def write_json_atomic(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def checkpoint_sha256(ckpt: str) -> str:
-    """SHA-256 of a checkpoint file: the identity of the VAE that encoded a latents folder."""
-    h = hashlib.sha256()
-    with open(ckpt, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_encoder(encoder_json: str, vae_ckpt: str, what: str = "these latents") -> dict:
     """The encoder metadata of a latents folder, checked against the VAE checkpoint a stage expects.
 
@@ -206,7 +197,7 @@ def check_encoder(encoder_json: str, vae_ckpt: str, what: str = "these latents")
                                 f"re-encode them ({HINT})")
     with open(encoder_json) as f:
         meta = json.load(f)
-    sha = checkpoint_sha256(vae_ckpt)
+    sha = file_sha256(vae_ckpt)
     if meta.get("vae_sha256") != sha:
         raise ValueError(f"{what} were encoded by the VAE {meta.get('vae_checkpoint')} (sha256 "
                          f"{str(meta.get('vae_sha256'))[:12]}), but this stage uses {vae_ckpt} (sha256 {sha[:12]}); "

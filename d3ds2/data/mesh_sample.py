@@ -17,6 +17,7 @@ from ..geometry.render import render_views
 from ..geometry.sharp_edges import sample_segments, sharp_edges, sharp_voxel_mask
 from ..geometry.sparse_sdf import compute_sparse_sdf
 from ..geometry.watertight import WatertightError, make_watertight
+from ..hashing import file_sha256
 
 
 class SkipMesh(ValueError):
@@ -25,14 +26,6 @@ class SkipMesh(ValueError):
 
 def sample_key(path: str) -> str:
     return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_sample(path: str, cfg) -> tuple[dict, dict]:

@@ -2,24 +2,15 @@
 record of the checkpoints (file name + sha256) and sampler settings that made them."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
+from ..hashing import file_sha256
 from .alignment.scoring import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 ROLES = ("index_dit", "index_vae", "sparse_dit_512", "vae_512", "sparse_dit_1024", "vae_1024")
-
-
-def sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checkpoint_file(spec: str | Path) -> Path:
@@ -36,7 +27,7 @@ def checkpoint_records(ckpt: dict) -> dict[str, dict]:
         if spec is None:
             continue
         f = checkpoint_file(spec)
-        out[role] = {"path": str(spec), "file": f.name, "sha256": sha256(f) if f.is_file() else None}
+        out[role] = {"path": str(spec), "file": f.name, "sha256": file_sha256(f) if f.is_file() else None}
     return out
 
 

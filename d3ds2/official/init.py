@@ -54,6 +54,6 @@ def load_official_weights(spec: str, net: nn.Module) -> nn.Module:
     if bad:
         raise ValueError(f"{spec}: the {section} of {folder} does not fit this {type(net).__name__} "
                          f"({len(bad)} keys differ, e.g. {bad[:4]}); build the net with the release's hyper-parameters "
-                         f"(configs/model/dit_v11.yaml for v1.1, dit_v10.yaml for v1.0)")
+                         f"(d3ds2/configs/model/dit_v11.yaml for v1.1, dit_v10.yaml for v1.0)")
     net.load_state_dict(state)
     return net

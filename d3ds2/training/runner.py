@@ -77,7 +77,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("data") is None or cfg.get("model") is None:
         raise ValueError(
             "no data/model configured: pick an experiment, e.g. `python train.py experiment=vae_tiny` "
-            "(the files in configs/experiment/ list them)"
+            "(the files in d3ds2/configs/experiment/ list them)"
         )
     check_config_types(cfg)  # a mistyped override fails here, before data and models are built
     if cfg.get("seed") is not None:

@@ -55,7 +55,7 @@ def mesh_to_sample(path: str, resolution: int, band: float = 4.0, trunc: float =
     from ..geometry.normalize import clean_mesh, normalise_mesh
     from ..geometry.watertight import reference_surface
 
-    root = Path(__file__).resolve().parents[2] / "configs" / "data_prep" / "config.yaml"
+    root = Path(__file__).resolve().parents[1] / "configs" / "data_prep" / "config.yaml"
     cfg = OmegaConf.load(root)
     cfg.input, cfg.output = path, ""
     cfg.resolutions, cfg.views = [resolution], 0

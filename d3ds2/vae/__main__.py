@@ -1,5 +1,5 @@
 """``python -m d3ds2.vae command=encode|decode|reconstruct input=PATH ckpt=CKPT [out=PATH] [resolution=R]`` (Hydra;
-configs/vae_tools.yaml): use a trained sparse SDF VAE from the shell. Prints one JSON line.
+d3ds2/configs/vae_tools.yaml): use a trained sparse SDF VAE from the shell. Prints one JSON line.
 
   command=encode input=MESH       mesh -> latent file (.latent.npz)
   command=decode input=LATENT     latent file -> mesh (.ply)
@@ -20,7 +20,7 @@ COMMANDS = ("encode", "decode", "reconstruct")
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run ``cfg.command`` (keys of configs/vae_tools.yaml); returns what the CLI prints."""
+    """Run ``cfg.command`` (keys of d3ds2/configs/vae_tools.yaml); returns what the CLI prints."""
     if cfg.command not in COMMANDS:
         raise ValueError(f"command={cfg.command}: expected one of {COMMANDS}")
     vae, run_cfg = load_vae(cfg.ckpt, cfg.config, cfg.device)
@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(config_path="../../configs", config_name="vae_tools", version_base=None)
+@hydra.main(config_path="pkg://d3ds2.configs", config_name="vae_tools", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
         print(json.dumps(run(cfg)))
