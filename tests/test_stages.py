@@ -76,15 +76,15 @@ def _data_shard(path, resolutions):
 
 
 def test_resolution_check_names_what_to_prepare(tmp_path):
-    shard = _data_shard(tmp_path / "shards" / "rank000-00000.tar", [256, 512])
+    shard = _data_shard(tmp_path / "shards" / "train-rank000-00000.tar", [256, 512])
     assert check_resolutions([256, 384, 512], [shard]) == [256, 512]  # 384: resampled from 512, as the paper
     with pytest.raises(StageError, match=r"prepared at \[256, 512\].*resolutions=\[256,512,1024\]"):
         check_resolutions([1024], [shard], "experiment vae_finetune_1024")
     # through the training config: the VAE stage is refused before anything is built
-    cfg = compose_train("vae_tiny", tmp_path / "run", f"data.train_shards={tmp_path}/shards/*.tar",
-                        "data.resolutions=[256,1024]")
-    with pytest.raises(StageError, match="resolutions=\\[256,512,1024\\]"):
-        run_composed(cfg)
+    for source in (f"{tmp_path}/shards/*.tar", f"{tmp_path}/shards"):  # a glob, and a data folder (its train split)
+        cfg = compose_train("vae_tiny", tmp_path / "run", f"data.train_shards={source}", "data.resolutions=[256,1024]")
+        with pytest.raises(StageError, match="resolutions=\\[256,512,1024\\]"):
+            run_composed(cfg)
 
 
 def test_stages_chain_through_train_py(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from d3ds2.training.dit_datamodule import write_latent_shard
+from d3ds2.data.latent_shards import write_latent_shard
 from d3ds2.training.pictures import occupancy_projections
 from test_dit_training import synthetic_sample
 from train_helpers import compose_train, run_composed

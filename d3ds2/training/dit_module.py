@@ -20,12 +20,13 @@ from .pictures import PicturesAtValidation, image_tile, open3d_available, render
 
 
 def load_latent_stats(path: str | Path | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean [C], std [C]) from a JSON written by data_prep/latent_stats.py; identity when path is None."""
+    """(mean [C], std [C]) from the stats.json of a latents folder (``python -m data_prep.encode_latents`` or
+    ``data_prep.latent_stats``); identity when path is None."""
     if path is None:
         return torch.zeros(channels), torch.ones(channels)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"latent statistics {path} not found; run data_prep/latent_stats.py on the latent shards")
+        raise FileNotFoundError(f"latent statistics {path} not found; run `python -m data_prep.latent_stats data=DATA resolution=R` on the latent shards")
     stats = json.loads(path.read_text())
     mean, std = torch.tensor(stats["mean"], dtype=torch.float32), torch.tensor(stats["std"], dtype=torch.float32)
     if mean.numel() != channels or std.numel() != channels:

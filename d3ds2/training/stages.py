@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..data.layout import is_remote, shard_urls
+
 log = logging.getLogger(__name__)
 
 FINISHED_MARKER = "finished.json"
@@ -193,8 +195,6 @@ def apply_chain(cfg) -> dict[str, str]:
     switches one off. Also checks the VAE data's resolutions (:func:`check_resolutions`). Returns what was
     filled, {config key: checkpoint}, and records it in ``cfg.chain.resolved``.
     """
-    import glob
-
     from omegaconf import open_dict
 
     chain = cfg.get("chain") or {}
@@ -213,7 +213,11 @@ def apply_chain(cfg) -> dict[str, str]:
     shards = data.get("train_shards")
     if "resolutions" in data and isinstance(shards, str):
         needed = [*data.resolutions, *([data.val_resolution] if data.get("val_resolution") else [])]
-        check_resolutions(needed, sorted(glob.glob(shards)), stage)
+        try:
+            local = [u for u in shard_urls(shards, "train") if not is_remote(u)]
+        except FileNotFoundError:
+            local = []  # no data yet: the data module names what is missing when it starts
+        check_resolutions(needed, local, stage)
     if filled:
         with open_dict(cfg):
             cfg.chain = {**chain, "resolved": filled}
