@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import trimesh
 
+from d3ds2.geometry.marching_cubes import sparse_marching_cubes
 from d3ds2.geometry.sparse_sdf import CELL, voxel_centres
 from d3ds2.geometry.winding import WindingNumber
 
@@ -74,8 +75,6 @@ def hole_caps(mesh: trimesh.Trimesh, winding: WindingNumber, distance, resolutio
     cubes = np.concatenate(caps)
     if not len(cubes):
         return empty
-    from d3ds2.geometry.marching_cubes import sparse_marching_cubes
-
     coords = np.unique((cubes[:, None] * CELL + _LATTICE[None]).reshape(-1, 3), axis=0)
     w = winding(voxel_centres(coords, R))
     caps_mesh = sparse_marching_cubes(coords, 0.5 - w, R)
