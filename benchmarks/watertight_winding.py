@@ -10,7 +10,7 @@ sheets (a plane, a curved leaf) that must keep the thin-shell rebuild.
 Per mesh, timed interleaved (the order alternates between meshes; the CPU is shared):
   baseline: today's recipe, exact solid of closed bodies else the thin-shell rebuild at `--watertight` (256),
             then the sparse SDF at `--resolution` (ray parity);
-  winding:  `make_watertight(mode=auto)` (closed / winding with the holes' caps meshed at `--resolution` /
+  winding:  `make_watertight(mode=auto)` (closed / winding with the holes' caps meshed at `--watertight` /
             rebuild) then the sparse SDF at `--resolution`.
 Accuracy on the winding path, on band voxels (|sdf| < band) of the stored field: sign agreement with libigl's
 exact float64 winding number (`igl.winding_number`, a plain sum over triangles) and |SDF error| against the
@@ -101,7 +101,7 @@ def _baseline(mesh, R, W):
 
 
 def _winding(mesh, R, W):
-    made = make_watertight(mesh, "auto", W, cap_resolution=R)
+    made = make_watertight(mesh, "auto", W)
     s = made.surface
     return made, compute_sparse_sdf(np.asarray(s.vertices), np.asarray(s.faces), R, query=made.query())
 

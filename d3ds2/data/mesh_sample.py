@@ -52,7 +52,7 @@ def build_sample(path: str, cfg) -> tuple[dict, dict]:
     t = time.perf_counter()
     try:
         solid = make_watertight(mesh, cfg.watertight.mode, cfg.watertight.resolution, cfg.watertight.offset,
-                                cfg.sdf.backend, cfg.watertight.decisive, max(int(R) for R in cfg.resolutions))
+                                cfg.sdf.backend, cfg.watertight.decisive)
     except WatertightError as e:
         raise SkipMesh(f"watertight failed: {e}") from None
     timings["watertight"] = time.perf_counter() - t

@@ -199,16 +199,16 @@ def choose_path(mesh: trimesh.Trimesh, mode: str = "auto", probe: float = 2 * 2.
 
 
 def make_watertight(mesh: trimesh.Trimesh, mode: str = "auto", resolution: int = 256, offset: float = 0.75,
-                    backend: str = "auto", decisive: float = 0.8, cap_resolution: int | None = None) -> Solid:
+                    backend: str = "auto", decisive: float = 0.8) -> Solid:
     """The `Solid` of `mesh` under `mode` (module doc); the rebuild path is rebuilt at `resolution` with
     `offset` voxels, and the winding numbers are probed 2 voxels of that grid from the surface. On the winding
-    path the holes' caps are meshed at `cap_resolution` (default `resolution`; give the finest stored one)."""
+    path the holes' caps are meshed on that grid too; they end within about a voxel of it from their rims and lie well within a voxel of w = 0.5 elsewhere (w is smooth there)."""
     solid = choose_path(mesh, mode, 2 * 2.0 / resolution, decisive)
     if solid.path == "rebuild":
         solid.surface = rebuild_watertight(mesh, resolution, offset, backend)
     if solid.path == "winding":
         distance = surface_distance(solid.surface.vertices, solid.surface.faces, backend=backend)
-        solid.cap = hole_caps(solid.surface, solid.winding, distance, cap_resolution or resolution)
+        solid.cap = hole_caps(solid.surface, solid.winding, distance, resolution)
     return solid
 
 

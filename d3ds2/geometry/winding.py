@@ -6,7 +6,7 @@ self-intersections and non-manifold pieces: the solid is {w > 0.5}, and a hole i
 across it. Evaluation: libigl's hierarchical fast winding number (Barill et al. 2018, `igl.FastWindingNumberBVH`,
 exact near field, Taylor-expanded far field), in three passes: a fast one (accuracy 1: errors up to ~0.12 on real
 scans, 3-4x faster than the default 2), then accuracy 2 (errors ~0.003) for the values within `_REFINE` of 0.5,
-and accuracy 6 (errors ~2e-5, ~8x slower than 2) for those still within `_CLOSE` of 0.5: over the middle of a
+and accuracy 6 (errors ~2e-5, ~8x slower than 2) for those still within `_CLOSE` of 0.5 (the sign unsure): over the middle of a
 wide hole w stays that close to 0.5 for several voxels on each side of its cap (|grad w| = 1 / (2 radius)).
 
 `WindingSign` pairs it with a distance query (any `sparse_sdf.surface_distance` backend): unsigned distance to
@@ -21,7 +21,7 @@ import trimesh
 
 DECISIVE_MARGIN = 0.3  # |w - 0.5| above this at a sample point: the point is decisively inside or outside
 _REFINE = 0.25  # fast-pass values closer than this to 0.5 are evaluated again at the default accuracy
-_CLOSE = 0.01  # accuracy-2 values closer than this to 0.5 are evaluated again at accuracy 6
+_CLOSE = 0.005  # accuracy-2 values closer than this to 0.5 are evaluated again at accuracy 6
 _SLACK = 0.15  # absolute error of a fast-pass value (kept only when |w - 0.5| >= _REFINE), with a margin
 
 
