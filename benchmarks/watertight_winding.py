@@ -31,6 +31,7 @@ import numpy as np
 import trimesh
 
 from d3ds2.geometry.corpus import procedural_shape, real_mesh_paths
+from d3ds2.geometry.hole_caps import boundary_points
 from d3ds2.geometry.marching_cubes import sparse_marching_cubes
 from d3ds2.geometry.normalize import clean_mesh, normalise_mesh
 from d3ds2.geometry.sparse_sdf import compute_sparse_sdf, voxel_centres
@@ -106,19 +107,6 @@ def _winding(mesh, R, W):
     return made, compute_sparse_sdf(np.asarray(s.vertices), np.asarray(s.faces), R, query=made.query())
 
 
-def _rim_points(mesh: trimesh.Trimesh, step: float) -> np.ndarray:
-    """Points every `step` along the boundary edges (edges of one face)."""
-    edges = mesh.edges_sorted
-    uniq, counts = np.unique(edges, axis=0, return_counts=True)
-    rim = uniq[counts == 1]
-    if not len(rim):
-        return np.zeros((0, 3))
-    a, b = mesh.vertices[rim[:, 0]], mesh.vertices[rim[:, 1]]
-    n = np.maximum(1, np.ceil(np.linalg.norm(b - a, axis=1) / step)).astype(int)
-    t = np.concatenate([np.arange(k) / k for k in n])
-    return np.repeat(a, n, 0) + t[:, None] * np.repeat(b - a, n, 0)
-
-
 def accuracy(mesh, cap, sdf, R, samples, rng) -> dict:
     import igl
     from scipy.spatial import cKDTree
@@ -126,7 +114,7 @@ def accuracy(mesh, cap, sdf, R, samples, rng) -> dict:
     coords, values = sdf.voxels()
     band = np.flatnonzero(np.abs(values) < sdf.band)
     picks = {"uniform": rng.choice(band, min(samples, len(band)), replace=False)}
-    rim = _rim_points(mesh, 1.0 / R)
+    rim = boundary_points(mesh, 1.0 / R)
     if len(rim):
         d, _ = cKDTree(rim).query(voxel_centres(coords[band], R))
         picks["rim"] = band[np.argsort(d)[:samples]]
@@ -204,7 +192,7 @@ def main():
             timed[which] = (_baseline if which == "baseline" else _winding)(mesh, R, W)
             timed[which + "_s"] = time.perf_counter() - t
         (old_path, old), (made, new) = timed["baseline"], timed["winding"]
-        row = {"faces": len(mesh.faces), "boundary_edges": int(len(_rim_points(mesh, np.inf))),
+        row = {"faces": len(mesh.faces), "boundary_edges": int(len(boundary_points(mesh, np.inf))),
                "path": made.stats(), "baseline_path": old_path, "baseline_s": round(timed["baseline_s"], 2),
                "winding_s": round(timed["winding_s"], 2),
                "ratio": round(timed["winding_s"] / timed["baseline_s"], 3),
