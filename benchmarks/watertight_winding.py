@@ -10,12 +10,15 @@ sheets (a plane, a curved leaf) that must keep the thin-shell rebuild.
 Per mesh, timed interleaved (the order alternates between meshes; the CPU is shared):
   baseline: today's recipe, exact solid of closed bodies else the thin-shell rebuild at `--watertight` (256),
             then the sparse SDF at `--resolution` (ray parity);
-  winding:  `make_watertight(mode=auto)` (closed / winding / rebuild) then the sparse SDF at `--resolution`.
+  winding:  `make_watertight(mode=auto)` (closed / winding with the holes' caps meshed at `--watertight` /
+            rebuild) then the sparse SDF at `--resolution`.
 Accuracy on the winding path, on band voxels (|sdf| < band) of the stored field: sign agreement with libigl's
 exact float64 winding number (`igl.winding_number`, a plain sum over triangles) and |SDF error| against the
-float64 distance to the input triangles (`igl.point_mesh_squared_distance`) with that sign, in voxels, on
-`--samples` voxels drawn uniformly over the band and as many nearest the holes' rims (boundary edges). Closed
-meshes: the baseline and new fields are compared cell for cell. JSON per mesh and a summary to --out.
+float64 distance to the input triangles and the caps (`igl.point_mesh_squared_distance`) with that sign, in
+voxels, on `--samples` voxels drawn uniformly over the band and as many nearest the holes' rims (boundary
+edges); `cap_middle`: band voxels farther than 4 voxels from the input (stored only for the caps), and
+`watertight`: whether the zero level set of the stored field is closed (sparse marching cubes). Closed meshes:
+the baseline and new fields are compared cell for cell. JSON per mesh and a summary to --out.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import numpy as np
 import trimesh
 
 from d3ds2.geometry.corpus import procedural_shape, real_mesh_paths
+from d3ds2.geometry.hole_caps import boundary_points
+from d3ds2.geometry.marching_cubes import sparse_marching_cubes
 from d3ds2.geometry.normalize import clean_mesh, normalise_mesh
 from d3ds2.geometry.sparse_sdf import compute_sparse_sdf, voxel_centres
 from d3ds2.geometry.watertight import exact_solid, make_watertight, rebuild_watertight
@@ -102,36 +107,29 @@ def _winding(mesh, R, W):
     return made, compute_sparse_sdf(np.asarray(s.vertices), np.asarray(s.faces), R, query=made.query())
 
 
-def _rim_points(mesh: trimesh.Trimesh, step: float) -> np.ndarray:
-    """Points every `step` along the boundary edges (edges of one face)."""
-    edges = mesh.edges_sorted
-    uniq, counts = np.unique(edges, axis=0, return_counts=True)
-    rim = uniq[counts == 1]
-    if not len(rim):
-        return np.zeros((0, 3))
-    a, b = mesh.vertices[rim[:, 0]], mesh.vertices[rim[:, 1]]
-    n = np.maximum(1, np.ceil(np.linalg.norm(b - a, axis=1) / step)).astype(int)
-    t = np.concatenate([np.arange(k) / k for k in n])
-    return np.repeat(a, n, 0) + t[:, None] * np.repeat(b - a, n, 0)
-
-
-def accuracy(mesh, sdf, R, samples, rng) -> dict:
+def accuracy(mesh, cap, sdf, R, samples, rng) -> dict:
     import igl
     from scipy.spatial import cKDTree
 
     coords, values = sdf.voxels()
     band = np.flatnonzero(np.abs(values) < sdf.band)
     picks = {"uniform": rng.choice(band, min(samples, len(band)), replace=False)}
-    rim = _rim_points(mesh, 1.0 / R)
+    rim = boundary_points(mesh, 1.0 / R)
     if len(rim):
         d, _ = cKDTree(rim).query(voxel_centres(coords[band], R))
         picks["rim"] = band[np.argsort(d)[:samples]]
     V, F = np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64)
-    out = {}
+    both = trimesh.util.concatenate([mesh, cap]) if cap is not None and len(cap.faces) else mesh
+    BV, BF = np.asarray(both.vertices, np.float64), np.asarray(both.faces, np.int64)
+    d_input = np.sqrt(igl.point_mesh_squared_distance(voxel_centres(coords[band], R).astype(np.float64), V, F)[0])
+    middle = band[d_input > 4 * 2.0 / R]
+    if len(middle):
+        picks["cap_middle"] = rng.choice(middle, min(samples, len(middle)), replace=False)
+    out = {"watertight": bool(sparse_marching_cubes(coords, values, R).is_watertight)}
     for kind, idx in picks.items():
         p = voxel_centres(coords[idx], R).astype(np.float64)
         w = igl.winding_number(V, F, p)
-        dist = np.sqrt(igl.point_mesh_squared_distance(p, V, F)[0]) / (2.0 / R)
+        dist = np.sqrt(igl.point_mesh_squared_distance(p, BV, BF)[0]) / (2.0 / R)
         ref = np.where(w > 0.5, -dist, dist)
         err = np.abs(values[idx] - ref)
         out[kind] = {"voxels": int(len(idx)), "sign_agree": float(np.mean((values[idx] < 0) == (w > 0.5))),
@@ -154,9 +152,10 @@ def _write(rows: dict, args) -> dict:
         "meshes": len(rows), "paths": {m: sum(r["path"]["mode"] == m for r in rows.values())
                                        for m in ("closed", "winding", "rebuild")},
         "winding_min_sign_agree": {k: min((r["accuracy"][k]["sign_agree"] for r in wind if k in r["accuracy"]),
-                                          default=None) for k in ("uniform", "rim")},
+                                          default=None) for k in ("uniform", "rim", "cap_middle")},
         "winding_max_sdf_err_p99": {k: max((r["accuracy"][k]["sdf_err_p99"] for r in wind if k in r["accuracy"]),
-                                           default=None) for k in ("uniform", "rim")},
+                                           default=None) for k in ("uniform", "rim", "cap_middle")},
+        "winding_all_watertight": all(r["accuracy"]["watertight"] for r in wind),
         "closed_all_bit_identical": all(r["closed_unchanged"].get("bit_identical", False)
                                         for r in rows.values() if "closed_unchanged" in r),
         "time_ratio_total": round(sum(r["winding_s"] for r in rows.values())
@@ -193,13 +192,13 @@ def main():
             timed[which] = (_baseline if which == "baseline" else _winding)(mesh, R, W)
             timed[which + "_s"] = time.perf_counter() - t
         (old_path, old), (made, new) = timed["baseline"], timed["winding"]
-        row = {"faces": len(mesh.faces), "boundary_edges": int(len(_rim_points(mesh, np.inf))),
+        row = {"faces": len(mesh.faces), "boundary_edges": int(len(boundary_points(mesh, np.inf))),
                "path": made.stats(), "baseline_path": old_path, "baseline_s": round(timed["baseline_s"], 2),
                "winding_s": round(timed["winding_s"], 2),
                "ratio": round(timed["winding_s"] / timed["baseline_s"], 3),
                "band_voxels": int((np.abs(new.sdf) < new.band).sum())}
         if made.path == "winding":
-            row["accuracy"] = accuracy(mesh, new, R, args.samples, rng)
+            row["accuracy"] = accuracy(made.surface, made.cap, new, R, args.samples, rng)
         if made.path == "closed":
             row["closed_unchanged"] = _same_field(old, new)
         rows[name] = row

@@ -111,6 +111,30 @@ def test_cut_sphere_sdf_has_the_sign_of_its_solid():
     assert abs(ref.volume) == pytest.approx(truncated, rel=0.03)
 
 
+def test_wide_hole_is_capped_across_its_middle():
+    """A sphere cut by a plane, the hole 40 voxels wide at 64^3 (5 times the stored band on both sides): the cap
+    is stored across its middle, so the zero level set is one closed surface, the truncated ball."""
+    r, c, R = 0.7, 0.3, 64
+    mesh = _cut(trimesh.creation.icosphere(5, r), lambda x: x[:, 2] < c)
+    solid = make_watertight(mesh, "auto", R)
+    assert solid.path == "winding" and solid.stats()["cap_faces"] > 100
+    cap_area = np.pi * (r**2 - c**2)
+    assert solid.cap.area == pytest.approx(cap_area, rel=0.1)  # ends within a voxel of the rim
+    sdf = compute_sparse_sdf(mesh.vertices, mesh.faces, R, query=solid.query())
+    coords, values = sdf.voxels()
+    p = voxel_centres(coords, R).astype(np.float64)
+    middle = (np.linalg.norm(p[:, :2], axis=1) < 0.4) & (np.abs(p[:, 2] - c) < 3.5 * 2.0 / R)
+    assert middle.sum() > 1000  # stored: without the cap only cells within the band of the input are
+    to_plane = (p[middle, 2] - c) / (2.0 / R)  # voxels, positive above the cut (outside)
+    assert np.abs(values[middle] - to_plane).max() < 1.0
+    assert (np.sign(values[middle]) == np.sign(to_plane)).all()
+    ref = reference_surface(mesh, R)
+    assert ref.is_watertight and ref.body_count == 1
+    truncated = np.pi * (2 * r**3 / 3 + r**2 * c - c**3 / 3)  # volume of the ball below z = c
+    assert ref.volume == pytest.approx(truncated, rel=0.03)
+    assert ref.area == pytest.approx(mesh.area + cap_area, rel=0.03)
+
+
 def test_block_signs_match_brute_force_on_open_meshes():
     """Every stored voxel of holed meshes has the sign of the float64 winding number (block signs included)."""
     rng = np.random.default_rng(2)

@@ -18,7 +18,8 @@ Which solid is stored (`make_watertight`, the `path` of a `Solid`):
   minus its inverted ones.
 - `winding`: an open mesh that bounds a solid (a scan cut at the base, a bust open at the neck, a model missing
   a face): the distance to the input surface with the sign of {w > 0.5}, w its generalized winding number
-  (`winding.py`); holes are capped where w crosses 0.5 across them (within the stored band of their rim).
+  (`winding.py`); holes are capped where w crosses 0.5 across them: the caps (`hole_caps.py`) join the input
+  in the distance query, so the stored zero level set is closed across the widest hole.
   Chosen when w is decisive (|w - 0.5| > 0.3) at a fraction >= `decisive` of probe points on both sides of
   the surface.
 - `rebuild`: an open sheet (a plane, a leaf: w stays near 0.5 on one side) gets the thin closed shell above.
@@ -37,6 +38,7 @@ from scipy import ndimage
 from d3ds2.fallbacks import warn_fallback
 from d3ds2.geometry.sparse_sdf import (candidate_cells, cell_voxel_coords, compute_sparse_sdf, surface_distance,
                                        voxel_centres)
+from d3ds2.geometry.hole_caps import hole_caps
 from d3ds2.geometry.winding import WindingNumber, WindingSign, decisive_fraction
 
 MODES = ("auto", "winding", "always", "never")
@@ -139,23 +141,32 @@ def rebuild_watertight(mesh: trimesh.Trimesh, resolution: int = 256, offset: flo
 class Solid:
     """The solid stored for one mesh. `path` in {closed, winding, rebuild, input} (module doc) and `reason` (why);
     `surface` is the mesh whose distance is stored (exact solid, input, or rebuilt shell); on the winding path
-    `winding` gives its sign; `decisive` is the fraction of probes where w is far from 0.5 (None if not probed)."""
+    `winding` gives its sign and `cap` (the caps of its holes, `hole_caps`) joins it in the distance query;
+    `decisive` is the fraction of probes where w is far from 0.5 (None if not probed)."""
 
     path: str
     reason: str
     surface: trimesh.Trimesh
     winding: WindingNumber | None = None
     decisive: float | None = None
+    cap: trimesh.Trimesh | None = None
 
     def query(self, nsamples: int = 3, backend: str = "auto"):
         """The distance/sign query of the stored SDF (`sparse_sdf.compute_sparse_sdf(query=...)`)."""
-        distance = surface_distance(self.surface.vertices, self.surface.faces, nsamples, backend)
+        vertices, faces = self.surface.vertices, self.surface.faces
+        if self.cap is not None and len(self.cap.faces):
+            vertices = np.concatenate([vertices, self.cap.vertices])
+            faces = np.concatenate([faces, np.asarray(self.cap.faces) + len(self.surface.vertices)])
+        distance = surface_distance(vertices, faces, nsamples, backend)
         return distance if self.winding is None else WindingSign(distance, self.winding)
 
     def stats(self) -> dict:
-        """The manifest's record of the path: {mode, reason, decisive_fraction}."""
+        """The manifest's record of the path: {mode, reason, decisive_fraction, cap_faces (winding path)}."""
         fraction = None if self.decisive is None else round(self.decisive, 4)
-        return {"mode": self.path, "reason": self.reason, "decisive_fraction": fraction}
+        out = {"mode": self.path, "reason": self.reason, "decisive_fraction": fraction}
+        if self.cap is not None:
+            out["cap_faces"] = int(len(self.cap.faces))
+        return out
 
 
 def choose_path(mesh: trimesh.Trimesh, mode: str = "auto", probe: float = 2 * 2.0 / 256,
@@ -190,10 +201,14 @@ def choose_path(mesh: trimesh.Trimesh, mode: str = "auto", probe: float = 2 * 2.
 def make_watertight(mesh: trimesh.Trimesh, mode: str = "auto", resolution: int = 256, offset: float = 0.75,
                     backend: str = "auto", decisive: float = 0.8) -> Solid:
     """The `Solid` of `mesh` under `mode` (module doc); the rebuild path is rebuilt at `resolution` with
-    `offset` voxels, and the winding numbers are probed 2 voxels of that grid from the surface."""
+    `offset` voxels, and the winding numbers are probed 2 voxels of that grid from the surface. On the winding
+    path the holes' caps are meshed on that grid too; they end within about a voxel of it from their rims and lie well within a voxel of w = 0.5 elsewhere (w is smooth there)."""
     solid = choose_path(mesh, mode, 2 * 2.0 / resolution, decisive)
     if solid.path == "rebuild":
         solid.surface = rebuild_watertight(mesh, resolution, offset, backend)
+    if solid.path == "winding":
+        distance = surface_distance(solid.surface.vertices, solid.surface.faces, backend=backend)
+        solid.cap = hole_caps(solid.surface, solid.winding, distance, resolution)
     return solid
 
 
@@ -201,14 +216,15 @@ def reference_surface(mesh: trimesh.Trimesh, resolution: int = 256, decisive: fl
                       backend: str = "auto") -> trimesh.Trimesh:
     """The surface a reconstruction of ``mesh`` is scored against (watertight.mode=auto): its exact solid when it
     is made of closed bodies (faces buried inside other bodies are not surface); on the winding path the
-    boundary of {w > 0.5}, the zero level set of the stored SDF at `resolution` (holes capped within the band
-    around their rim; the middle of a hole wider than about 8 voxels stays open); the mesh itself otherwise
-    (open sheets)."""
+    boundary of {w > 0.5}, the zero level set of the stored SDF at `resolution` (holes capped); the mesh itself
+    otherwise (open sheets)."""
     from d3ds2.geometry.marching_cubes import sparse_marching_cubes
 
     solid = choose_path(mesh, "auto", 2 * 2.0 / resolution, decisive)
     if solid.path != "winding":
         return solid.surface
+    solid.cap = hole_caps(solid.surface, solid.winding, surface_distance(solid.surface.vertices, solid.surface.faces,
+                                                                         backend=backend), resolution)
     sdf = compute_sparse_sdf(solid.surface.vertices, solid.surface.faces, resolution,
                              query=solid.query(backend=backend))
     return sparse_marching_cubes(*sdf.voxels(), resolution)
