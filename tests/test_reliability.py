@@ -66,7 +66,8 @@ def test_crafted_pickle_runs_only_with_the_opt_in(tmp_path, monkeypatch):
 
 
 def test_crafted_pickle_refused_by_every_cli(tmp_path):
-    """inference.py, python -m d3ds2.vae reconstruct --ckpt, data_prep/encode_latents.py, in fresh processes."""
+    """inference.py, python -m d3ds2.vae command=reconstruct, python -m data_prep.encode_latents, in fresh
+    processes."""
     from test_inference import INDEX_DIT, INDEX_VAE, SPARSE_VAE, rgba_image
 
     marker = tmp_path / "pwned"
@@ -80,10 +81,10 @@ def test_crafted_pickle_refused_by_every_cli(tmp_path):
     calls = {
         "inference": [str(ROOT / "inference.py"), f"image={image}", f"out={tmp_path / 'm.glb'}", "device=cpu",
                       f"ckpt.index_dit={runs['index_dit']}", f"ckpt.sparse_dit_512={runs['vae']}", f"ckpt.vae_512={runs['vae']}"],
-        "vae reconstruct": ["-m", "d3ds2.vae", "reconstruct", str(tmp_path / "any.obj"),
-                            "--ckpt", str(runs["vae"] / "checkpoints" / "last.ckpt")],
-        "encode_latents": [str(ROOT / "data_prep" / "encode_latents.py"), "--shards", str(tmp_path / "*.tar"),
-                           "--out", str(tmp_path / "lat"), "--resolution", "64", "--vae", str(runs["vae"])],
+        "vae reconstruct": ["-m", "d3ds2.vae", "command=reconstruct", f"input={tmp_path / 'any.obj'}",
+                            f"ckpt={runs['vae'] / 'checkpoints' / 'last.ckpt'}"],
+        "encode_latents": ["-m", "data_prep.encode_latents", f"data={tmp_path}", f"out={tmp_path / 'lat'}",
+                           "resolution=64", f"vae={runs['vae']}"],
     }
     for name, cmd in calls.items():
         res = _subprocess(cmd, tmp_path)
@@ -96,8 +97,10 @@ def test_crafted_pickle_refused_by_init_from_vae_ckpt_and_resume(tmp_path):
     marker = tmp_path / "pwned"
     vae_ckpt = crafted_checkpoint(tmp_path / "vae.ckpt", marker, instantiate(cfg.model.vae))
     init = crafted_checkpoint(tmp_path / "init.ckpt", marker, instantiate(cfg.model.net))
+    good_vae = tmp_path / "good_vae.ckpt"  # a plain state dict: the index DiT needs a trained VAE to start
+    torch.save(instantiate(cfg.model.vae).state_dict(), good_vae)
     for key, ckpt in (("vae_ckpt", vae_ckpt), ("init_from", init)):
-        model_cfg = OmegaConf.merge(cfg.model, {key: str(ckpt)})
+        model_cfg = OmegaConf.merge(cfg.model, {"vae_ckpt": str(good_vae)}, {key: str(ckpt)})
         with pytest.raises(Exception) as err:  # Hydra wraps the loader's RuntimeError
             instantiate(model_cfg)
         assert_refused(str(err.value), ckpt, marker)
