@@ -154,3 +154,14 @@ def test_official_release_prefix_is_resolved_and_checked(tmp_path):
     assert resolve_checkpoint(spec, tmp_path / "logs") == spec
     with pytest.raises(StageError, match="not a folder"):
         resolve_checkpoint(f"official:{tmp_path / 'missing'}", tmp_path / "logs")
+
+
+def test_an_explicit_model_checkpoint_is_kept(tmp_path):
+    """``model.init_from=...`` given on the command line (the official fine-tuning recipe) is used as it is; without
+    it, the chained stage looks for the latest finished run and says when there is none."""
+    from d3ds2.training.stages import apply_chain
+
+    given = compose_train("vae_tiny", tmp_path / "a", "chain.init=vae_tiny", f"model.init_from={tmp_path}/w.ckpt")
+    assert apply_chain(given) == {} and given.model.init_from == f"{tmp_path}/w.ckpt"
+    with pytest.raises(StageError, match="vae_tiny"):
+        apply_chain(compose_train("vae_tiny", tmp_path / "b", "chain.init=vae_tiny"))

@@ -190,9 +190,9 @@ def _resume_checkpoint_exists(cfg) -> bool:
 def apply_chain(cfg) -> dict[str, str]:
     """Fill ``model.init_from`` and ``model.vae_ckpt`` of a train.py config from the stages it builds on.
 
-    ``init_from`` (top level; a resumed run skips it: its checkpoint holds the weights) or else the latest
-    finished run of ``chain.init``; ``vae_from`` or else the latest finished run of ``chain.vae``. ``none``
-    switches one off. Also checks the VAE data's resolutions (:func:`check_resolutions`). Returns what was
+    ``init_from`` (top level; a resumed run skips it: its checkpoint holds the weights), else an explicit
+    ``model.init_from``, else the latest finished run of ``chain.init``; likewise ``vae_from``, else
+    ``model.vae_ckpt``, else the latest finished run of ``chain.vae``. ``none`` switches one off. Also checks the VAE data's resolutions (:func:`check_resolutions`). Returns what was
     filled, {config key: checkpoint}, and records it in ``cfg.chain.resolved``.
     """
     from omegaconf import open_dict
@@ -203,6 +203,8 @@ def apply_chain(cfg) -> dict[str, str]:
     for key, spec, task, skip in (("init_from", cfg.get("init_from"), chain.get("init"), _resume_checkpoint_exists(cfg)),
                                   ("vae_ckpt", cfg.get("vae_from"), chain.get("vae"), False)):
         if spec is None and not task or skip:
+            continue
+        if spec is None and cfg.model.get(key):  # model.init_from / model.vae_ckpt given explicitly: kept
             continue
         with open_dict(cfg):
             if isinstance(spec, str) and spec.lower() == "none":
